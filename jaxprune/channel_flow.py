@@ -1,0 +1,627 @@
+"""Abstract interpretation of a jaxpr that follows channel identities.
+
+Every axis of every input leaf gets fresh integer *channel ids*, one per index.
+Each primitive rule maps the ids of its operands' axes to its outputs' axes and
+records *ties* (pairs of id arrays that must be kept or removed together), e.g.
+a BatchNorm scale multiplied into an activation ties the scale's axis to the
+activation's channel axis. Connected components of the ties are the individual
+channels of the network; `trace` groups them into prunable channel groups.
+
+The rules also record what later stages need:
+- *mask sites*: operands whose channel axis is mixed across channels (conv
+  features, dense contractions). Zeroing a channel there removes its every
+  contribution, which is what `masked` does.
+- *ops*: a cost record per equation (MACs for conv/dense, elementwise ops).
+- *frozen* ids: channels that must never be removed (network inputs and
+  outputs, channels facing a static pad, channels reduced across).
+
+A primitive with no rule raises `UnsupportedPrimitiveError` when it touches a
+value derived from the variables, naming the primitive and its source line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from jax._src import source_info_util
+from jax.extend import core as jcore
+
+NONE = -1  # id of a position that is no channel (a constant, e.g. zero padding)
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+  """A traced model uses a primitive whose channel semantics are unknown."""
+
+
+@dataclasses.dataclass
+class Value:
+  """What is known of one jaxpr value: channel ids per axis; activation or not."""
+  ids: dict[int, np.ndarray]
+  act: bool  # depends on the example inputs (an activation), not only on variables
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSite:
+  path: tuple[int, ...]  # equation index per nesting level
+  operand: int
+  axis: int
+  ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """Cost record: coef * prod_k sum(mask[ids_k]) (grouped: summed per group)."""
+  kind: str  # 'conv' | 'dense' | 'elementwise' | 'reduce'
+  name: str
+  coef: float
+  factors: tuple[np.ndarray, ...]
+  groups: int = 1
+
+
+def _summary(eqn) -> str:
+  return source_info_util.summarize(eqn.source_info)
+
+
+class ChannelFlow:
+  """Runs the rules over a closed jaxpr; see module docstring."""
+
+  def __init__(self):
+    self.num_ids = 0
+    self.ties: list[tuple[np.ndarray, np.ndarray]] = []
+    self.frozen: list[np.ndarray] = []
+    self.batch_ids: list[np.ndarray] = []
+    self.sites: list[MaskSite] = []
+    self.ops: list[Op] = []
+    self._weight_names: dict[int, str] = {}  # id -> leaf name, for naming ops
+    self.arg_id_end = 0  # ids below this belong to the example inputs
+
+  def carries_channels(self, x: "Value") -> bool:
+    """Whether a value carries ids that came from the variables (or pads)."""
+    return any((ids >= self.arg_id_end).any() for ids in x.ids.values())
+
+  # -- id bookkeeping -----------------------------------------------------------
+  def fresh(self, n: int) -> np.ndarray:
+    ids = np.arange(self.num_ids, self.num_ids + n, dtype=np.int64)
+    self.num_ids += n
+    return ids
+
+  def fresh_value(self, shape: Sequence[int], act: bool) -> Value:
+    return Value({a: self.fresh(n) for a, n in enumerate(shape)}, act)
+
+  def tie(self, a: np.ndarray, b: np.ndarray):
+    keep = (a >= 0) & (b >= 0)
+    if keep.any():
+      self.ties.append((a[keep], b[keep]))
+
+  def freeze(self, ids: np.ndarray):
+    ids = ids[ids >= 0]
+    if ids.size:
+      self.frozen.append(ids)
+
+  def name_ids(self, ids: np.ndarray, name: str):
+    for i in ids[:1]:
+      self._weight_names.setdefault(int(i), name)
+
+  # -- driver -------------------------------------------------------------------
+  def run(self, jaxpr: jcore.Jaxpr, consts_in: list[Value], args_in: list[Value],
+          path: tuple[int, ...] = ()) -> list[Value]:
+    env: dict[Any, Value] = {}
+    for v, x in zip(jaxpr.constvars, consts_in):
+      env[v] = x
+    for v, x in zip(jaxpr.invars, args_in):
+      env[v] = x
+
+    def read(v) -> Value:
+      if isinstance(v, jcore.Literal):
+        return Value({}, False)
+      return env[v]
+
+    for i, eqn in enumerate(jaxpr.eqns):
+      ins = [read(v) for v in eqn.invars]
+      rule = RULES.get(eqn.primitive.name)
+      if rule is None:
+        outs = self._unknown(eqn, ins)
+      else:
+        outs = rule(self, eqn, ins, path + (i,))
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+      for v, o in zip(eqn.outvars, outs):
+        if not isinstance(v, jcore.DropVar):
+          env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  def _unknown(self, eqn, ins: list[Value]):
+    if any(self.carries_channels(x) for x in ins):
+      raise UnsupportedPrimitiveError(
+          f"jaxprune.trace: primitive '{eqn.primitive.name}' at {_summary(eqn)} "
+          "acts on a value that carries prunable channels, and its channel "
+          "semantics are unknown. Rewrite that part with supported ops "
+          "(conv, dot_general, elementwise, reshape, pad, concatenate, ...), "
+          "or keep it outside the traced function.")
+    outs = [Value({}, any(x.act for x in ins)) for _ in eqn.outvars]
+    return outs if eqn.primitive.multiple_results else outs[0]
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by rules
+
+def _shape(v) -> tuple[int, ...]:
+  return tuple(v.aval.shape)
+
+
+def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None]) -> np.ndarray | None:
+  present = [x for x in ids_list if x is not None]
+  if not present:
+    return None
+  first = present[0]
+  for other in present[1:]:
+    fl.tie(first, other)
+  # A constant position in one operand and a channel in another: keep the channel.
+  out = first.copy()
+  for other in present[1:]:
+    hole = out < 0
+    out[hole] = other[hole]
+  return out
+
+
+def _out(ids: dict[int, np.ndarray], ins: list[Value]) -> Value:
+  return Value({a: i for a, i in ids.items() if i is not None}, any(x.act for x in ins))
+
+
+def _freeze_axes(fl: ChannelFlow, x: Value, axes) -> None:
+  for a in axes:
+    if a in x.ids:
+      fl.freeze(x.ids[a])
+
+
+# ---------------------------------------------------------------------------
+# rules
+
+def elementwise(fl: ChannelFlow, eqn, ins: list[Value], path) -> Value:
+  out_shape = _shape(eqn.outvars[0])
+  ids = {}
+  for a in range(len(out_shape)):
+    ids[a] = _merge_axis(fl, [x.ids.get(a) for x, v in zip(ins, eqn.invars)
+                              if len(_shape(v)) == len(out_shape)])
+  out = _out(ids, ins)
+  if out.act and out_shape:
+    fl.ops.append(_elementwise_op(fl, "elementwise", eqn, out, out_shape))
+  return out
+
+
+def _elementwise_op(fl: ChannelFlow, kind: str, eqn, x: Value, shape) -> Op:
+  coef, factors = 1.0, []
+  for a, n in enumerate(shape):
+    ids = x.ids.get(a)
+    if ids is not None and a == 0 and _is_batch(fl, ids):
+      continue
+    if ids is not None and (ids >= 0).any():
+      factors.append(ids)
+    else:
+      coef *= n
+  return Op(kind, eqn.primitive.name, coef, tuple(factors))
+
+
+def _is_batch(fl: ChannelFlow, ids: np.ndarray) -> bool:
+  return any(ids.size == b.size and ids[0] == b[0] for b in fl.batch_ids)
+
+
+def unary_passthrough(fl, eqn, ins, path) -> Value:
+  return _out(dict(ins[0].ids), ins)
+
+
+def broadcast_in_dim(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  in_shape = _shape(eqn.invars[0])
+  out_shape = eqn.params["shape"]
+  ids = {}
+  for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+    if i in x.ids and in_shape[i] == out_shape[d]:
+      ids[d] = x.ids[i]
+  return _out(ids, ins[:1])
+
+
+def transpose(fl, eqn, ins, path) -> Value:
+  perm = eqn.params["permutation"]
+  return _out({i: ins[0].ids.get(p) for i, p in enumerate(perm)}, ins)
+
+
+def squeeze(fl, eqn, ins, path) -> Value:
+  dims = set(d % len(_shape(eqn.invars[0])) for d in eqn.params["dimensions"])
+  keep = [a for a in range(len(_shape(eqn.invars[0]))) if a not in dims]
+  return _out({i: ins[0].ids.get(a) for i, a in enumerate(keep)}, ins)
+
+
+def reshape(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  src, dst = _shape(eqn.invars[0]), tuple(eqn.params["new_sizes"])
+  if eqn.params.get("dimensions") is not None:
+    raise UnsupportedPrimitiveError(f"reshape with dimensions at {_summary(eqn)}")
+  ids: dict[int, np.ndarray] = {}
+  for s_axes, d_axes in _reshape_blocks(src, dst):
+    carried = [a for a in s_axes if a in x.ids and src[a] > 1]
+    real_d = [a for a in d_axes if dst[a] > 1]
+    if not carried:
+      continue
+    if len(real_d) == 1 and len(carried) == 1 and len([a for a in s_axes if src[a] > 1]) == 1:
+      ids[real_d[0]] = x.ids[carried[0]]  # same axis, size-1 axes added/removed
+    elif len(real_d) == 1:
+      # Merge (flatten): each position of the merged axis belongs to one
+      # channel of the single channel-carrying source axis.
+      grid = np.indices([src[a] for a in s_axes]).reshape(len(s_axes), -1)
+      merged = np.full(grid.shape[1], NONE, dtype=np.int64)
+      owners = [a for a in carried if (x.ids[a] >= 0).any() and not _is_batch(fl, x.ids[a])]
+      if len(owners) > 1:
+        for a in owners:  # two channel axes into one: no per-position channel
+          fl.freeze(x.ids[a])
+        owners = []
+      if owners:
+        a = owners[0]
+        merged = x.ids[a][grid[s_axes.index(a)]]
+      ids[real_d[0]] = merged
+    else:
+      # A channel axis split into several axes: it can't be followed; keep it.
+      for a in carried:
+        fl.freeze(x.ids[a])
+  return _out(ids, ins)
+
+
+def _reshape_blocks(src, dst):
+  """Pairs (source axes, dest axes) of contiguous blocks with equal products."""
+  blocks, i, j = [], 0, 0
+  while i < len(src) or j < len(dst):
+    si, dj = [i] if i < len(src) else [], [j] if j < len(dst) else []
+    ps = src[i] if i < len(src) else 1
+    pd = dst[j] if j < len(dst) else 1
+    i, j = i + bool(si), j + bool(dj)
+    while ps != pd:
+      if ps < pd:
+        si.append(i); ps *= src[i]; i += 1
+      else:
+        dj.append(j); pd *= dst[j]; j += 1
+    # absorb trailing size-1 axes into the current block
+    while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+      si.append(i); i += 1
+    while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+      dj.append(j); j += 1
+    blocks.append((si, dj))
+  return blocks
+
+
+def slice_(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+  strides = eqn.params["strides"] or (1,) * len(starts)
+  ids = {a: x.ids[a][starts[a]:limits[a]:strides[a]] for a in x.ids}
+  return _out(ids, ins[:1])
+
+
+def pad(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  ids = {}
+  for a, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
+    if a not in x.ids:
+      continue
+    cur = x.ids[a]
+    if interior:
+      spread = np.full(cur.size + (cur.size - 1) * interior, NONE, dtype=np.int64)
+      spread[:: interior + 1] = cur
+      cur = spread
+    lo, hi = int(lo), int(hi)
+    if _is_batch(fl, x.ids[a]) or not (cur >= 0).any():
+      pieces = [np.full(max(lo, 0), NONE), cur[max(-lo, 0): cur.size - max(-hi, 0)],
+                np.full(max(hi, 0), NONE)]
+    else:
+      # Static pad widths cannot follow a slimmed channel axis: the channels
+      # that face the padding (fresh frozen ids) are kept.
+      plo, phi = fl.fresh(max(lo, 0)), fl.fresh(max(hi, 0))
+      fl.freeze(plo); fl.freeze(phi)
+      pieces = [plo, cur[max(-lo, 0): cur.size - max(-hi, 0)], phi]
+    ids[a] = np.concatenate([p.astype(np.int64) for p in pieces])
+  return _out(ids, ins[:1])
+
+
+def concatenate(fl, eqn, ins, path) -> Value:
+  dim = eqn.params["dimension"]
+  out_shape = _shape(eqn.outvars[0])
+  ids = {}
+  for a in range(len(out_shape)):
+    if a == dim:
+      parts = []
+      for x, v in zip(ins, eqn.invars):
+        n = _shape(v)[a]
+        if a in x.ids:
+          parts.append(x.ids[a])
+        else:  # a constant block with a static width: nothing to prune there
+          parts.append(np.full(n, NONE, dtype=np.int64))
+      cat = np.concatenate(parts)
+      ids[a] = cat if (cat >= 0).any() else None
+    else:
+      ids[a] = _merge_axis(fl, [x.ids.get(a) for x in ins])
+  return _out(ids, ins)
+
+
+def split(fl, eqn, ins, path) -> list[Value]:
+  x, axis = ins[0], eqn.params["axis"]
+  outs, start = [], 0
+  for n in eqn.params["sizes"]:
+    ids = dict(x.ids)
+    if axis in ids:
+      ids[axis] = ids[axis][start:start + n]
+    outs.append(_out(ids, ins))
+    start += n
+  return outs
+
+
+def rev(fl, eqn, ins, path) -> Value:
+  ids = dict(ins[0].ids)
+  for a in eqn.params["dimensions"]:
+    if a in ids:
+      ids[a] = ids[a][::-1]
+  return _out(ids, ins)
+
+
+def reduce_(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  axes = set(eqn.params["axes"])
+  # Reducing across channels (a mean/max over features) changes meaning when a
+  # channel is removed, so those channels are kept.
+  _freeze_axes(fl, x, axes)
+  keep = [a for a in range(len(_shape(eqn.invars[0]))) if a not in axes]
+  out = _out({i: x.ids.get(a) for i, a in enumerate(keep)}, ins[:1])
+  if x.act:
+    fl.ops.append(_elementwise_op(fl, "reduce", eqn, x, _shape(eqn.invars[0])))
+  return out
+
+
+def cumulative(fl, eqn, ins, path) -> Value:
+  _freeze_axes(fl, ins[0], [eqn.params["axis"]])
+  return _out(dict(ins[0].ids), ins)
+
+
+def reduce_window(fl, eqn, ins, path) -> Value:
+  x = ins[0]
+  in_shape = _shape(eqn.invars[0])
+  win, strides = eqn.params["window_dimensions"], eqn.params["window_strides"]
+  padding = eqn.params["padding"]
+  ids = {}
+  for a in x.ids:
+    if win[a] == 1 and strides[a] == 1 and tuple(padding[a]) == (0, 0):
+      ids[a] = x.ids[a]
+    else:
+      fl.freeze(x.ids[a])
+  out = _out(ids, ins[:1])
+  if x.act:
+    op = _elementwise_op(fl, "reduce", eqn, out, _shape(eqn.outvars[0]))
+    fl.ops.append(dataclasses.replace(op, coef=op.coef * math.prod(win)))
+  del in_shape
+  return out
+
+
+def conv(fl, eqn, ins, path) -> Value:
+  lhs, rhs = ins[0], ins[1]
+  dn = eqn.params["dimension_numbers"]
+  lb, lf, *lsp = dn.lhs_spec
+  ro, ri, *rsp = dn.rhs_spec
+  ob, of, *osp = dn.out_spec
+  if eqn.params["batch_group_count"] != 1:
+    raise UnsupportedPrimitiveError(f"conv with batch_group_count at {_summary(eqn)}")
+  g = eqn.params["feature_group_count"]
+  rshape, oshape = _shape(eqn.invars[1]), _shape(eqn.outvars[0])
+  cin_g, cout = rshape[ri], rshape[ro]
+  cout_g = cout // g
+  lhs_f = lhs.ids.get(lf)
+  rhs_in, rhs_out = rhs.ids.get(ri), rhs.ids.get(ro)
+  if rhs_out is None:
+    rhs_out = np.full(cout, NONE, dtype=np.int64)
+  if lhs_f is not None:
+    if cin_g == 1 and g > 1:
+      # Depthwise: input channel c feeds exactly the outputs of group c.
+      fl.tie(np.repeat(lhs_f, cout_g), rhs_out)
+    elif rhs_in is not None:
+      fl.tie(lhs_f, np.tile(rhs_in, g))
+  if g > 1 and cout_g > 1 and cin_g > 1:
+    # Grouped: every group must keep the same number of outputs.
+    blocks = rhs_out.reshape(g, cout_g)
+    for k in range(1, g):
+      fl.tie(blocks[0], blocks[k])
+  ids = {of: rhs_out}
+  if lb in lhs.ids:
+    ids[ob] = lhs.ids[lb]
+  out = _out(ids, ins)
+  if lhs.act and lhs_f is not None:
+    fl.sites.append(MaskSite(path, 0, lf, lhs_f))
+  if lhs.act:
+    spatial = math.prod(oshape[a] for a in osp) * math.prod(rshape[a] for a in rsp)
+    if cin_g == 1 and g > 1:
+      factors = (rhs_out,)  # depthwise: in and out are the same channels
+      fl.ops.append(Op("conv", _leaf_name(fl, rhs, ro), float(spatial), factors, 1))
+    else:
+      fin = lhs_f if lhs_f is not None else np.full(cin_g * g, NONE, dtype=np.int64)
+      fl.ops.append(Op("conv", _leaf_name(fl, rhs, ro), float(spatial), (fin, rhs_out), g))
+    fl.ops.append(Op("volume", _leaf_name(fl, rhs, ro),
+                     float(math.prod(oshape[a] for a in osp)), (rhs_out,)))
+  return out
+
+
+def _leaf_name(fl: ChannelFlow, x: Value, axis: int) -> str:
+  ids = x.ids.get(axis)
+  if ids is not None and ids.size and int(ids[0]) in fl._weight_names:
+    return fl._weight_names[int(ids[0])]
+  return "?"
+
+
+def dot_general(fl, eqn, ins, path) -> Value:
+  lhs, rhs = ins
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  ls, rs = _shape(eqn.invars[0]), _shape(eqn.invars[1])
+  for a, b in zip(lc, rc):
+    fl.tie(*_pair(lhs.ids.get(a), rhs.ids.get(b)))
+  out_ids = []
+  for a, b in zip(lb, rb):
+    out_ids.append(_merge_axis(fl, [lhs.ids.get(a), rhs.ids.get(b)]))
+  lfree = [a for a in range(len(ls)) if a not in lc and a not in lb]
+  rfree = [b for b in range(len(rs)) if b not in rc and b not in rb]
+  out_ids += [lhs.ids.get(a) for a in lfree] + [rhs.ids.get(b) for b in rfree]
+  out = _out(dict(enumerate(out_ids)), ins)
+  act_side = 0 if lhs.act else (1 if rhs.act else None)
+  if act_side is not None:
+    x, cdims = (lhs, lc) if act_side == 0 else (rhs, rc)
+    for a in cdims:
+      if a in x.ids:
+        fl.sites.append(MaskSite(path, act_side, a, x.ids[a]))
+    w, wc = (rhs, rc) if act_side == 0 else (lhs, lc)
+    coef, factors = 1.0, []
+    # per-sample MACs = prod over contracting axes and both operands' free
+    # axes, the batch axis excluded
+    for a, n in list(zip(lc, [ls[a] for a in lc])):
+      ids = lhs.ids.get(a)
+      if ids is None:
+        ids = rhs.ids.get(rc[lc.index(a)])
+      coef, factors = _factor(fl, ids, n, coef, factors)
+    for a in lfree:
+      coef, factors = _factor(fl, lhs.ids.get(a), ls[a], coef, factors)
+    for b in rfree:
+      coef, factors = _factor(fl, rhs.ids.get(b), rs[b], coef, factors)
+    for a in lb:
+      coef, factors = _factor(fl, lhs.ids.get(a), ls[a], coef, factors)
+    name = _leaf_name(fl, w, wc[0]) if wc else "?"
+    if name == "?" and not w.act:
+      for b in (rfree if act_side == 0 else lfree):
+        name = _leaf_name(fl, w, b)
+    fl.ops.append(Op("dense", name, coef, tuple(factors)))
+    vcoef, vfactors = 1.0, []
+    for i, n in enumerate(_shape(eqn.outvars[0])):
+      vcoef, vfactors = _factor(fl, out.ids.get(i), n, vcoef, vfactors)
+    fl.ops.append(Op("volume", name, vcoef, tuple(vfactors)))
+  return out
+
+
+def _factor(fl, ids, n, coef, factors):
+  if ids is not None and _is_batch(fl, ids):
+    return coef, factors
+  if ids is not None and (ids >= 0).any():
+    return coef, factors + [ids]
+  return coef * n, factors
+
+
+def _pair(a, b):
+  if a is None or b is None:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  return a, b
+
+
+def _closed_call(key: str):
+  def rule(fl, eqn, ins, path):
+    closed = eqn.params[key]
+    jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
+    consts = [Value({}, False)] * len(getattr(closed, "consts", ()))
+    n_in = len(jaxpr.invars)
+    return fl.run(jaxpr, consts, ins[len(ins) - n_in:], path)
+  return rule
+
+
+def cond(fl, eqn, ins, path):
+  outs_per_branch = []
+  for k, br in enumerate(eqn.params["branches"]):
+    consts = [Value({}, False)] * len(br.consts)
+    outs_per_branch.append(fl.run(br.jaxpr, consts, ins[1:], path + (-1 - k,)))
+  merged = []
+  for outs in zip(*outs_per_branch):
+    axes = set().union(*(o.ids for o in outs))
+    merged.append(_out({a: _merge_axis(fl, [o.ids.get(a) for o in outs]) for a in axes},
+                       list(outs) + [ins[0]]))
+  return merged
+
+
+def scan(fl, eqn, ins, path):
+  p = eqn.params
+  nc, ncar = p["num_consts"], p["num_carry"]
+  consts, carry, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+  xs_body = [_out({a - 1: i for a, i in x.ids.items() if a > 0}, [x]) for x in xs]
+  body = p["jaxpr"]
+  outs = fl.run(body.jaxpr, [Value({}, False)] * len(body.consts),
+                list(consts) + list(carry) + xs_body, path + (-1,))
+  carry_out, ys = outs[:ncar], outs[ncar:]
+  res = []
+  for cin, cout in zip(carry, carry_out):
+    axes = set(cin.ids) | set(cout.ids)
+    res.append(_out({a: _merge_axis(fl, [cin.ids.get(a), cout.ids.get(a)]) for a in axes},
+                    [cin, cout]))
+  for y in ys:
+    res.append(_out({a + 1: i for a, i in y.ids.items()}, [y]))
+  return res
+
+
+def _no_channels(fl, eqn, ins, path):
+  outs = [Value({}, any(x.act for x in ins)) for _ in eqn.outvars]
+  return outs if eqn.primitive.multiple_results else outs[0]
+
+
+def select_n(fl, eqn, ins, path) -> Value:
+  return elementwise(fl, eqn, ins, path)
+
+
+def clamp(fl, eqn, ins, path) -> Value:
+  return elementwise(fl, eqn, ins, path)
+
+
+_ELEMENTWISE = """add sub mul div max min pow atan2 rem and or xor ne eq lt le gt ge
+  nextafter neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
+  sinh cosh asinh acosh atanh abs sign sqrt rsqrt cbrt square integer_pow erf erfc
+  erf_inv floor ceil round is_finite not convert_element_type reduce_precision
+  stop_gradient copy copy_p real imag conj add_any square tan""".split()
+
+RULES: dict[str, Any] = {name: elementwise for name in _ELEMENTWISE}
+RULES.update({
+    "select_n": select_n,
+    "clamp": clamp,
+    "broadcast_in_dim": broadcast_in_dim,
+    "reshape": reshape,
+    "transpose": transpose,
+    "squeeze": squeeze,
+    "slice": slice_,
+    "pad": pad,
+    "concatenate": concatenate,
+    "split": split,
+    "rev": rev,
+    "reduce_sum": reduce_,
+    "reduce_max": reduce_,
+    "reduce_min": reduce_,
+    "reduce_prod": reduce_,
+    "reduce_and": reduce_,
+    "reduce_or": reduce_,
+    "argmax": reduce_,
+    "argmin": reduce_,
+    "cumsum": cumulative,
+    "cumprod": cumulative,
+    "cummax": cumulative,
+    "cummin": cumulative,
+    "cumlogsumexp": cumulative,
+    "reduce_window_max": reduce_window,
+    "reduce_window_min": reduce_window,
+    "reduce_window_sum": reduce_window,
+    "conv_general_dilated": conv,
+    "dot_general": dot_general,
+    "jit": _closed_call("jaxpr"),
+    "pjit": _closed_call("jaxpr"),
+    "closed_call": _closed_call("call_jaxpr"),
+    "core_call": _closed_call("call_jaxpr"),
+    "custom_jvp_call": _closed_call("call_jaxpr"),
+    "custom_vjp_call": _closed_call("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _closed_call("fun_jaxpr"),
+    "checkpoint": _closed_call("jaxpr"),
+    "remat": _closed_call("jaxpr"),
+    "cond": cond,
+    "scan": scan,
+    "iota": _no_channels,
+    "random_bits": _no_channels,
+    "random_seed": _no_channels,
+    "random_wrap": _no_channels,
+    "random_unwrap": _no_channels,
+    "threefry2x32": _no_channels,
+    "sharding_constraint": unary_passthrough,
+    "optimization_barrier": lambda fl, eqn, ins, path: [_out(dict(x.ids), [x]) for x in ins],
+})

@@ -1,0 +1,112 @@
+"""Turn channel scores into hard masks: per group (local) or to a global budget."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.cost import UNITS, cost
+from jaxprune.graph import ChannelGraph
+
+Masks = dict[str, jax.Array]
+
+
+def _check_budget(budget: float, what: str = "budget") -> None:
+  if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+    raise ValueError(f"{what} must be a fraction in (0, 1] of the dense network, got {budget!r}")
+
+
+def _keep_count(size: int, n: int, min_channels: int, round_to: int) -> int:
+  n = max(n, min(min_channels, size))
+  if round_to > 1 and n < size:
+    n = max(round_to * (n // round_to), min(round_to, size), min(min_channels, size))
+  return min(n, size)
+
+
+def _masks_from_counts(graph: ChannelGraph, order: Mapping[str, np.ndarray], counts) -> Masks:
+  out = {}
+  for g, n in zip(graph.groups, counts):
+    m = np.zeros(g.size, np.float32)
+    m[order[g.name][:n]] = 1.0
+    out[g.name] = jnp.asarray(m)
+  return out
+
+
+def _orders(graph: ChannelGraph, scores) -> dict[str, np.ndarray]:
+  missing = [g.name for g in graph.groups if g.name not in scores]
+  if missing:
+    raise ValueError(f"scores missing for groups {missing}")
+  return {g.name: np.argsort(-np.asarray(scores[g.name]), kind="stable") for g in graph.groups}
+
+
+def local(scores: Mapping[str, jax.Array], graph: ChannelGraph, keep: float, *,
+          min_channels: int = 1, round_to: int = 1) -> Masks:
+  """Keep the top `keep` fraction of every group.
+
+  Example:
+    >>> masks = jaxprune.select.local(scores, graph, keep=0.5)
+  """
+  _check_budget(keep, "keep")
+  order = _orders(graph, scores)
+  counts = [_keep_count(g.size, math.ceil(keep * g.size), min_channels, round_to) for g in graph.groups]
+  return _masks_from_counts(graph, order, counts)
+
+
+def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
+                unit: str = "macs", *, min_channels: int = 1, round_to: int = 1,
+                mode: str = "exact") -> Masks:
+  """Keep the globally best channels while cost(unit) <= budget x dense cost.
+
+  Scores are divided by their group's mean so groups compare. Channels are
+  removed lowest score first; the search (bisection on how many are removed)
+  stops at the largest kept set within the budget, so the result is within
+  one channel's worth of it. Every group keeps `min_channels` (its best), and
+  with `round_to` > 1 kept counts are rounded down to multiples of it (even
+  widths run faster on most hardware).
+
+  Example:
+    >>> masks = jaxprune.select.global_topk(scores, graph, budget=0.5, unit="macs")
+  """
+  _check_budget(budget)
+  if unit not in UNITS:
+    raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
+  order = _orders(graph, scores)
+  names = [g.name for g in graph.groups]
+  norm = [np.asarray(scores[n], np.float64) / (np.mean(np.abs(np.asarray(scores[n]))) + 1e-12)
+          for n in names]
+  # Global ranking of (group, rank within group), lowest normalized score first.
+  gid = np.concatenate([np.full(len(s), k) for k, s in enumerate(norm)]) if norm else np.zeros(0, int)
+  val = np.concatenate([np.sort(s) for s in norm]) if norm else np.zeros(0)
+  ranking = gid[np.argsort(val, kind="stable")]
+  sizes = np.array([g.size for g in graph.groups])
+
+  unit_cost = jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
+  full = float(unit_cost(graph.ones()))
+
+  def masks_after(k: int) -> Masks:
+    removed = np.bincount(ranking[:k], minlength=len(sizes))
+    counts = [_keep_count(s, int(s - r), min_channels, round_to) for s, r in zip(sizes, removed)]
+    return _masks_from_counts(graph, order, counts)
+
+  def fits(k: int) -> bool:
+    return float(unit_cost(masks_after(k))) <= budget * full * (1 + 1e-6)
+
+  lo, hi = 0, len(ranking)  # fits(lo) is true for budget 1; find the smallest k that fits
+  if fits(lo):
+    return masks_after(lo)
+  if not fits(hi):
+    floor = float(unit_cost(masks_after(hi))) / full
+    raise ValueError(
+        f"budget {budget} in {unit} cannot be met: keeping {min_channels} channel(s) per "
+        f"group already costs {floor:.4f} of the dense network. Raise the budget or "
+        "lower min_channels.")
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if fits(mid):
+      hi = mid
+    else:
+      lo = mid
+  return masks_after(hi)
