@@ -13,7 +13,7 @@ Example:
   >>> small = jaxprune.slim(state, graph, masks)   # nnx.merge(graphdef, small) runs
 """
 from jaxprune.channel_flow import UnsupportedPrimitiveError
-from jaxprune.cost import UNITS, Cost, cost, ratio
+from jaxprune.cost import UNITS, Cost, LayerCosts, cost, ratio
 from jaxprune.graph import ChannelGraph, Group, Member, check_masks
 from jaxprune.masked import masked
 from jaxprune.nnx_bridge import functional
@@ -21,7 +21,7 @@ from jaxprune.slim import expand, slim
 from jaxprune.trace import trace
 
 __all__ = [
-    "ChannelGraph", "Cost", "Group", "Member", "UNITS", "UnsupportedPrimitiveError",
+    "ChannelGraph", "Cost", "Group", "LayerCosts", "Member", "UNITS", "UnsupportedPrimitiveError",
     "check_masks", "cost", "criteria", "expand", "functional", "masked", "ratio", "select",
     "slim", "trace",
 ]
