@@ -1,0 +1,133 @@
+"""CIFAR ResNets of He et al. (2016), Sec. 4.2: ResNet-20/32/44/56/110.
+
+A 3x3 conv stem with 16 channels, three stages of ``n`` BasicBlocks with
+16/32/64 channels (the first block of stages 2 and 3 has stride 2), global
+average pooling and one Linear layer; depth = 6n + 2. Shortcuts are
+parameter-free "option A": identity, or strided subsampling plus zero
+channels when a block changes width.
+
+Structure (attribute paths as they appear in ``nnx.split`` state)::
+
+    conv1, bn1                      stem
+    layer{1,2,3}[i].conv1/bn1       first conv of block i
+    layer{1,2,3}[i].conv2/bn2       second conv of block i
+    layer{2,3}[0].pad_lo/pad_hi     ZeroPad vectors of the option-A shortcut
+    fc                              classifier
+
+The residual stream of stage s+1 is ``[pad_lo | stream of stage s | pad_hi]``,
+so stage-s stream channel j continues as stage-(s+1) channel
+``len(pad_lo) + j``: residual channels are coupled *across* stages.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprune.models.layers import ZeroPad, batch_norm, conv, global_avg_pool, linear
+
+__all__ = ["BasicBlockA", "CifarResNet", "cifar_resnet"]
+
+STAGE_WIDTHS = (16, 32, 64)
+
+
+class BasicBlockA(nnx.Module):
+    """Two 3x3 conv-BN layers plus an option-A (parameter-free) shortcut.
+
+    Example:
+        >>> blk = BasicBlockA(16, 32, stride=2, rngs=nnx.Rngs(0))
+        >>> blk(jnp.ones((1, 8, 8, 16))).shape
+        (1, 4, 4, 32)
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, rngs: nnx.Rngs) -> None:
+        self.conv1 = conv(in_planes, planes, 3, stride, rngs=rngs)
+        self.bn1 = batch_norm(planes, rngs=rngs)
+        self.conv2 = conv(planes, planes, 3, 1, rngs=rngs)
+        self.bn2 = batch_norm(planes, rngs=rngs)
+        self.stride = stride
+        if stride != 1 or in_planes != planes:
+            # Zero channels as array shapes, not jnp.pad widths: slimming can
+            # slice these vectors, whereas static pad ints would go stale.
+            lo = (planes - in_planes) // 2
+            self.pad_lo: ZeroPad | None = ZeroPad(jnp.zeros((lo,), jnp.float32))
+            self.pad_hi: ZeroPad | None = ZeroPad(jnp.zeros((planes - in_planes - lo,), jnp.float32))
+        else:
+            self.pad_lo = None
+            self.pad_hi = None
+
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        """Identity, or ``x[:, ::s, ::s]`` with zero channels on both sides."""
+        if self.pad_lo is None or self.pad_hi is None:
+            return x
+        if self.stride != 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        lo = self.pad_lo[...].astype(x.dtype)
+        hi = self.pad_hi[...].astype(x.dtype)
+        batch_spatial = x.shape[:-1]
+        return jnp.concatenate(
+            [
+                jnp.broadcast_to(lo, batch_spatial + lo.shape),
+                x,
+                jnp.broadcast_to(hi, batch_spatial + hi.shape),
+            ],
+            axis=-1,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return nnx.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nnx.Module):
+    """CIFAR ResNet with ``blocks_per_stage`` BasicBlocks per stage (depth 6n+2).
+
+    Example:
+        >>> m = CifarResNet(3, num_classes=10, rngs=nnx.Rngs(0))  # ResNet-20
+        >>> m(jnp.ones((2, 32, 32, 3))).shape
+        (2, 10)
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        *,
+        num_classes: int,
+        rngs: nnx.Rngs,
+        in_channels: int = 3,
+        widths: tuple[int, int, int] = STAGE_WIDTHS,
+    ) -> None:
+        self.conv1 = conv(in_channels, widths[0], 3, 1, rngs=rngs)
+        self.bn1 = batch_norm(widths[0], rngs=rngs)
+        in_planes = widths[0]
+        stages = []
+        for s, planes in enumerate(widths):
+            blocks = []
+            for i in range(blocks_per_stage):
+                stride = 2 if (s > 0 and i == 0) else 1
+                blocks.append(BasicBlockA(in_planes, planes, stride, rngs=rngs))
+                in_planes = planes
+            stages.append(nnx.List(blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                x = block(x)
+        return self.fc(global_avg_pool(x))
+
+
+def cifar_resnet(depth: int, *, num_classes: int, rngs: nnx.Rngs, **kwargs) -> CifarResNet:
+    """Build the depth-``depth`` CIFAR ResNet (depth = 6n + 2, e.g. 20, 56).
+
+    Example:
+        >>> cifar_resnet(56, num_classes=10, rngs=nnx.Rngs(0)).layer1.__len__()
+        9
+    """
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (n >= 1), got {depth}")
+    return CifarResNet((depth - 2) // 6, num_classes=num_classes, rngs=rngs, **kwargs)
