@@ -28,7 +28,15 @@ def leaf_name(path) -> str:
 
 
 def _param_flags(variables, n: int) -> list[bool]:
-  """Which leaves count as parameters: NNX `Param`s when the tree is NNX state."""
+  """Which leaves count as parameters.
+
+  NNX state: its `nnx.Param`s. A dict with a "params" entry (the Linen and
+  jaxprune.training layout, next to "batch_stats" etc.): the leaves under it.
+  Otherwise every leaf.
+  """
+  if isinstance(variables, dict) and "params" in variables:
+    return [leaf_name(p).split(".", 1)[0] == "params"
+            for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   try:
     from flax import nnx
   except ImportError:  # the core needs only jax

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: interleaved medians on a noisy machine."""
+"""Timing helpers for benchmarks and speedup reports: interleaved medians on a noisy machine."""
 from __future__ import annotations
 
 import platform

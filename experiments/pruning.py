@@ -1,0 +1,49 @@
+"""Glue between the training state and the pruning core, shared by method pipelines."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxprune
+from jaxprune import training as T
+from jaxprune.timing import interleaved
+
+
+def core_view(graphdef: nnx.GraphDef, state: T.TrainState) -> tuple[Callable, dict[str, Any]]:
+  """`(fn, variables)` for the core: the eval-mode forward over the model's collections.
+
+  Only `variables["params"]` count as parameters in `jaxprune.cost`.
+  """
+  def fn(v, x):
+    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
+    model.eval()
+    return model(x)
+  return fn, {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
+
+
+def with_variables(state: T.TrainState, v: dict[str, Any]) -> T.TrainState:
+  """The train state holding (slimmed) variables; optimizer state is reset by the next phase."""
+  return state._replace(params=v["params"], batch_stats=v["batch_stats"], other=v["other"])
+
+
+def count(graph: jaxprune.ChannelGraph, masks=None) -> dict[str, float]:
+  c = jaxprune.cost(graph, masks)
+  paper = jaxprune.cost(graph, masks, mode="paper")
+  return {"macs": float(c.macs), "flops": float(c.flops), "flops_paper": float(paper.flops),
+          "params": float(c.params), "channels": float(c.channels), "volume": float(c.volume)}
+
+
+def measure_speedup(graphdef: nnx.GraphDef, dense: T.TrainState, small: T.TrainState,
+                    image_shape: tuple[int, ...], batch: int = 128, reps: int = 5) -> dict[str, float]:
+  """Inference time of the dense and the slimmed network, measured side by side."""
+  fn, _ = core_view(graphdef, dense)
+  f = jax.jit(fn)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *image_shape)), jnp.float32)
+  vd, vs = core_view(graphdef, dense)[1], core_view(graphdef, small)[1]
+  t = interleaved({"dense": lambda: f(vd, x), "slim": lambda: f(vs, x)}, reps=reps)
+  return {"dense_ms": 1e3 * t["dense"], "slim_ms": 1e3 * t["slim"],
+          "speedup": t["dense"] / t["slim"], "batch": batch, "device": jax.devices()[0].device_kind}
