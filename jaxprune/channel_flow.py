@@ -76,6 +76,7 @@ class ChannelFlow:
     self.ops: list[Op] = []
     self._weight_names: dict[int, str] = {}  # id -> leaf name, for naming ops
     self.arg_id_end = 0  # ids below this belong to the example inputs
+    self._calls: list = []  # enclosing call equations, for error locations
 
   def carries_channels(self, x: "Value") -> bool:
     """Whether a value carries ids that came from the variables (or pads)."""
@@ -124,7 +125,9 @@ class ChannelFlow:
       if rule is None:
         outs = self._unknown(eqn, ins)
       else:
+        self._calls.append(eqn)
         outs = rule(self, eqn, ins, path + (i,))
+        self._calls.pop()
       if not eqn.primitive.multiple_results:
         outs = [outs]
       for v, o in zip(eqn.outvars, outs):
@@ -132,10 +135,19 @@ class ChannelFlow:
           env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
+  def where(self, eqn) -> str:
+    """Source location of `eqn`; inside a library's jit (e.g. jnp.sort) the
+    inner equations carry no user frame, so the enclosing call's is used."""
+    for e in [eqn] + self._calls[::-1]:
+      loc = _summary(e)
+      if loc:
+        return loc
+    return "an unknown location"
+
   def _unknown(self, eqn, ins: list[Value]):
     if any(self.carries_channels(x) for x in ins):
       raise UnsupportedPrimitiveError(
-          f"jaxprune.trace: primitive '{eqn.primitive.name}' at {_summary(eqn)} "
+          f"jaxprune.trace: primitive '{eqn.primitive.name}' at {self.where(eqn)} "
           "acts on a value that carries prunable channels, and its channel "
           "semantics are unknown. Rewrite that part with supported ops "
           "(conv, dot_general, elementwise, reshape, pad, concatenate, ...), "
@@ -238,7 +250,7 @@ def reshape(fl, eqn, ins, path) -> Value:
   x = ins[0]
   src, dst = _shape(eqn.invars[0]), tuple(eqn.params["new_sizes"])
   if eqn.params.get("dimensions") is not None:
-    raise UnsupportedPrimitiveError(f"reshape with dimensions at {_summary(eqn)}")
+    raise UnsupportedPrimitiveError(f"reshape with dimensions at {fl.where(eqn)}")
   ids: dict[int, np.ndarray] = {}
   for s_axes, d_axes in _reshape_blocks(src, dst):
     carried = [a for a in s_axes if a in x.ids and src[a] > 1]
@@ -294,7 +306,13 @@ def slice_(fl, eqn, ins, path) -> Value:
   x = ins[0]
   starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
   strides = eqn.params["strides"] or (1,) * len(starts)
+  shape = _shape(eqn.invars[0])
   ids = {a: x.ids[a][starts[a]:limits[a]:strides[a]] for a in x.ids}
+  for a in x.ids:
+    if (starts[a], limits[a], strides[a]) != (0, shape[a], 1):
+      # Static bounds cannot follow a slimmed channel axis (the slimmed network
+      # would slice other channels), so a sliced axis keeps its channels.
+      fl.freeze(x.ids[a])
   return _out(ids, ins[:1])
 
 
@@ -345,6 +363,8 @@ def concatenate(fl, eqn, ins, path) -> Value:
 
 def split(fl, eqn, ins, path) -> list[Value]:
   x, axis = ins[0], eqn.params["axis"]
+  if axis in x.ids:  # static split sizes cannot follow a slimmed axis (see slice_)
+    fl.freeze(x.ids[axis])
   outs, start = [], 0
   for n in eqn.params["sizes"]:
     ids = dict(x.ids)
@@ -407,7 +427,7 @@ def conv(fl, eqn, ins, path) -> Value:
   ro, ri, *rsp = dn.rhs_spec
   ob, of, *osp = dn.out_spec
   if eqn.params["batch_group_count"] != 1:
-    raise UnsupportedPrimitiveError(f"conv with batch_group_count at {_summary(eqn)}")
+    raise UnsupportedPrimitiveError(f"conv with batch_group_count at {fl.where(eqn)}")
   g = eqn.params["feature_group_count"]
   rshape, oshape = _shape(eqn.invars[1]), _shape(eqn.outvars[0])
   cin_g, cout = rshape[ri], rshape[ro]
@@ -614,6 +634,7 @@ RULES.update({
     "custom_vjp_call_jaxpr": _closed_call("fun_jaxpr"),
     "checkpoint": _closed_call("jaxpr"),
     "remat": _closed_call("jaxpr"),
+    "remat2": _closed_call("jaxpr"),  # jax.checkpoint's primitive
     "cond": cond,
     "scan": scan,
     "iota": _no_channels,

@@ -14,7 +14,8 @@ from jaxprune.trace import analyze, components
 
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+          "custom_vjp_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
+          "remat2": "jaxpr"}
 
 
 def _site_indices(graph: ChannelGraph, fl, leaf_vals) -> dict:

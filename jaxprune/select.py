@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 import jax
@@ -15,7 +16,8 @@ Masks = dict[str, jax.Array]
 
 
 def _check_budget(budget: float, what: str = "budget") -> None:
-  if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+  # numbers.Real: numpy scalars too (np.float32 is no Python float)
+  if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 < budget <= 1.0):
     raise ValueError(f"{what} must be a fraction in (0, 1] of the dense network, got {budget!r}")
 
 
