@@ -7,6 +7,7 @@ scale) and the members are summed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,22 @@ from jaxprune.graph import ChannelGraph, Member
 from jaxprune.masked import masked
 
 Scores = dict[str, jax.Array]
+
+
+def _jit_per_graph(fn: Callable) -> Callable:
+  """Jit `fn(variables, graph)` once per graph (the graph is static structure).
+
+  Eagerly, the many small per-member ops would each compile a kernel; one
+  program per graph compiles once and also runs inside a caller's jit.
+  """
+  @functools.lru_cache(maxsize=32)
+  def compiled(graph: ChannelGraph):
+    return jax.jit(lambda variables: fn(variables, graph))
+
+  @functools.wraps(fn)
+  def wrapper(variables: Any, graph: ChannelGraph) -> Scores:
+    return compiled(graph)(variables)
+  return wrapper
 
 
 def _leaves(graph: ChannelGraph, variables) -> dict[str, jax.Array]:
@@ -50,6 +67,7 @@ def _combine(graph: ChannelGraph, variables, reduce: Callable, select: Callable)
   return out
 
 
+@_jit_per_graph
 def l1(variables: Any, graph: ChannelGraph) -> Scores:
   """Sum of |w| of each channel's slices in the coupled conv/dense kernels.
 
@@ -59,6 +77,7 @@ def l1(variables: Any, graph: ChannelGraph) -> Scores:
   return _combine(graph, variables, lambda w: jnp.abs(w).sum(1), lambda gr, m: _is_weight(gr, m.leaf))
 
 
+@_jit_per_graph
 def l2(variables: Any, graph: ChannelGraph) -> Scores:
   """L2 norm of each channel's slices in the coupled conv/dense kernels."""
   return _combine(graph, variables, lambda w: jnp.sqrt((w ** 2).sum(1)),
@@ -71,6 +90,7 @@ def _is_scale(graph: ChannelGraph, m: Member) -> bool:
           and m.leaf.rsplit(".", 1)[-1] in ("scale", "gamma", "weight"))
 
 
+@_jit_per_graph
 def bn_scale(variables: Any, graph: ChannelGraph) -> Scores:
   """|gamma| of the BatchNorm scales in the group (network slimming).
 
@@ -85,6 +105,7 @@ def bn_scale(variables: Any, graph: ChannelGraph) -> Scores:
   return scores
 
 
+@_jit_per_graph
 def fpgm(variables: Any, graph: ChannelGraph) -> Scores:
   """Distance of each channel's weights to the others' (geometric median).
 

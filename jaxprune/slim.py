@@ -53,8 +53,12 @@ def slim(variables: Any, graph: ChannelGraph, masks: Masks) -> Any:
   leaves = _check_structure(graph, variables)
   out = []
   for x, keep in zip(leaves, keep_indices(graph, masks)):
-    for ax, idx in keep.items():
-      x = jnp.take(x, jnp.asarray(idx), axis=ax)
+    if keep:
+      # numpy: one jnp.take per leaf shape would compile a kernel each.
+      y = np.asarray(x)
+      for ax, idx in keep.items():
+        y = np.take(y, idx, axis=ax)
+      x = jnp.asarray(y)
     out.append(x)
   return jax.tree_util.tree_unflatten(graph.treedef, out)
 
