@@ -4,13 +4,15 @@
   python benchmarks/train_step.py --models resnet20 --steps 10 --torch-layouts nchw,channels_last
   python benchmarks/train_step.py --dtype bfloat16      # bf16 compute, f32 params/stats
   python benchmarks/train_step.py --xla-flags=--xla_cpu_use_onednn=true
-  python benchmarks/train_step.py --small-conv xla,im2col   # both conv paths (see below)
+  python benchmarks/train_step.py --small-conv xla,im2col   # both conv paths for all models
 
 Both sides run the same model, batch, loss (softmax CE) and optimizer (SGD,
 Nesterov momentum 0.9, weight decay 5e-4, lr 0.1), on the same threads, on
 one fixed batch already in memory (no input pipeline). The median of
-``--steps`` timed steps after ``--warmup`` untimed ones (JAX: the first one
-compiles; its time is reported as ``compile_s``). torch models are written out
+``--steps`` timed steps after ``--warmup`` untimed ones, in blocks that
+alternate between JAX and torch for ``--rounds`` rounds; the best round's
+median counts (this machine is shared; see :func:`time_blocks`). JAX's first
+step compiles: ``compile_s``. torch models are written out
 here by hand (torchvision is not available): ResNet-20 with option-A
 shortcuts, VGG-16-BN (CIFAR, GAP + one Linear) and ResNet-50 (torchvision's
 layout), matching jaxprune.models. ``ratio`` is JAX img/s / best torch img/s.
@@ -34,11 +36,14 @@ def parse_args(argv=None):
   p.add_argument('--models', default='resnet20,vgg16,resnet50')
   p.add_argument('--batch', default='', help='per-model batch, e.g. resnet20=256,vgg16=32')
   p.add_argument('--steps', type=int, default=3, help='timed steps per model')
-  p.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--small-conv', default='xla',
+  p.add_argument('--warmup', type=int, default=1, help='untimed steps before each block')
+  p.add_argument('--rounds', type=int, default=2, help='rounds of blocks; the best counts')
+  p.add_argument('--dtype', default='float32',
+                 help="comma list of 'float32', 'bfloat16' (bf16 compute, f32 state)")
+  p.add_argument('--small-conv', default='auto',
                  help="comma list of 'xla', 'im2col': JAX conv path for inputs smaller "
-                 "than the kernel (one JAX row each)")
+                 "than the kernel (one JAX variant each); 'auto': xla, plus im2col for "
+                 "VGG (the only default model with such convs)")
   p.add_argument('--torch-layouts', default='nchw,channels_last',
                  help="comma list of 'nchw', 'channels_last'; '' skips torch")
   p.add_argument('--threads', type=int, default=os.cpu_count())
@@ -78,7 +83,8 @@ def im2col_small_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return jnp.einsum('bhwk,ko->bhwo', cols, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
-def jax_images_per_s(name, batch, *, steps, warmup, dtype, small_conv='xla'):
+def jax_runner(name, batch, *, dtype, small_conv='xla'):
+  """``(run_one_step, compile_s)`` for the jitted jaxprune train step."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -112,21 +118,15 @@ def jax_images_per_s(name, batch, *, steps, warmup, dtype, small_conv='xla'):
   batch = {'image': jnp.asarray(r.randn(batch, hw, hw, 3).astype(np.float32)),
            'label': jnp.asarray(r.randint(0, classes, batch).astype(np.int32))}
   t = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
+  holder = {'state': step(state, batch)[0]}
+  jax.block_until_ready(holder['state'])
   compile_s = time.perf_counter() - t
-  for _ in range(warmup):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch)
+
+  def run_one():
+    holder['state'], m = step(holder['state'], batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  med = statistics.median(times)
-  return {'img_s': batch['label'].shape[0] / med, 'step_ms': 1e3 * med,
-          'compile_s': compile_s, 'loss': float(m['loss'])}
+
+  return run_one, compile_s
 
 
 # ---------------------------------------------------------------------- torch
@@ -232,7 +232,8 @@ def torch_models():
           'vgg11': lambda: VGG(11), 'vgg16': lambda: VGG(16), 'resnet50': ResNet50}
 
 
-def torch_images_per_s(name, batch, *, steps, warmup, layout, threads):
+def torch_runner(name, batch, *, layout, threads):
+  """``run_one_step`` for an eager torch train step, or None for unknown models."""
   import torch
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -251,22 +252,35 @@ def torch_images_per_s(name, batch, *, steps, warmup, layout, threads):
                         weight_decay=5e-4)
   model.train()
 
-  def step():
+  def run_one():
     opt.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
     return loss.item()
 
-  for _ in range(warmup + 1):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  med = statistics.median(times)
-  return {'img_s': batch / med, 'step_ms': 1e3 * med}
+  return run_one
+
+
+def time_blocks(runners, *, steps, warmup, rounds):
+  """Median step time of each runner over ``steps`` consecutive steps, in
+  ``rounds`` rounds of blocks (all runners in turn, each block after
+  ``warmup`` untimed steps); the best round's median counts. Blocks, not
+  single steps in turn: XLA's and torch's thread pools spin for a while after
+  work and slow each other down when interleaved step by step. Several
+  rounds: load from other processes comes and goes."""
+  medians = {k: [] for k in runners}
+  for _ in range(rounds):
+    for k, run in runners.items():
+      for _ in range(warmup):
+        run()
+      times = []
+      for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+      medians[k].append(statistics.median(times))
+  return {k: (min(v), v) for k, v in medians.items()}
 
 
 def main(argv=None):
@@ -285,35 +299,45 @@ def main(argv=None):
     layouts = []
     print('torch not importable: JAX only', file=sys.stderr)
   print(f'# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, '
-        f'dtype {args.dtype}, threads {args.threads}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+        f'threads {args.threads}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   rows = []
   for name in args.models.split(','):
     b = batches.get(name, 32)
     row = {'model': name, 'batch': b}
-    variants = [v for v in args.small_conv.split(',') if v]
-    for v in variants:
-      row['jax' if v == 'xla' else f'jax_{v}'] = jax_images_per_s(
-          name, b, steps=args.steps, warmup=args.warmup, dtype=args.dtype, small_conv=v)
-    if 'jax' not in row:
-      row['jax'] = row.pop(f'jax_{variants[0]}')
+    runners, compile_s = {}, {}
+    for dtype in args.dtype.split(','):
+      conv_variants = [v for v in args.small_conv.split(',') if v]
+      if conv_variants == ['auto']:
+        conv_variants = ['xla', 'im2col'] if name.startswith('vgg') else ['xla']
+      for v in conv_variants:
+        key = '_'.join(['jax'] + (['bf16'] if dtype == 'bfloat16' else []) +
+                       ([v] if v != 'xla' else []))
+        runners[key], compile_s[key] = jax_runner(name, b, dtype=dtype, small_conv=v)
     for layout in layouts:
-      row[f'torch_{layout}'] = torch_images_per_s(name, b, steps=args.steps,
-                                                  warmup=args.warmup, layout=layout,
-                                                  threads=args.threads)
-    best = max((row[f'torch_{l}']['img_s'] for l in layouts if row.get(f'torch_{l}')),
-               default=None)
-    row['ratio_jax_over_torch'] = row['jax']['img_s'] / best if best else None
+      run = torch_runner(name, b, layout=layout, threads=args.threads)
+      if run is not None:
+        runners[f'torch_{layout}'] = run
+    for k, (med, per_round) in time_blocks(runners, steps=args.steps, warmup=args.warmup,
+                                           rounds=args.rounds).items():
+      row[k] = {'img_s': b / med, 'step_ms': 1e3 * med,
+                'step_ms_per_round': [1e3 * t for t in per_round]}
+      if k in compile_s:
+        row[k]['compile_s'] = compile_s[k]
+    jax_keys = [k for k in row if k.startswith('jax')]
+    torch_keys = [k for k in row if k.startswith('torch')]
+    best_torch = max((row[k]['img_s'] for k in torch_keys), default=None)
+    for k in jax_keys:
+      row[k]['ratio'] = row[k]['img_s'] / best_torch if best_torch else None
     rows.append(row)
-    torch_txt = '  '.join(f'torch[{l}] {row[f"torch_{l}"]["img_s"]:7.1f} img/s'
-                          for l in layouts if row.get(f'torch_{l}'))
-    ratio = f'  ratio {row["ratio_jax_over_torch"]:.2f}' if best else ''
-    extra = ''.join(f'  jax[{v}] {row[f"jax_{v}"]["img_s"]:7.1f} img/s (ratio '
-                    f'{row[f"jax_{v}"]["img_s"] / best:.2f})' if best else
-                    f'  jax[{v}] {row[f"jax_{v}"]["img_s"]:7.1f} img/s'
-                    for v in variants if f'jax_{v}' in row)
-    print(f'{name:9s} batch {b:4d}  jax {row["jax"]["img_s"]:7.1f} img/s '
-          f'({row["jax"]["step_ms"]:.0f} ms/step, compile {row["jax"]["compile_s"]:.1f} s)  '
-          f'{torch_txt}{ratio}{extra}', flush=True)
+    cells = []
+    for k in jax_keys + torch_keys:
+      r = row[k]
+      c = f'{k} {r["img_s"]:6.1f} img/s'
+      if 'compile_s' in r:
+        c += f' (compile {r["compile_s"]:.1f} s'
+        c += f', ratio {r["ratio"]:.2f})' if r.get('ratio') else ')'
+      cells.append(c)
+    print(f'{name:9s} batch {b:4d} | ' + ' | '.join(cells), flush=True)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'rows': rows}, f, indent=2)

@@ -1,0 +1,66 @@
+"""The shared config layout; every experiment config starts from ``base()``.
+
+Layout (methods add their own keys under ``config.method``)::
+
+  seed                 int
+  model.name           see jaxprune.models.available()
+  model.kwargs         extra model constructor arguments
+  data.name            see jaxprune.data.available_datasets()
+  data.data_dir        where non-shipped data sets live (None: shipped/default)
+  data.batch_size      GLOBAL train batch (split over devices and hosts)
+  data.eval_batch_size GLOBAL eval batch (last batch padded)
+  data.augment         train augmentation on/off
+  data.scale_batch_with_devices  batch sizes are per device (x device count)
+  train.epochs, optimizer ('sgd'|'adamw'), lr, momentum, nesterov,
+  train.weight_decay, schedule ('cosine'|'step'|'constant'), warmup_epochs,
+  train.decay_epochs, decay_factor (step schedule), end_lr, grad_clip_norm,
+  train.lr_reference_batch  if set, lr *= global_batch / lr_reference_batch
+  train.log_every      steps between train-metric records
+  train.eval_every_epochs
+  train.max_steps_per_epoch  debug: cap the steps of an epoch (CPU smoke runs)
+  train.stop_after_steps     debug: stop a phase after this many steps
+                             without a final checkpoint (tests resumption)
+  checkpoint.every_steps, checkpoint.keep
+  method.name          'dense' (see experiments.train.METHODS)
+  progress             tqdm progress bar (only on a TTY)
+  distributed          call jax.distributed.initialize() (multi-host)
+"""
+from ml_collections import config_dict
+
+
+def base() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  c.model = config_dict.ConfigDict({'name': 'resnet20', 'kwargs': config_dict.ConfigDict()})
+  c.data = config_dict.ConfigDict({
+      'name': 'cifar10_subset',
+      'data_dir': config_dict.placeholder(str),
+      'batch_size': 128,
+      'eval_batch_size': 256,
+      'augment': True,
+      'scale_batch_with_devices': False,
+  })
+  c.train = config_dict.ConfigDict({
+      'epochs': 10,
+      'optimizer': 'sgd',
+      'lr': 0.1,
+      'momentum': 0.9,
+      'nesterov': True,
+      'weight_decay': 5e-4,
+      'schedule': 'cosine',
+      'warmup_epochs': 0.0,
+      'decay_epochs': (),
+      'decay_factor': 0.1,
+      'end_lr': 0.0,
+      'grad_clip_norm': config_dict.placeholder(float),
+      'lr_reference_batch': config_dict.placeholder(int),
+      'log_every': 10,
+      'eval_every_epochs': 1,
+      'max_steps_per_epoch': config_dict.placeholder(int),
+      'stop_after_steps': config_dict.placeholder(int),
+  })
+  c.checkpoint = config_dict.ConfigDict({'every_steps': 200, 'keep': 2})
+  c.method = config_dict.ConfigDict({'name': 'dense'})
+  c.progress = True
+  c.distributed = False
+  return c

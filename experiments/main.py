@@ -1,0 +1,55 @@
+"""Runs one experiment from an ml_collections config file.
+
+  python -m experiments.main \
+      --config experiments/configs/dense_cifar10_subset_resnet20.py:quick \
+      --workdir runs/r20_quick --config.train.epochs=1
+
+Overrides (``--config.a.b=value``) must name existing keys. Re-running with
+the same ``--workdir`` resumes from the latest checkpoint. Multi-host: add
+``--config.distributed`` (or set JAXPRUNE_DISTRIBUTED=1).
+
+On CPU much of a short run is XLA compilation (model init alone compiles one
+small program per kernel shape); JAX's persistent cache skips it on reruns
+(a 4-step ResNet-20 run: 27 s -> 9 s on 2 cores):
+
+  export JAX_COMPILATION_CACHE_DIR=~/.cache/jax JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, '
+                               'metrics.jsonl, results.json).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  # orbax logs several lines per save at INFO; keep its warnings only.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname)
+  config = _CONFIG.value
+  # Before any other JAX call: multi-host initialisation, when asked.
+  from jaxprune.training import sharding
+  sharding.maybe_initialize_distributed(bool(config.distributed) or None)
+  from experiments.train import train_and_evaluate  # imports jax models/data
+  results = train_and_evaluate(config, _WORKDIR.value)
+  if results.get('stopped_early'):
+    logging.warning('Stopped early (%s); run again with the same --workdir to resume.',
+                    results['reason'])
+    print(json.dumps(results))
+    return 0
+  summary = {k: results[k] for k in ('test_accuracy', 'params', 'macs', 'wall_time_s')
+             if k in results}
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))
