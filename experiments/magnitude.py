@@ -66,8 +66,7 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
   pruned = pruning.count(jaxprune.trace(fn, v, x1))
   eval_fn = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())
   pruned_eval = eval_fn(state)
-  # Timed before finetuning: the finetune step donates (deletes) the arrays
-  # the slimmed state shares with the dense one; timing depends on shapes only.
+  # Speed depends on shapes only, so the slimmed net is timed before finetuning.
   speed = pruning.measure_speedup(graphdef, dense_state, state, info.image_shape)
   ft = run_phase(config, workdir, phase="finetune", init=(graphdef, state),
                  train_overrides=dict(m.finetune))
