@@ -10,6 +10,7 @@ setup(
     packages=find_packages(include=["jaxprune", "jaxprune.*", "experiments", "experiments.*"]),
     package_data={"jaxprune.data": ["assets/*", "assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
+    # Lower bounds are the versions the test suite runs with (CI installs them).
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -18,14 +19,14 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "ml-collections>=1.1.0",
         "grain>=0.2.18",
-        "tqdm>=4.67",
-        "matplotlib>=3.9",
-        "numpy>=2.0",
-        "scipy>=1.13",
-        "absl-py>=2.1",
+        "tqdm>=4.70",
+        "matplotlib>=3.11",
+        "numpy>=2.4",
+        "scipy>=1.17",
+        "absl-py>=2.5",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "nbmake>=1.5"],
+        "test": ["pytest>=9.2", "hypothesis>=6.170", "nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "nbmake>=1.5.5"],
         "torch": ["torch==2.13.0"],
     },
 )
