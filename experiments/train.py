@@ -42,6 +42,7 @@ Pipeline = Callable[[config_dict.ConfigDict, str], dict[str, Any]]
 METHODS: dict[str, Pipeline | str] = {
     'magnitude': 'experiments.magnitude:pipeline',
     'chipnet': 'experiments.chipnet:pipeline',
+    'ftwt': 'experiments.ftwt:pipeline',
 }
 
 

@@ -13,6 +13,8 @@ from types import ModuleType
 
 _METHODS = {
     "magnitude": "jaxprune.methods.magnitude",
+    "ftwt": "jaxprune.methods.ftwt",
+    "chipnet": "jaxprune.methods.chipnet",
 }
 
 

@@ -1,0 +1,215 @@
+"""FTWT: targets, per-sample gating (== the per-sample slimmed network), cost, gradients."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+from custom_models import custom_setup, input_, tiny_setup, zoo_setup
+from jaxprune.methods import ftwt
+
+
+def slow_targets(a: np.ndarray, r: float, eps: float = 1e-5) -> np.ndarray:
+  """Python loops over samples and filters, straight from the spec (B3)."""
+  out = np.zeros_like(a)
+  for b in range(a.shape[0]):
+    total = sum(a[b])
+    if total <= 0:
+      continue
+    p = [v / total for v in a[b]]
+    if r == 1.0:
+      for f in range(len(p)):
+        out[b, f] = 1.0 if p[f] > eps else 0.0
+      continue
+    order = sorted(range(len(p)), key=lambda f: -p[f])
+    cum = 0.0
+    for f in order:
+      cum += p[f]
+      if cum - r <= eps:
+        out[b, f] = 1.0
+  return out
+
+
+@pytest.mark.parametrize("r", [0.5, 0.8, 0.9, 0.95, 1.0])
+def test_targets_equal_slow_reference(r):
+  rng = np.random.default_rng(int(r * 100))
+  a = np.abs(rng.normal(size=(6, 24))).astype(np.float32)
+  a[1, :5] = 0.0   # dead filters
+  a[2] = 0.0       # a dead layer: keeps nothing
+  got = np.asarray(ftwt.targets({"g": jnp.asarray(a)}, r)["g"])
+  np.testing.assert_array_equal(got, slow_targets(a.astype(np.float64), r))
+  assert got[2].sum() == 0
+
+
+def test_targets_poster_example():
+  # sorted p = .3 .3 .2 .1 .1 -> cumsum .3 .6 .8 .9 1.0; r = .95 keeps k = 4
+  a = jnp.array([[0.1, 0.3, 0.2, 0.3, 0.1]])
+  assert float(ftwt.targets({"g": a}, 0.95)["g"].sum()) == 4
+
+
+@pytest.mark.parametrize("r", [0.0, -0.1, 1.5, float("nan"), "0.9"])
+def test_r_outside_unit_interval_is_an_error(r):
+  with pytest.raises(ValueError, match="r"):
+    ftwt.targets({"g": jnp.ones((1, 3))}, r)
+
+
+def test_model_without_gate_points_is_an_error():
+  mlp = lambda v, x: jnp.tanh(x @ v["w1"]) @ v["w2"]
+  v = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 2))}
+  x = jnp.ones((1, 4))
+  graph = jaxprune.trace(mlp, v, x)
+  with pytest.raises(ValueError, match="no gate points"):
+    ftwt.gate_points(mlp, graph, v, x)
+
+
+def test_bad_pool_and_mode_are_errors():
+  _, fn, state, graph, x = tiny_setup()
+  pts = ftwt.gate_points(fn, graph, state, x[:1])
+  with pytest.raises(ValueError, match="pool"):
+    ftwt.gated(fn, graph, pts, pool="median")
+  with pytest.raises(ValueError, match="mode"):
+    ftwt.gated(fn, graph, pts, mode="both")
+
+
+def test_per_sample_cost_batch_mismatch_is_an_error():
+  _, _, _, graph, _ = tiny_setup()
+  masks = graph.ones((2,))
+  masks[graph.groups[0].name] = jnp.ones((3, graph.groups[0].size))
+  with pytest.raises(ValueError, match="batch"):
+    ftwt.per_sample_cost(graph, masks)
+
+
+# ------------------------------------------------------------ gated forward ----
+
+def sharp_predictors(points, seed=0):
+  """Predictors whose masks depend on the input; channel 0 of every gate stays open."""
+  preds = ftwt.init_predictors(seed, points)
+  return {k: {"kernel": 300.0 * p["kernel"], "bias": p["bias"].at[0].set(100.0)}
+          for k, p in preds.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def gated_run(name):
+  setup = custom_setup() if name == "custom" else zoo_setup(name, 32)
+  model, fn, state, graph, _ = setup
+  x = input_((4 if name == "resnet20" else 2, *setup.x.shape[1:]), seed=7)
+  pts = ftwt.gate_points(fn, graph, state, x[:1])
+  preds = sharp_predictors(pts)
+  out, aux = jax.jit(ftwt.gated(fn, graph, pts))(state, preds, x)
+  return setup, x, pts, out, aux
+
+
+@pytest.mark.parametrize("name", ["resnet20", "custom"])
+def test_gated_equals_each_samples_slimmed_network(name):
+  (model, fn, state, graph, _), x, pts, out, aux = gated_run(name)
+  assert {p.name for p in pts} <= {g.name for g in graph.groups}
+  i = 3 if name == "resnet20" else 1
+  m = {k: v[i] for k, v in aux.masks.items()}
+  small = jaxprune.slim(state, graph, m)
+  # eager: one batch-1 call is cheaper than compiling it
+  ref = nnx.merge(nnx.graphdef(model), small)(x[i:i + 1])
+  np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_masks_differ_across_samples_and_are_hard():
+  _, x, pts, _, aux = gated_run("resnet20")
+  differ = [p.name for p in pts if np.any(np.asarray(aux.masks[p.name]).std(0) > 0)]
+  assert len(differ) >= len(pts) // 2, differ
+  for k, m in aux.masks.items():
+    assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}
+  for p in pts:
+    assert aux.logits[p.name].shape == (4, p.size) == aux.peaks[p.name].shape
+    np.testing.assert_array_equal(np.asarray(aux.masks[p.name]),
+                                  np.asarray(aux.logits[p.name] > 0, np.float32))
+
+
+def test_per_sample_cost_equals_a_loop_and_predictor_macs():
+  (_, _, _, graph, _), _, pts, _, aux = gated_run("resnet20")
+  for mode in ("exact", "paper"):
+    batched = ftwt.per_sample_cost(graph, aux.masks, mode=mode)
+    for i in range(4):
+      c = jaxprune.cost(graph, {k: v[i] for k, v in aux.masks.items()}, mode=mode)
+      np.testing.assert_allclose(float(batched.macs[i]), float(c.macs), rtol=1e-6)
+      np.testing.assert_allclose(float(batched.flops[i]), float(c.flops), rtol=1e-6)
+  assert float(batched.macs.std()) > 0
+  assert ftwt.predictor_macs(pts) == sum(p.c_in * p.size for p in pts)
+
+
+# ---------------------------------------------------------------- gradients ----
+
+def grads(mode):
+  _, fn, state, graph, x = tiny_setup()
+  pts = ftwt.gate_points(fn, graph, state, x[:1])
+  preds = ftwt.init_predictors(1, pts)
+  g = ftwt.gated(fn, graph, pts, mode=mode)
+
+  def mask_loss(state, preds):
+    _, aux = g(state, preds, x)
+    return ftwt.mask_loss(aux.logits, ftwt.targets(aux.peaks, 0.8))
+
+  def task(state, preds):
+    out, _ = g(state, preds, x)
+    return jnp.sum(out ** 2)
+
+  both = jax.jit(lambda s, p: (jax.grad(mask_loss, (0, 1))(s, p), jax.grad(task, (0, 1))(s, p)))
+  return both(state, preds)
+
+
+def norm(tree):
+  return sum(float(jnp.abs(a).sum()) for a in jax.tree_util.tree_leaves(tree))
+
+
+def test_decoupled_mask_loss_does_not_reach_the_backbone():
+  (d_backbone, d_pred), (t_backbone, t_pred) = grads("decoupled")
+  assert norm(d_backbone) == 0.0
+  assert norm(d_pred) > 0.0
+  assert norm(t_pred) == 0.0    # the task loss never reaches the predictors
+  assert norm(t_backbone) > 0.0
+
+
+def test_joint_mask_loss_reaches_the_backbone():
+  (j_backbone, j_pred), (_, t_pred) = grads("joint")
+  assert norm(j_backbone) > 0.0 and norm(j_pred) > 0.0
+  assert norm(t_pred) == 0.0
+
+
+# ------------------------------------------------------------------ pipeline ----
+
+def test_pipeline_end_to_end(tmp_path):
+  from experiments import train as train_lib
+  from experiments.configs import ftwt_cifar10_subset_resnet20 as cfg
+  c = cfg.get_config("quick")
+  c.train.epochs = 0              # no pretraining steps: saves a compile
+  c.train.max_steps_per_epoch = 2  # the FTWT phase: 2 steps
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 1024   # one eval batch: one compile
+  c.method.epochs = 1
+  c.method.r = 0.8
+  c.model.kwargs.widths = (4, 8, 16)  # ResNet-20's structure, less arithmetic
+  c.data.augment = False
+  c.progress = False
+  r = train_lib.train_and_evaluate(c, str(tmp_path))
+  saved = json.load(open(os.path.join(tmp_path, "results.json")))
+  d = saved["dynamic"]
+  assert saved["macs"] == r["macs"] == d["macs_mean"]
+  assert d["count"] == 1017 and 0.0 <= d["accuracy"] <= 1.0
+  assert d["macs_min"] <= d["macs_mean"] <= d["macs_max"] < d["dense_macs"]
+  assert d["predictor_macs"] > 0 and d["macs_with_predictors_mean"] > d["macs_mean"]
+  assert os.path.isdir(os.path.join(tmp_path, "ftwt"))
+
+
+def test_oracle_masks_keep_the_strongest_channel_and_follow_r():
+  _, fn, state, graph, x = tiny_setup()
+  pts = ftwt.gate_points(fn, graph, state, x[:1])
+  g = jax.jit(ftwt.gated(fn, graph, pts))  # one compile for both calls
+  lo, hi = (ftwt.oracle_masks(g, pts, state, x, r) for r in (0.3, 1.0))
+  for p in pts:
+    assert np.all(np.asarray(lo[p.name]).sum(-1) >= 1)
+    assert np.all(np.asarray(lo[p.name]) <= np.asarray(hi[p.name]))
