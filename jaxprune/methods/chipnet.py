@@ -1,0 +1,368 @@
+"""ChipNet: budget-aware pruning with continuous Heaviside masks (Tiwari et al., ICLR 2021).
+
+Every channel group gets a trainable logit ζ. A logistic curve and a
+continuous Heaviside projection turn it into a soft mask z in [0, 1]:
+
+  ẑ = σ(β ζ)                               (logistic, steepness β)
+  z = H_γ(ẑ) = 1 − exp(−γ ẑ) + ẑ exp(−γ)   (continuous Heaviside, sharpness γ)
+
+The network runs with its channels multiplied by z (through `jaxprune.masked`,
+which scales a channel wherever it is consumed: for z >= 0 that equals
+ChipNet's multiplication after BatchNorm, before or after the ReLU, since
+relu(z·x) = z·relu(x)). Soft pruning minimises
+
+  CE + w_b · (V(z) − V*)² + w_c · mean_channels (H_γ(ẑ) − ẑ)²
+
+where V is the kept fraction of a resource (channels, activation volume,
+params or MACs), computed by the core's exact `cost` on soft-rounded masks,
+so it is the exact cost ratio at binary masks and residual couplings are
+handled by the channel graph, not by a per-architecture `prev` map. β, γ and
+the rounding steepness s grow with the optimizer step (see `Schedule`). At
+the end (and at every epoch, to pick the best checkpoint) a global threshold
+on z turns the masks binary so the network meets the budget; `jaxprune.slim`
+then removes the channels.
+
+Differences from the official code (PyTorch, transmuteAI/ChipNet), on purpose:
+  * Groups, not layers: coupled channels (a residual stream) share one ζ, so
+    the binary network can always be slimmed.
+  * Soft rounding is normalised, (σ(s(z−½)) − σ(−s/2)) / (σ(s/2) − σ(−s/2)),
+    so it maps 0 → 0 and 1 → 1 exactly for every s (the official σ(s(z−½))
+    is off by σ(−s/2) = 0.7% at s = 10, negligible from s = 20).
+  * Every group keeps its `min_channels` best channels, in the soft budget
+    and in the threshold: no layer and no stage can vanish.
+  * The threshold always meets the budget (cost <= budget, within one
+    channel's worth), for every budget type; the official one caps the
+    threshold at 0.9 and can end above the budget.
+  * The schedules advance per optimizer step, in units of the paper's
+    full-data epochs, so a small data set gets as many steps as the paper
+    before γ saturates.
+
+Example:
+  >>> from jaxprune.methods import chipnet
+  >>> zeta = chipnet.init(jax.random.key(0), graph)
+  >>> hp = chipnet.hparams(step=0)                    # beta=1, gamma=2, s=10
+  >>> zhat, z = chipnet.project(zeta, hp.beta, hp.gamma)
+  >>> logits = jaxprune.masked(fn, graph)(variables, z, images)
+  >>> loss, parts = chipnet.penalty(graph, zeta, hp, budget=0.5, unit="volume")
+  >>> hard = chipnet.threshold(zeta, graph, budget=0.5, unit="volume")
+  >>> small = jaxprune.slim(variables, graph, hard)
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.cost import UNITS, cost
+from jaxprune.graph import ChannelGraph
+
+Masks = dict[str, jax.Array]
+
+# ChipNet's budget types -> units of `jaxprune.cost`. "flops" is the paper's
+# name for multiply-accumulates of convs and dense layers.
+BUDGET_UNITS = {"channels": "channels", "volume": "volume", "params": "params",
+                "flops": "macs", "macs": "macs"}
+
+W_BUDGET = 30.0  # official defaults (pruning.py / trailmet chipnet.yaml)
+W_CRISP = 10.0
+ZETA_INIT_HIGH = 0.01
+# The paper's steps per epoch: 45,000 CIFAR training images (10% held out), batch 32.
+PAPER_STEPS_PER_EPOCH = 45_000 / 32
+
+
+class Hparams(NamedTuple):
+  """The scheduled scalars of one step; pass to a jitted step as an argument
+  (traced), so a new value does not recompile."""
+  beta: jax.Array   # logistic steepness
+  gamma: jax.Array  # Heaviside sharpness
+  s: jax.Array      # steepness of the soft rounding in the budget
+
+
+class Schedule(NamedTuple):
+  """Official schedules, as functions of the (fractional) epoch e = step / steps_per_epoch.
+
+  β = min(6, 1 + 0.02 e), γ = min(256, 2 · √2^e), s = min(60, 10 + 5 e).
+  The official code steps β and γ once per epoch; here they move every
+  optimizer step, with `steps_per_epoch` the paper's (1,406: 45k images at
+  batch 32) rather than the data set's, so that on a small data set γ does
+  not saturate before the gates separate (it then never prunes).
+  """
+  steps_per_epoch: float = PAPER_STEPS_PER_EPOCH
+  beta0: float = 1.0
+  beta_inc: float = 0.02
+  beta_max: float = 6.0
+  gamma0: float = 2.0
+  gamma_rate: float = math.sqrt(2.0)
+  gamma_max: float = 256.0
+  s0: float = 10.0
+  s_inc: float = 5.0
+  s_max: float = 60.0
+
+
+def hparams(step: int | float, schedule: Schedule = Schedule()) -> Hparams:
+  """β, γ, s at optimizer step `step` (float32 numpy scalars: computed on the host).
+
+  >>> [round(float(v), 3) for v in hparams(0)]
+  [1.0, 2.0, 10.0]
+  >>> hparams(14 * PAPER_STEPS_PER_EPOCH).gamma   # 2 * 2**7, the cap
+  np.float32(256.0)
+  """
+  e = float(step) / float(schedule.steps_per_epoch)
+  beta = min(schedule.beta_max, schedule.beta0 + schedule.beta_inc * e)
+  # In log space: gamma_rate ** e overflows for long runs.
+  gamma = math.exp(min(math.log(schedule.gamma_max),
+                       math.log(schedule.gamma0) + e * math.log(schedule.gamma_rate)))
+  s = min(schedule.s_max, schedule.s0 + schedule.s_inc * e)
+  return Hparams(np.float32(beta), np.float32(gamma), np.float32(s))
+
+
+# ------------------------------------------------------------- pure functions
+
+def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH) -> Masks:
+  """ζ ~ U(0, high) per channel, one vector per channel group (official init).
+
+  >>> zeta = init(jax.random.key(0), graph)
+  >>> {k: v.shape for k, v in zeta.items()}
+  """
+  keys = jax.random.split(key, max(len(graph.groups), 1))
+  return {g.name: jax.random.uniform(k, (g.size,), jnp.float32, 0.0, high)
+          for g, k in zip(graph.groups, keys)}
+
+
+def logistic(zeta: jax.Array, beta: jax.Array | float) -> jax.Array:
+  """ẑ = σ(β ζ), in (0, 1)."""
+  return jax.nn.sigmoid(beta * zeta)
+
+
+def heaviside(x: jax.Array, gamma: jax.Array | float) -> jax.Array:
+  """Continuous Heaviside H_γ(x) = 1 − e^{−γx} + x e^{−γ} on [0, 1].
+
+  H_γ(0) = 0, H_γ(1) = 1, strictly increasing and concave (so H_γ(x) >= x),
+  and a step at 0 as γ → ∞. exp(−γ) underflows to 0 for large γ: harmless.
+
+  >>> [round(float(heaviside(x, 2.0)), 3) for x in (0.0, 0.5, 1.0)]
+  [0.0, 0.7, 1.0]
+  """
+  return 1.0 - jnp.exp(-gamma * x) + x * jnp.exp(-gamma)
+
+
+def project(zeta: Mapping[str, jax.Array], beta, gamma) -> tuple[Masks, Masks]:
+  """(ẑ, z) per group: the logistic mask and the projected (soft) mask."""
+  zhat = {k: logistic(v, beta) for k, v in zeta.items()}
+  return zhat, {k: heaviside(v, gamma) for k, v in zhat.items()}
+
+
+def crispness(zhat: Mapping[str, jax.Array], gamma) -> jax.Array:
+  """Mean over all channels (not per group) of (H_γ(ẑ) − ẑ)²; zero only when every ẑ is 0 or 1."""
+  x = jnp.concatenate([jnp.ravel(v) for v in zhat.values()])
+  return jnp.mean((heaviside(x, gamma) - x) ** 2)
+
+
+def soft_round(z: jax.Array, s) -> jax.Array:
+  """A smooth step at 0.5 with steepness s that maps 0 → 0 and 1 → 1 exactly.
+
+  The soft "channel is kept" count ChipNet feeds to its budget. Normalised
+  so that binary masks count exactly, whatever s.
+  """
+  lo, hi = jax.nn.sigmoid(-0.5 * s), jax.nn.sigmoid(0.5 * s)
+  return (jax.nn.sigmoid(s * (z - 0.5)) - lo) / (hi - lo)
+
+
+def keep_best(masks: Mapping[str, jax.Array], scores: Mapping[str, jax.Array],
+              min_channels: int = 1) -> Masks:
+  """Masks with each group's `min_channels` best channels (by score) set to 1.
+
+  What the threshold keeps anyway, so the soft budget counts it too; no
+  gradient flows to those entries.
+  """
+  out = {}
+  for name, m in masks.items():
+    k = min(int(min_channels), m.shape[-1])
+    if k <= 0:
+      out[name] = m
+      continue
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores[name]), k)
+    best = jnp.zeros(m.shape, bool).at[idx].set(True)
+    out[name] = jnp.where(best, jnp.ones_like(m), m)
+  return out
+
+
+def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, unit: str,
+                *, min_channels: int = 1, mode: str = "exact") -> jax.Array:
+  """V(z): the kept fraction of `unit`, from soft-rounded masks; differentiable in ζ.
+
+  At binary z this is exactly `jaxprune.ratio` of the mask the threshold
+  would keep (every group keeps at least `min_channels`).
+  """
+  _, z = project(zeta, hp.beta, hp.gamma)
+  counts = keep_best({k: soft_round(v, hp.s) for k, v in z.items()}, zeta, min_channels)
+  return cost_ratio(graph, counts, unit, mode)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_cost(graph: ChannelGraph, unit: str, mode: str) -> float:
+  # A constant, counted eagerly even while a jit traces the caller.
+  with jax.ensure_compile_time_eval():
+    ones = {g.name: np.ones(g.size, np.float32) for g in graph.groups}
+    return float(getattr(cost(graph, ones, mode=mode), unit))
+
+
+def cost_ratio(graph: ChannelGraph, masks, unit: str, mode: str = "exact") -> jax.Array:
+  """`jaxprune.ratio` that also works inside jit (the dense cost is a cached constant).
+
+  >>> float(cost_ratio(graph, graph.ones(), "volume"))
+  1.0
+  """
+  return getattr(cost(graph, masks, mode=mode), unit) / _dense_cost(graph, unit, mode)
+
+
+def penalty(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, *,
+            budget: float, unit: str, min_channels: int = 1, w_budget: float = W_BUDGET,
+            w_crisp: float = W_CRISP, mode: str = "exact") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ChipNet's loss terms beside the cross-entropy, and their parts.
+
+  Returns `(w_b · (V − V*)² + w_c · crispness, {"budget_loss", "crispness",
+  "soft_budget"})`. Jit-able; `hp` may be traced.
+
+  >>> loss, parts = penalty(graph, zeta, hparams(0), budget=0.5, unit="volume")
+  """
+  v = soft_budget(graph, zeta, hp, unit, min_channels=min_channels, mode=mode)
+  zhat, _ = project(zeta, hp.beta, hp.gamma)
+  b = (v - budget) ** 2
+  c = crispness(zhat, hp.gamma)
+  return w_budget * b + w_crisp * c, {"budget_loss": b, "crispness": c, "soft_budget": v}
+
+
+# --------------------------------------------------------- budgets, threshold
+
+def unit_of(budget_type: str) -> str:
+  """The `jaxprune.cost` unit of a ChipNet budget type.
+
+  >>> unit_of("flops")
+  'macs'
+  """
+  if budget_type not in BUDGET_UNITS:
+    raise ValueError(f"unknown budget type {budget_type!r}; choose one of "
+                     f"{sorted(BUDGET_UNITS)} (flops means MACs)")
+  return BUDGET_UNITS[budget_type]
+
+
+def _check_fraction(budget) -> None:
+  # numbers.Real: numpy scalars too; bool is an int, not a budget.
+  if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 < budget <= 1.0):
+    raise ValueError(f"budget must be a fraction in (0, 1] of the dense network, got {budget!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_cost(graph: ChannelGraph, unit: str, mode: str):
+  return jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
+
+
+def budget_floor(graph: ChannelGraph, unit: str, min_channels: int = 1,
+                 mode: str = "exact") -> float:
+  """The smallest budget reachable when every group keeps `min_channels`."""
+  masks = {g.name: (np.arange(g.size) < min(min_channels, g.size)).astype(np.float32)
+           for g in graph.groups}
+  return float(cost_ratio(graph, masks, unit, mode))
+
+
+def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
+                 min_channels: int = 1, mode: str = "exact") -> str:
+  """Validates a budget before any training; returns its cost unit.
+
+  Raises ValueError for a budget outside (0, 1], an unknown budget type,
+  `min_channels` < 1, or a budget below what `min_channels` per group allows.
+
+  >>> check_budget(graph, 0.5, "volume")
+  'volume'
+  """
+  unit = unit_of(budget_type)
+  _check_fraction(budget)
+  if int(min_channels) < 1:
+    raise ValueError(f"min_channels must be >= 1 (a group without channels cuts the "
+                     f"network), got {min_channels}")
+  floor = budget_floor(graph, unit, min_channels, mode)
+  if budget < floor * (1 - 1e-6):
+    raise ValueError(
+        f"budget {budget} of {budget_type} cannot be met: keeping {min_channels} channel(s) "
+        f"per group already costs {floor:.4f} of the dense network. Raise the budget or "
+        "lower min_channels.")
+  return unit
+
+
+def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
+              unit: str = "volume", *, min_channels: int = 1, mode: str = "exact") -> Masks:
+  """Hard masks: the globally highest-scoring channels that fit the budget.
+
+  ChipNet's hard pruning: one global threshold on the projected masks z.
+  Pass ζ (or ẑ, or z) as `scores`: z is a strictly increasing function of ζ,
+  so the ranking is the same, and ζ has no ties where z saturates at 1.0 in
+  float32. Channels go lowest score first; bisection finds the largest kept
+  set with cost(unit) <= budget x dense cost, so the result is within one
+  channel's worth of the budget. Each group keeps its `min_channels` best.
+
+  Unlike `jaxprune.select.global_topk`, scores are not divided by their
+  group's mean: ChipNet's masks are on one global scale already.
+
+  >>> hard = threshold(zeta, graph, budget=0.25, unit="volume")
+  >>> float(jaxprune.ratio(graph, hard, "volume")) <= 0.25
+  True
+  """
+  _check_fraction(budget)
+  if unit not in UNITS:
+    raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
+  names = [g.name for g in graph.groups]
+  missing = [n for n in names if n not in scores]
+  if missing:
+    raise ValueError(f"scores missing for groups {missing}")
+  sizes = np.array([g.size for g in graph.groups])
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  s = np.concatenate([np.asarray(scores[n], np.float64).ravel() for n in names])
+  # Each group's best min_channels are never removed.
+  protected = np.zeros(s.size, bool)
+  for k in range(len(names)):
+    seg = s[offsets[k]:offsets[k + 1]]
+    protected[offsets[k] + np.argsort(-seg, kind="stable")[:min_channels]] = True
+  removable = np.nonzero(~protected)[0]
+  ranking = removable[np.argsort(s[removable], kind="stable")]  # lowest first
+
+  def masks_after(k: int) -> Masks:
+    flat = np.ones(s.size, np.float32)
+    flat[ranking[:k]] = 0.0
+    return {n: jnp.asarray(flat[offsets[i]:offsets[i + 1]]) for i, n in enumerate(names)}
+
+  f = _unit_cost(graph, unit, mode)
+  full = float(f(graph.ones()))
+  limit = budget * full * (1 + 1e-6)
+
+  def fits(k: int) -> bool:
+    return float(f(masks_after(k))) <= limit
+
+  lo, hi = 0, ranking.size
+  if fits(lo):
+    return masks_after(lo)
+  if not fits(hi):
+    floor = float(f(masks_after(hi))) / full
+    raise ValueError(
+        f"budget {budget} in {unit} cannot be met: keeping {min_channels} channel(s) per "
+        f"group already costs {floor:.4f} of the dense network. Raise the budget or "
+        "lower min_channels.")
+  while hi - lo > 1:  # fits(hi) and not fits(lo)
+    mid = (lo + hi) // 2
+    if fits(mid):
+      hi = mid
+    else:
+      lo = mid
+  return masks_after(hi)
+
+
+def hard_masks(zeta: Mapping[str, jax.Array], graph: ChannelGraph, *, budget: float,
+               budget_type: str = "volume", min_channels: int = 1, mode: str = "exact") -> Masks:
+  """Binary masks meeting `budget` of `budget_type`, from the learned ζ (see `threshold`)."""
+  return threshold(zeta, graph, budget, unit_of(budget_type), min_channels=min_channels,
+                   mode=mode)

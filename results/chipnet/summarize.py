@@ -1,0 +1,122 @@
+"""Table and plot of ChipNet vs magnitude from the runs of run_experiment.sh.
+
+  python results/chipnet/summarize.py runs/chipnet_cmp   # writes results/chipnet/{summary.json,table.md,accuracy_vs_budget.png}
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(root: str) -> list[dict]:
+  rows = []
+  for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
+    r = json.load(open(path))
+    m = r["config"]["method"]
+    base = {"budget_type": m["budget_type"], "budget": m["budget"], "seed": r["config"]["seed"],
+            "dense_accuracy": r["dense_accuracy"], "run": os.path.basename(os.path.dirname(path))}
+    rows.append({**base, "method": "chipnet", "accuracy": r["test_accuracy"],
+                 "before_finetune": r["pruned_accuracy_before_finetune"],
+                 "achieved": r["achieved"], "macs": r["macs"], "params": r["params"],
+                 "macs_ratio": r["ratios"]["macs"], "params_ratio": r["ratios"]["params"],
+                 "speedup": r["speedup"]["speedup"],
+                 "soft_accuracy_last": _last_soft(os.path.dirname(path))})
+    if "magnitude" in r:
+      g = r["magnitude"]
+      rows.append({**base, "method": "magnitude", "accuracy": g["test_accuracy"],
+                   "before_finetune": g["pruned_accuracy_before_finetune"],
+                   "achieved": g["achieved"], "macs": g["macs"], "params": g["params"],
+                   "macs_ratio": g["ratios"]["macs"], "params_ratio": g["ratios"]["params"],
+                   "speedup": g["speedup"]["speedup"], "soft_accuracy_last": None})
+  return rows
+
+
+def _last_soft(workdir: str):
+  p = os.path.join(workdir, "soft_prune", "selection.jsonl")
+  if not os.path.exists(p):
+    return None
+  recs = [json.loads(l) for l in open(p)]
+  return recs[-1].get("soft_accuracy") if recs else None
+
+
+def aggregate(rows):
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[(r["budget_type"], r["budget"], r["method"])].append(r)
+  out = []
+  for (bt, b, meth), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+    acc = np.array([r["accuracy"] for r in rs])
+    mean = lambda k: float(np.mean([r[k] for r in rs]))
+    out.append({"budget_type": bt, "budget": b, "method": meth, "seeds": len(rs),
+                "accuracy_mean": float(acc.mean()),
+                "accuracy_spread": float(acc.max() - acc.min()) / 2 if len(rs) > 1 else None,
+                "before_finetune": mean("before_finetune"), "achieved": mean("achieved"),
+                "macs": mean("macs"), "params": mean("params"), "macs_ratio": mean("macs_ratio"),
+                "params_ratio": mean("params_ratio"), "speedup": mean("speedup"),
+                "dense_accuracy": mean("dense_accuracy")})
+  return out
+
+
+def table(agg) -> str:
+  lines = ["| budget | method | seeds | test acc. (± half-range) | before finetune | achieved | MACs (ratio) | params (ratio) | speedup |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for a in agg:
+    spread = f" ± {100 * a['accuracy_spread']:.1f}" if a["accuracy_spread"] is not None else ""
+    lines.append(
+        f"| {a['budget_type']} {a['budget']:g} | {a['method']} | {a['seeds']} | "
+        f"{100 * a['accuracy_mean']:.1f}{spread} | {100 * a['before_finetune']:.1f} | "
+        f"{a['achieved']:.4f} | {a['macs'] / 1e6:.2f}M ({a['macs_ratio']:.3f}) | "
+        f"{a['params'] / 1e3:.1f}k ({a['params_ratio']:.3f}) | {a['speedup']:.2f}x |")
+  return "\n".join(lines)
+
+
+def plot(agg, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for meth, color in (("chipnet", "tab:blue"), ("magnitude", "tab:orange")):
+    pts = sorted((a for a in agg if a["method"] == meth and a["budget_type"] == "volume"),
+                 key=lambda a: a["budget"])
+    if pts:
+      x = [a["budget"] for a in pts]
+      y = [100 * a["accuracy_mean"] for a in pts]
+      e = [100 * (a["accuracy_spread"] or 0) for a in pts]
+      ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=f"{meth} (volume)")
+    for a in agg:
+      if a["method"] == meth and a["budget_type"] == "flops":
+        ax.errorbar([a["macs_ratio"]], [100 * a["accuracy_mean"]],
+                    yerr=[100 * (a["accuracy_spread"] or 0)], marker="s", capsize=3,
+                    color=color, mfc="none", ls="none", label=f"{meth} (MACs 0.5)")
+  dense = agg[0]["dense_accuracy"] if agg else None
+  if dense:
+    ax.axhline(100 * dense, ls="--", c="gray", label="dense")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("budget (fraction kept)")
+  ax.set_ylabel("test accuracy after finetuning (%)")
+  ax.set_title("ResNet-20, CIFAR-10 subset (5k train / 1k test)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(root: str):
+  rows = load(root)
+  agg = aggregate(rows)
+  json.dump({"runs": rows, "aggregate": agg}, open(os.path.join(HERE, "summary.json"), "w"),
+            indent=1)
+  md = table(agg)
+  open(os.path.join(HERE, "table.md"), "w").write(md + "\n")
+  plot(agg, os.path.join(HERE, "accuracy_vs_budget.png"))
+  print(md)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else "runs/chipnet_cmp")
