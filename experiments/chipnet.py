@@ -125,27 +125,6 @@ def make_apply_fns(graphdef: nnx.GraphDef, graph: jaxprune.ChannelGraph):
   return soft_apply, hard_apply
 
 
-def load_dense(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState]:
-  """The dense state of another run (its ``pretrain`` or dense ``train`` phase)."""
-  for phase in ("pretrain", "train"):
-    d = os.path.join(workdir, phase, "checkpoints")
-    if os.path.isdir(d):
-      break
-  else:
-    raise FileNotFoundError(f"method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints")
-  tx, _ = T.optim_from_config(dict(config.train), 1)
-  graphdef, template = T.create_train_state(build_model(config), tx, config.seed)
-  ckpt = T.Checkpointer(d)
-  try:
-    state, _ = ckpt.restore(template)
-  except Exception as e:  # a structure mismatch: another model or optimizer
-    raise ValueError(f"cannot restore {d} into this config's model and optimizer "
-                     f"({config.model.name}, {config.train.optimizer}): {e}") from e
-  finally:
-    ckpt.close()
-  return graphdef, state
-
-
 def selection_batches(config, size: int, seed: int = 0):
   """A fixed random slice of the training set, unaugmented, in eval batches."""
   x, y = data_lib.load_arrays(config.data.name, "train", data_dir=config.data.data_dir)
@@ -330,7 +309,7 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
   del probe
 
   if m.pretrained:
-    graphdef, state = load_dense(config, m.pretrained)
+    graphdef, state = pruning.load_dense(config, m.pretrained)
   else:
     pre = run_phase(config, workdir, phase="pretrain")
     graphdef, state = pre.graphdef, pre.state
@@ -388,7 +367,7 @@ def transfer_pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str,
          "ratios": _ratios(pruned, dense), "speedup": speed, "source": source,
          "kept_per_group": {k: int(np.asarray(v).sum()) for k, v in hard.items()}}
   if m.pretrained:  # a dense run on this data set, for reference
-    graphdef_d, dense_state = load_dense(config, m.pretrained)
+    graphdef_d, dense_state = pruning.load_dense(config, m.pretrained)
     out["dense_accuracy"] = make_eval_fn(config, T.nnx_apply(graphdef_d),
                                          mesh=T.make_mesh())(dense_state).get("accuracy")
   return out

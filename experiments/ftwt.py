@@ -7,7 +7,6 @@ weight drops to 0 after `cooldown` of the epochs (official code, spec B4).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -89,28 +88,6 @@ def setup(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *, pool: str
   return graph, pts_eval, apply_fn, eval_apply, jax.jit(gated_eval)
 
 
-def load_pretrained(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState, dict]:
-  """The dense state of another run (its 'pretrain' or dense 'train' phase), read-only:
-  nothing is written into `workdir`. Its eval record is {} (not re-evaluated)."""
-  for phase in ("pretrain", "train"):
-    d = os.path.join(workdir, phase, "checkpoints")
-    if os.path.isdir(d):
-      break
-  else:
-    raise FileNotFoundError(f"method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints")
-  tx, _ = T.optim_from_config(dict(config.train), 1)
-  graphdef, template = T.create_train_state(build_model(config), tx, config.seed)
-  ckpt = T.Checkpointer(d)
-  try:
-    state, _ = ckpt.restore(template)
-  except Exception as e:  # a structure mismatch: another model or optimizer
-    raise ValueError(f"cannot restore {d} into this config's model and optimizer "
-                     f"({config.model.name}, {config.train.optimizer}): {e}") from e
-  finally:
-    ckpt.close()
-  return graphdef, state, {}
-
-
 def evaluate(config, gated_eval, graph, points, state) -> dict[str, Any]:
   """Accuracy and per-sample MACs (exact and paper) over the test split."""
   bs = global_batch(config, "eval_batch_size")
@@ -154,7 +131,8 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
   ftwt.check_r(m.r)
   info = data_lib.get_info(config.data.name)
   if m.pretrained:
-    graphdef, state, dense_eval = load_pretrained(config, m.pretrained)
+    graphdef, state = pruning.load_dense(config, m.pretrained)
+    dense_eval = {}  # not re-evaluated
   else:
     pre = run_phase(config, workdir, phase="pretrain")
     graphdef, state, dense_eval = pre.graphdef, pre.state, pre.eval
@@ -203,7 +181,7 @@ def oracle_curve(config, graphdef: nnx.GraphDef, state: T.TrainState,
   network run with FTWT's targets as masks (`ftwt.oracle_masks`, ungated upstream).
 
   Example (no training; forward passes only):
-    >>> graphdef, state, _ = load_pretrained(config, "runs/dense_r20")
+    >>> graphdef, state = pruning.load_dense(config, "runs/dense_r20")
     >>> oracle_curve(config, graphdef, state)
   """
   info = data_lib.get_info(config.data.name)

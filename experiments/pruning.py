@@ -6,11 +6,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import os
+
 from flax import nnx
 
 import jaxprune
 from jaxprune import training as T
 from jaxprune.timing import interleaved
+from experiments.train import build_model
 
 
 def core_view(graphdef: nnx.GraphDef, state: T.TrainState) -> tuple[Callable, dict[str, Any]]:
@@ -47,3 +50,27 @@ def measure_speedup(graphdef: nnx.GraphDef, dense: T.TrainState, small: T.TrainS
   t = interleaved({"dense": lambda: f(vd, x), "slim": lambda: f(vs, x)}, reps=reps)
   return {"dense_ms": 1e3 * t["dense"], "slim_ms": 1e3 * t["slim"],
           "speedup": t["dense"] / t["slim"], "batch": batch, "device": jax.devices()[0].device_kind}
+
+
+def load_dense(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState]:
+  """The dense state of another run (its `pretrain` or dense `train` phase), read-only.
+
+  Used by `method.pretrained=<workdir>` to share one dense training between runs.
+  """
+  for phase in ("pretrain", "train"):
+    d = os.path.join(workdir, phase, "checkpoints")
+    if os.path.isdir(d):
+      break
+  else:
+    raise FileNotFoundError(f"method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints")
+  tx, _ = T.optim_from_config(dict(config.train), 1)
+  graphdef, template = T.create_train_state(build_model(config), tx, config.seed)
+  ckpt = T.Checkpointer(d)
+  try:
+    state, _ = ckpt.restore(template)
+  except Exception as e:  # a structure mismatch: another model or optimizer
+    raise ValueError(f"cannot restore {d} into this config's model and optimizer "
+                     f"({config.model.name}, {config.train.optimizer}): {e}") from e
+  finally:
+    ckpt.close()
+  return graphdef, state

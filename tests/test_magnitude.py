@@ -64,3 +64,13 @@ def test_pipeline_end_to_end(tmp_path):
   assert 0.0 <= r["test_accuracy"] <= 1.0 and r["speedup"]["speedup"] > 0
   phases = {json.loads(l)["phase"] for l in open(os.path.join(tmp_path, "metrics.jsonl"))}
   assert {"pretrain", "prune0_finetune", "finetune"} <= phases
+  # A later run can reuse this dense training (method.pretrained): the restored
+  # state reproduces the dense accuracy the pipeline reported.
+  from experiments import pruning
+  import jaxprune.training as T
+  graphdef, state = pruning.load_dense(c, str(tmp_path))
+  eval_fn = train_lib.make_eval_fn(c, T.nnx_apply(graphdef), mesh=T.make_mesh())
+  assert eval_fn(state)["accuracy"] == pytest.approx(r["dense_accuracy"], abs=1e-6)
+  c.model.name = "vgg11"
+  with pytest.raises(ValueError, match="cannot restore"):
+    pruning.load_dense(c, str(tmp_path))
