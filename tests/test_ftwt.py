@@ -142,6 +142,48 @@ def test_per_sample_cost_equals_a_loop_and_predictor_macs():
   assert ftwt.predictor_macs(pts) == sum(p.c_in * p.size for p in pts)
 
 
+def _plain_net(v, x):
+  """conv 3->4 (8x8) -> conv 4->6 stride 2 (4x4) -> depthwise 6 (4x4) -> GAP -> dense 6->5."""
+  p = v["params"]
+  conv = functools.partial(jax.lax.conv_general_dilated, padding="SAME",
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(conv(x, p["c1"], (1, 1)))
+  h = jax.nn.relu(conv(h, p["c2"], (2, 2)))
+  h = jax.nn.relu(conv(h, p["dw"], (1, 1), feature_group_count=6))
+  return h.mean((1, 2)) @ p["fc"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_legacy_macs_equal_the_official_formula_by_hand(seed):
+  rng = np.random.default_rng(seed)
+  v = {"params": {"c1": jnp.ones((3, 3, 3, 4)), "c2": jnp.ones((3, 3, 4, 6)),
+                  "dw": jnp.ones((3, 3, 1, 6)), "fc": jnp.ones((6, 5))}}
+  graph = jaxprune.trace(_plain_net, v, jnp.zeros((1, 8, 8, 3)))
+  masks = {g.name: jnp.asarray(rng.random((5, g.size)) < 0.6, jnp.float32) for g in graph.groups}
+  masks = {k: m.at[0].set(1.0) for k, m in masks.items()}   # sample 0 dense
+  got = np.asarray(ftwt.legacy_macs(graph, masks))
+  a1, a2 = (np.asarray(masks[g.name]).sum(-1) for g in graph.groups)  # c1 and c2 (= dw) groups
+  # a_l * HW_out * (a_prev // groups) * k^2, summed in program order; no fc.
+  want = 64 * 9 * a1 * 3 + 16 * 9 * a2 * a1 + 16 * 9 * a2 * (a2 // 6)
+  np.testing.assert_allclose(got, want)
+  assert got[0] == 64 * 9 * 4 * 3 + 16 * 9 * 6 * 4 + 16 * 9 * 6 == ftwt.legacy_base(graph) - 30
+  assert np.all((got[1:] < got[0]) | (a2[1:] == 6))
+
+
+def test_legacy_macs_of_dense_resnet20_are_its_conv_macs():
+  (_, _, _, graph, _), _, pts, _, aux = gated_run("resnet20")
+  ones = graph.ones((2,))
+  np.testing.assert_allclose(np.asarray(ftwt.legacy_macs(graph, ones)),
+                             ftwt.legacy_base(graph) - 64 * 10, rtol=1e-7)
+  by_hand = (32 * 32 * 9 * 3 * 16 + 6 * 32 * 32 * 9 * 16 * 16     # stem, stage 1
+             + 16 * 16 * 9 * 16 * 32 + 5 * 16 * 16 * 9 * 32 * 32  # stage 2
+             + 8 * 8 * 9 * 32 * 64 + 5 * 8 * 8 * 9 * 64 * 64      # stage 3
+             + 64 * 10)                                           # fc
+  assert ftwt.legacy_base(graph) == by_hand
+  red = 1 - np.asarray(ftwt.legacy_macs(graph, aux.masks)) / ftwt.legacy_base(graph)
+  assert np.all(red > 0)
+
+
 # ---------------------------------------------------------------- gradients ----
 
 def grads(mode):
@@ -203,6 +245,11 @@ def test_pipeline_end_to_end(tmp_path):
   assert d["macs_min"] <= d["macs_mean"] <= d["macs_max"] < d["dense_macs"]
   assert d["predictor_macs"] > 0 and d["macs_with_predictors_mean"] > d["macs_mean"]
   assert os.path.isdir(os.path.join(tmp_path, "ftwt"))
+  per = np.load(os.path.join(tmp_path, "per_sample.npz"))
+  assert per["macs"].shape == per["correct"].shape == per["label"].shape == (1017,)
+  np.testing.assert_allclose(per["macs"].mean(), d["macs_mean"], rtol=1e-6)
+  assert per["correct"].mean() == pytest.approx(d["accuracy"])
+  np.testing.assert_allclose(1 - per["macs_legacy"].mean() / d["legacy_base"], d["reduction_legacy"])
 
 
 def test_oracle_masks_keep_the_strongest_channel_and_follow_r():

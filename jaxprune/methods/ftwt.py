@@ -344,6 +344,39 @@ def per_sample_cost(graph: ChannelGraph, masks: Mapping[str, jax.Array], *,
   return jax.vmap(lambda m: jaxprune.cost(graph, m, mode=mode))(dict(masks))
 
 
+def legacy_macs(graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> jax.Array:
+  """Per-sample MACs as FTWT's official code counts them (spec B6), shape (batch,).
+
+  Every conv in program order costs a_l * H_out*W_out * (a_prev // groups) * k^2,
+  with a_l its open output channels and a_prev the open outputs of the
+  *previous conv in program order* (the stem: its input channels). So a
+  ResNet block's first conv is charged against the previous block's conv2
+  gates, not the (denser) residual stream it really reads; a depthwise conv
+  is free once one input is off; the classifier and predictors are left out.
+  Compare `1 - legacy_macs / legacy_base(graph)` with the paper's "FLOPs red.".
+
+  Example:
+    >>> red = 1 - ftwt.legacy_macs(graph, aux.masks).mean() / ftwt.legacy_base(graph)
+  """
+  f = graph.flat(masks)
+  total, prev = 0.0, None
+  for t in graph.terms:
+    if t.kind != "conv":
+      continue
+    a_in = f[..., t.factors[0]].sum(-1) if prev is None else prev
+    a_out = f[..., t.factors[-1]].sum(-1)
+    # a depthwise conv has one factor (its input and output channels are one set): C groups
+    groups = len(t.factors[0]) if len(t.factors) == 1 else t.groups
+    total = total + t.coef * a_out * jnp.floor(a_in / groups)
+    prev = a_out
+  return total
+
+
+def legacy_base(graph: ChannelGraph) -> float:
+  """The dense model's MACs as the official code's base (thop: conv + fc, BN/ReLU free)."""
+  return float(jaxprune.cost(graph).macs)
+
+
 def predictor_macs(points: tuple[GatePoint, ...]) -> int:
   """MACs of the predictors per sample: one dense layer c_in x size per gate
   (pooling, softmax and bias adds not counted, as conv biases are not)."""
