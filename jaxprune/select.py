@@ -1,6 +1,7 @@
 """Turn channel scores into hard masks: per group (local) or to a global budget."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Mapping
@@ -57,12 +58,19 @@ def local(scores: Mapping[str, jax.Array], graph: ChannelGraph, keep: float, *,
   return _masks_from_counts(graph, order, counts)
 
 
+@functools.lru_cache(maxsize=32)
+def _unit_cost(graph: ChannelGraph, unit: str, mode: str):
+  # One compile per graph and unit: methods threshold again every epoch.
+  return jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
+
+
 def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
                 unit: str = "macs", *, min_channels: int = 1, round_to: int = 1,
-                mode: str = "exact") -> Masks:
+                mode: str = "exact", normalize: bool = True) -> Masks:
   """Keep the globally best channels while cost(unit) <= budget x dense cost.
 
-  Scores are divided by their group's mean so groups compare. Channels are
+  Scores are divided by their group's mean so groups compare (`normalize=False`
+  ranks raw scores, for methods whose scores share one scale). Channels are
   removed lowest score first; the search (bisection on how many are removed)
   stops at the largest kept set within the budget, so the result is within
   one channel's worth of it. Every group keeps `min_channels` (its best), and
@@ -77,15 +85,16 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
     raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
   order = _orders(graph, scores)
   names = [g.name for g in graph.groups]
-  norm = [np.asarray(scores[n], np.float64) / (np.mean(np.abs(np.asarray(scores[n]))) + 1e-12)
-          for n in names]
+  norm = [np.asarray(scores[n], np.float64) for n in names]
+  if normalize:
+    norm = [s / (np.mean(np.abs(s)) + 1e-12) for s in norm]
   # Global ranking of (group, rank within group), lowest normalized score first.
   gid = np.concatenate([np.full(len(s), k) for k, s in enumerate(norm)]) if norm else np.zeros(0, int)
   val = np.concatenate([np.sort(s) for s in norm]) if norm else np.zeros(0)
   ranking = gid[np.argsort(val, kind="stable")]
   sizes = np.array([g.size for g in graph.groups])
 
-  unit_cost = jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
+  unit_cost = _unit_cost(graph, unit, mode)
   full = float(unit_cost(graph.ones()))
 
   def masks_after(k: int) -> Masks:

@@ -33,9 +33,9 @@ def assert_top_within_groups(graph, scores, masks):
     assert set(np.nonzero(m)[0]) == set(np.argsort(-s)[:n]), g.name
 
 
-def check_budget(graph, scores, masks, unit, budget):
+def check_budget(graph, scores, masks, unit, budget, normalize=True):
   """cost <= budget, and restoring the best removed channel (by score over
-  its group's mean, the global ranking) would break the budget."""
+  its group's mean, the global ranking; raw score if not normalize) would break the budget."""
   f = jit_cost(graph)
   full = float(f(graph.ones())[unit])
   limit = budget * full * (1 + 1e-6)
@@ -43,7 +43,7 @@ def check_budget(graph, scores, masks, unit, budget):
   removed = []
   for g in graph.groups:
     s = np.asarray(scores[g.name], np.float64)
-    norm = s / np.abs(s).mean()
+    norm = s / np.abs(s).mean() if normalize else s
     removed += [(norm[i], g.name, i) for i in np.nonzero(np.asarray(masks[g.name]) == 0)[0]]
   if removed:
     _, name, i = max(removed)
@@ -65,6 +65,26 @@ def test_global_topk_meets_budget_within_one_channel(resnet20, unit, budget):
   check_budget(resnet20, scores, masks, unit, budget)
   assert_top_within_groups(resnet20, scores, masks)
   assert all(kept(masks, g.name) >= 1 for g in resnet20.groups)
+
+
+def test_global_topk_unnormalized_ranks_raw_scores(resnet20):
+  # Scores on very different scales per group: normalized, every group loses
+  # channels; raw, the low-scale groups go first (down to min_channels).
+  scale = {g.name: 10.0 ** (k % 3) for k, g in enumerate(resnet20.groups)}
+  scores = {n: s * scale[n] for n, s in random_scores(resnet20, seed=3).items()}
+  raw = select.global_topk(scores, resnet20, 0.5, unit="macs", normalize=False)
+  norm = select.global_topk(scores, resnet20, 0.5, unit="macs")
+  check_budget(resnet20, scores, raw, "macs", 0.5, normalize=False)
+  assert_top_within_groups(resnet20, scores, raw)
+  # One global threshold: a kept channel scoring below a removed one is its group's last.
+  best_removed = max(float(np.asarray(scores[g.name])[np.asarray(raw[g.name]) == 0].max(initial=-1))
+                     for g in resnet20.groups)
+  for g in resnet20.groups:
+    below = np.asarray(scores[g.name])[(np.asarray(raw[g.name]) == 1)] < best_removed
+    assert not below.any() or kept(raw, g.name) == 1, g.name
+  assert all(kept(raw, g.name) == g.size for g in resnet20.groups if scale[g.name] == 100.0)
+  low = [g for g in resnet20.groups if scale[g.name] == 1.0]
+  assert sum(kept(raw, g.name) for g in low) < sum(kept(norm, g.name) for g in low)
 
 
 def test_global_topk_on_custom_graph():

@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.cost import UNITS, cost
+from jaxprune import select
+from jaxprune.cost import cost
 from jaxprune.graph import ChannelGraph
 
 Masks = dict[str, jax.Array]
@@ -258,11 +259,6 @@ def _check_fraction(budget) -> None:
     raise ValueError(f"budget must be a fraction in (0, 1] of the dense network, got {budget!r}")
 
 
-@functools.lru_cache(maxsize=32)
-def _unit_cost(graph: ChannelGraph, unit: str, mode: str):
-  return jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
-
-
 def budget_floor(graph: ChannelGraph, unit: str, min_channels: int = 1,
                  mode: str = "exact") -> float:
   """The smallest budget reachable when every group keeps `min_channels`."""
@@ -306,7 +302,7 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   set with cost(unit) <= budget x dense cost, so the result is within one
   channel's worth of the budget. Each group keeps its `min_channels` best.
 
-  Unlike `jaxprune.select.global_topk`, scores are not divided by their
+  This is `jaxprune.select.global_topk` without dividing scores by their
   group's mean: ChipNet's masks are on one global scale already.
 
   >>> hard = threshold(zeta, graph, budget=0.25, unit="volume")
@@ -314,51 +310,8 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   True
   """
   _check_fraction(budget)
-  if unit not in UNITS:
-    raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
-  names = [g.name for g in graph.groups]
-  missing = [n for n in names if n not in scores]
-  if missing:
-    raise ValueError(f"scores missing for groups {missing}")
-  sizes = np.array([g.size for g in graph.groups])
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  s = np.concatenate([np.asarray(scores[n], np.float64).ravel() for n in names])
-  # Each group's best min_channels are never removed.
-  protected = np.zeros(s.size, bool)
-  for k in range(len(names)):
-    seg = s[offsets[k]:offsets[k + 1]]
-    protected[offsets[k] + np.argsort(-seg, kind="stable")[:min_channels]] = True
-  removable = np.nonzero(~protected)[0]
-  ranking = removable[np.argsort(s[removable], kind="stable")]  # lowest first
-
-  def masks_after(k: int) -> Masks:
-    flat = np.ones(s.size, np.float32)
-    flat[ranking[:k]] = 0.0
-    return {n: jnp.asarray(flat[offsets[i]:offsets[i + 1]]) for i, n in enumerate(names)}
-
-  f = _unit_cost(graph, unit, mode)
-  full = float(f(graph.ones()))
-  limit = budget * full * (1 + 1e-6)
-
-  def fits(k: int) -> bool:
-    return float(f(masks_after(k))) <= limit
-
-  lo, hi = 0, ranking.size
-  if fits(lo):
-    return masks_after(lo)
-  if not fits(hi):
-    floor = float(f(masks_after(hi))) / full
-    raise ValueError(
-        f"budget {budget} in {unit} cannot be met: keeping {min_channels} channel(s) per "
-        f"group already costs {floor:.4f} of the dense network. Raise the budget or "
-        "lower min_channels.")
-  while hi - lo > 1:  # fits(hi) and not fits(lo)
-    mid = (lo + hi) // 2
-    if fits(mid):
-      hi = mid
-    else:
-      lo = mid
-  return masks_after(hi)
+  return select.global_topk(scores, graph, budget, unit, min_channels=min_channels, mode=mode,
+                            normalize=False)
 
 
 def hard_masks(zeta: Mapping[str, jax.Array], graph: ChannelGraph, *, budget: float,
