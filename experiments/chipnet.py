@@ -80,10 +80,6 @@ def _device(tree):
   return jax.tree.map(jnp.asarray, tree)
 
 
-def _core_vars(v) -> dict[str, Any]:
-  return {"params": v.params, "batch_stats": v.batch_stats, "other": v.other}
-
-
 def trace_state(graphdef: nnx.GraphDef, state: T.TrainState, image_shape) -> jaxprune.ChannelGraph:
   fn, v = pruning.core_view(graphdef, state)
   return jaxprune.trace(fn, v, np.zeros((1, *image_shape), np.float32))
@@ -97,30 +93,20 @@ def make_apply_fns(graphdef: nnx.GraphDef, graph: jaxprune.ChannelGraph):
   with the binary mask in ``extra['hard']``. Both through `jaxprune.masked`,
   which scales a channel at every op that consumes it.
   """
-  def train_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.train()
-    logits = model(x)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-
-  def eval_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.eval()
-    return model(x)
-
+  train_fn, eval_fn = pruning.core_fns(graphdef)
   masked_train, masked_eval = jaxprune.masked(train_fn, graph), jaxprune.masked(eval_fn, graph)
 
   def soft_apply(v, images, *, train, rng=None, hparams=None):
     del rng
     _, z = chipnet.project(v.extra["zeta"], hparams.beta, hparams.gamma)
     if train:
-      logits, stats = masked_train(_core_vars(v), z, images)
+      logits, stats = masked_train(pruning.core_variables(v), z, images)
       return T.Forward(logits, stats)
-    return T.Forward(masked_eval(_core_vars(v), z, images), v.batch_stats)
+    return T.Forward(masked_eval(pruning.core_variables(v), z, images), v.batch_stats)
 
   def hard_apply(v, images, *, train=False, rng=None, hparams=None):
     del rng, hparams, train
-    return T.Forward(masked_eval(_core_vars(v), v.extra["hard"], images), v.batch_stats)
+    return T.Forward(masked_eval(pruning.core_variables(v), v.extra["hard"], images), v.batch_stats)
 
   return soft_apply, hard_apply
 
@@ -179,7 +165,7 @@ class BestHard:
       f.write(json.dumps(record) + "\n")
     if better:
       self.best = {"step": int(step), "accuracy": acc, "hard": _host(hard),
-                   "zeta": zeta, "variables": _host(_core_vars(state))}
+                   "zeta": zeta, "variables": _host(pruning.core_variables(state))}
       tmp = self.path + ".tmp"
       with open(tmp, "wb") as f:
         f.write(serialization.msgpack_serialize(self.best))

@@ -40,25 +40,6 @@ DEFAULTS = {
 }
 
 
-def _core(v) -> dict[str, Any]:
-  return {"params": v.params, "batch_stats": v.batch_stats, "other": v.other}
-
-
-def core_fns(graphdef: nnx.GraphDef):
-  """(train_fn, eval_fn) over {"params", "batch_stats", "other"}; train_fn also returns stats."""
-  def train_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.train()
-    logits = model(x)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-
-  def eval_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.eval()
-    return model(x)
-  return train_fn, eval_fn
-
-
 def setup(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *, pool: str = "avg",
           mode: str = "decoupled"):
   """(graph, eval points, train apply_fn, eval apply_fn, jitted eval gated fn).
@@ -66,8 +47,8 @@ def setup(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *, pool: str
   Gate points are found separately in the train- and eval-mode jaxprs (their
   equation paths differ); predictors are shared by group name.
   """
-  train_fn, eval_fn = core_fns(graphdef)
-  v = _core(state)
+  train_fn, eval_fn = pruning.core_fns(graphdef)
+  v = pruning.core_variables(state)
   x1 = np.zeros((1, *image_shape), np.float32)
   graph = jaxprune.trace(eval_fn, v, x1)
   pts_eval = ftwt.gate_points(eval_fn, graph, v, x1)
@@ -78,9 +59,9 @@ def setup(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *, pool: str
   def apply_fn(v, images, *, train, rng=None, hparams=None):
     del rng, hparams
     if train:
-      (logits, stats), aux = gated_train(_core(v), v.extra["predictors"], images)
+      (logits, stats), aux = gated_train(pruning.core_variables(v), v.extra["predictors"], images)
       return T.Forward(logits, stats, aux)
-    logits, aux = gated_eval(_core(v), v.extra["predictors"], images)
+    logits, aux = gated_eval(pruning.core_variables(v), v.extra["predictors"], images)
     return T.Forward(logits, v.batch_stats, aux)
 
   def eval_apply(v, images, *, train=False, rng=None, hparams=None):
@@ -94,7 +75,7 @@ def evaluate(config, gated_eval, graph, points, state
   """Accuracy and per-sample MACs (exact, paper, legacy) over the test split: a summary
   and the per-image arrays."""
   bs = global_batch(config, "eval_batch_size")
-  v, preds = _core(state), state.extra["predictors"]
+  v, preds = pruning.core_variables(state), state.extra["predictors"]
   cost_fn = jax.jit(lambda m: (ftwt.per_sample_cost(graph, m).macs,
                                ftwt.per_sample_cost(graph, m, mode="paper").flops,
                                ftwt.legacy_macs(graph, m)))
@@ -210,8 +191,8 @@ def oracle_curve(config, graphdef: nnx.GraphDef, state: T.TrainState,
     >>> oracle_curve(config, graphdef, state)
   """
   info = data_lib.get_info(config.data.name)
-  _, eval_fn = core_fns(graphdef)
-  v = _core(state)
+  _, eval_fn = pruning.core_fns(graphdef)
+  v = pruning.core_variables(state)
   x1 = np.zeros((1, *info.image_shape), np.float32)
   graph = jaxprune.trace(eval_fn, v, x1)
   points = ftwt.gate_points(eval_fn, graph, v, x1)

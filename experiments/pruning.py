@@ -1,13 +1,12 @@
 """Glue between the training state and the pruning core, shared by method pipelines."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import os
-
 from flax import nnx
 
 import jaxprune
@@ -16,16 +15,35 @@ from jaxprune.timing import interleaved
 from experiments.train import build_model
 
 
+def core_variables(state: T.TrainState) -> dict[str, Any]:
+  """The core's view of a train state's variables: {"params", "batch_stats", "other"}.
+
+  Works on a TrainState or anything with those attributes.
+  """
+  return {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
+
+
+def core_fns(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
+  """(train_fn, eval_fn) over `core_variables`; train_fn also returns the new BN stats."""
+  def train_fn(v, x):
+    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
+    model.train()
+    logits = model(x)
+    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  def eval_fn(v, x):
+    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
+    model.eval()
+    return model(x)
+  return train_fn, eval_fn
+
+
 def core_view(graphdef: nnx.GraphDef, state: T.TrainState) -> tuple[Callable, dict[str, Any]]:
   """`(fn, variables)` for the core: the eval-mode forward over the model's collections.
 
   Only `variables["params"]` count as parameters in `jaxprune.cost`.
   """
-  def fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.eval()
-    return model(x)
-  return fn, {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
+  return core_fns(graphdef)[1], core_variables(state)
 
 
 def with_variables(state: T.TrainState, v: dict[str, Any]) -> T.TrainState:
