@@ -106,7 +106,8 @@ def gated_run(name):
   return setup, x, pts, out, aux
 
 
-@pytest.mark.parametrize("name", ["resnet20", "custom"])
+# The networks the official code gates (VGG-16, ResNet, MobileNetV1) and the custom model.
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenet_v1_cifar", "custom"])
 def test_gated_equals_each_samples_slimmed_network(name):
   (model, fn, state, graph, _), x, pts, out, aux = gated_run(name)
   assert {p.name for p in pts} <= {g.name for g in graph.groups}
