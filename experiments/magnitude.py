@@ -24,6 +24,7 @@ DEFAULTS = {
     "min_channels": 1,
     "round_to": 1,            # kept channels per group rounded down to a multiple
     "finetune": {"epochs": 4, "lr": 0.02},  # train overrides for the final finetune
+    "pretrained": config_dict.placeholder(str),  # workdir of a finished dense/pretrain run
 }
 
 
@@ -36,14 +37,22 @@ def check_method_config(method: config_dict.ConfigDict, defaults: dict) -> None:
 
 def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.method`: criterion, budget, unit, scope, steps, min_channels, round_to,
-  finetune (train overrides of the final finetune), iter_finetune_epochs."""
+  finetune (train overrides of the final finetune), iter_finetune_epochs, pretrained
+  (reuse a finished run's dense network instead of pretraining)."""
   check_method_config(config.method, DEFAULTS)
   m = config.method
   info = data_lib.get_info(config.data.name)
   x1 = np.zeros((1, *info.image_shape), np.float32)
 
-  pre = run_phase(config, workdir, phase="pretrain")
-  graphdef, state = pre.graphdef, pre.state
+  if m.pretrained:  # share one dense training between runs (read-only)
+    graphdef, state = pruning.load_dense(config, m.pretrained)
+    dense_eval = None
+  else:
+    pre = run_phase(config, workdir, phase="pretrain")
+    graphdef, state, dense_eval = pre.graphdef, pre.state, pre.eval
+  eval_fn = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())
+  if dense_eval is None:
+    dense_eval = eval_fn(state)
   fn, v = pruning.core_view(graphdef, state)
   dense_graph = jaxprune.trace(fn, v, x1)
   dense = pruning.count(dense_graph)
@@ -64,7 +73,6 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
 
   fn, v = pruning.core_view(graphdef, state)
   pruned = pruning.count(jaxprune.trace(fn, v, x1))
-  eval_fn = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())
   pruned_eval = eval_fn(state)
   # Speed depends on shapes only, so the slimmed net is timed before finetuning.
   speed = pruning.measure_speedup(graphdef, dense_state, state, info.image_shape)
@@ -72,7 +80,7 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                  train_overrides=dict(m.finetune))
   return {
       "test_accuracy": ft.eval.get("accuracy"),
-      "dense_accuracy": pre.eval.get("accuracy"),
+      "dense_accuracy": dense_eval.get("accuracy"),
       "pruned_accuracy_before_finetune": pruned_eval.get("accuracy"),
       "params": pruned["params"], "macs": pruned["macs"],
       "dense": dense, "pruned": pruned,

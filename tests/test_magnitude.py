@@ -71,6 +71,15 @@ def test_pipeline_end_to_end(tmp_path):
   graphdef, state = pruning.load_dense(c, str(tmp_path))
   eval_fn = train_lib.make_eval_fn(c, T.nnx_apply(graphdef), mesh=T.make_mesh())
   assert eval_fn(state)["accuracy"] == pytest.approx(r["dense_accuracy"], abs=1e-6)
+  # The magnitude pipeline itself from that dense network: no pretraining, the
+  # same dense network and accuracy.
+  c2 = c.copy_and_resolve_references()
+  c2.method.pretrained = str(tmp_path)
+  wd2 = os.path.join(tmp_path, "reuse")
+  r2 = train_lib.train_and_evaluate(c2, wd2)
+  assert not os.path.exists(os.path.join(wd2, "pretrain"))
+  assert r2["dense_accuracy"] == pytest.approx(r["dense_accuracy"], abs=1e-6)
+  assert r2["dense"] == r["dense"]
   c.model.name = "vgg11"
   with pytest.raises(ValueError, match="cannot restore"):
     pruning.load_dense(c, str(tmp_path))
