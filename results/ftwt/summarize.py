@@ -2,7 +2,7 @@
 
   python results/ftwt/summarize.py --runs runs/ftwt_sweep
   # writes results/ftwt/{summary.json, table.md, macs_histogram.png, accuracy_vs_macs.png};
-  # reads results/chipnet/summary.json (if present) for the static methods' points.
+  # static points: results/chipnet/summary.json and run_static.sh's runs (--static_runs).
 """
 from __future__ import annotations
 
@@ -55,11 +55,23 @@ def aggregate(rows: list[dict]) -> list[dict]:
   return out
 
 
-def static_points(path: str) -> list[dict]:
-  """ChipNet / magnitude (static) rows of results/chipnet/summary.json."""
-  if not os.path.exists(path):
-    return []
-  return json.load(open(path))["aggregate"]
+def static_points(path: str, runs: str) -> list[dict]:
+  """Static pruning of the same dense network: ChipNet / magnitude rows of
+  results/chipnet/summary.json, and the magnitude runs of run_static.sh under `runs`."""
+  out = json.load(open(path))["aggregate"] if os.path.exists(path) else []
+  groups = collections.defaultdict(list)
+  for p in sorted(glob.glob(os.path.join(runs, "*", "results.json"))):
+    r = json.load(open(p))
+    groups[r["config"]["method"]["budget"]].append(r)
+  for b, rs in sorted(groups.items()):
+    acc = np.array([r["test_accuracy"] for r in rs])
+    out.append({"method": "magnitude", "budget_type": "flops", "budget": b, "seeds": len(rs),
+                "accuracy_mean": float(acc.mean()),
+                "accuracy_spread": float(acc.max() - acc.min()) / 2 if len(rs) > 1 else None,
+                "macs": float(np.mean([r["macs"] for r in rs])),
+                "macs_ratio": float(np.mean([r["ratios"]["macs"] for r in rs])),
+                "dense_accuracy": rs[0]["dense_accuracy"]})
+  return out
 
 
 def table(agg: list[dict], static: list[dict], dense_accuracy: float | None) -> str:
@@ -71,16 +83,18 @@ def table(agg: list[dict], static: list[dict], dense_accuracy: float | None) -> 
     lines.append(
         f"| {a['mode']} | {a['r']:g} | {a['seeds']} | {100 * a['accuracy_mean']:.1f}{spread} | "
         f"{a['macs_mean'] / 1e6:.2f}M ({a['macs_p05'] / 1e6:.2f}–{a['macs_p95'] / 1e6:.2f}) | "
-        f"{100 * a['reduction']:.1f}% | {100 * a['reduction_with_predictors']:.1f}% | "
-        f"{100 * a['reduction_legacy']:.1f}% | {100 * a['gates_open']:.1f}% |")
+        f"{100 * a['reduction']:.2f}% | {100 * a['reduction_with_predictors']:.2f}% | "
+        f"{100 * a['reduction_legacy']:.2f}% | {100 * a['gates_open']:.1f}% |")
   if dense_accuracy is not None:
     lines.append(f"| dense | – | 1 | {100 * dense_accuracy:.1f} | "
                  f"{agg[0]['dense_macs'] / 1e6:.2f}M | 0 | 0 | 0 | 100% |")
   if static:
     lines += ["", "Static pruning of the same dense network (results/chipnet), for equal-MACs "
-              "comparison:", "",
+              "comparison (`flops` = a MAC budget):", "",
               "| method (budget) | seeds | test acc. | MACs | MAC reduction |", "|---|---|---|---|---|"]
     for s in sorted(static, key=lambda s: -s["macs_ratio"]):
+      if s["macs_ratio"] < 0.2:
+        continue  # far below any FTWT point
       spread = f" ± {100 * s['accuracy_spread']:.1f}" if s["accuracy_spread"] is not None else ""
       lines.append(f"| {s['method']} ({s['budget_type']} {s['budget']:g}) | {s['seeds']} | "
                    f"{100 * s['accuracy_mean']:.1f}{spread} | {s['macs'] / 1e6:.2f}M | "
@@ -120,11 +134,12 @@ def plots(rows: list[dict], agg: list[dict], static: list[dict], dense_accuracy,
         ax.annotate(f"r={a['r']:g}", (a["macs_mean"] / a["dense_macs"], 100 * a["accuracy_mean"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
   for meth, color in (("chipnet", "tab:green"), ("magnitude", "tab:red")):
-    pts = [s for s in static if s["method"] == meth]
+    pts = sorted((s for s in static if s["method"] == meth and s["macs_ratio"] >= 0.2),
+                 key=lambda s: s["macs_ratio"])
     if pts:
       ax.errorbar([s["macs_ratio"] for s in pts], [100 * s["accuracy_mean"] for s in pts],
                   yerr=[100 * (s["accuracy_spread"] or 0) for s in pts], marker="s", mfc="none",
-                  ls="none", capsize=3, color=color, label=f"{meth} (static, finetuned)")
+                  ls=":", capsize=3, color=color, label=f"{meth} (static, finetuned)")
   if dense_accuracy is not None:
     ax.axhline(100 * dense_accuracy, ls="--", c="gray", label="dense")
   ax.set_xscale("log", base=2)
@@ -140,13 +155,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--runs", default="runs/ftwt_sweep")
   p.add_argument("--static", default=os.path.join(HERE, "..", "chipnet", "summary.json"))
+  p.add_argument("--static_runs", default="runs/ftwt_static", help="run_static.sh's runs")
   p.add_argument("--out", default=HERE)
   a = p.parse_args()
   rows = load(a.runs)
   if not rows:
     raise SystemExit(f"no finished FTWT runs (results.json + per_sample.npz) under {a.runs}")
   agg = aggregate(rows)
-  static = static_points(a.static)
+  static = static_points(a.static, a.static_runs)
   dense = static[0]["dense_accuracy"] if static else None
   md = table(agg, static, dense)
   json.dump({"runs": [{k: v for k, v in r.items() if k != "per_sample_macs"} for r in rows],
