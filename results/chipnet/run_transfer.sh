@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mask transfer, 2x2: masks learned by ChipNet (MACs budget 0.5) on the CIFAR-10 subset or on the
 # MNIST subset (32x32x3), applied to a fresh ResNet-20 trained from scratch (6 epochs) on either.
-#   bash results/chipnet/run_transfer.sh
+#   bash results/chipnet/run_transfer.sh      (then summarize.py --transfer writes transfer.md)
 set -euo pipefail
 RUN=${RUN:-python -m experiments.main}
 OUT=${OUT:-runs/chipnet_transfer}
@@ -19,3 +19,4 @@ for src in c10:$C10 mnist:$MNIST; do
     --workdir $OUT/${name}_to_c10 --config.progress=False \
     --config.method.transfer_from=$dir --config.method.pretrained=$DENSE_C10
 done
+python results/chipnet/summarize.py --transfer $OUT

@@ -1,6 +1,7 @@
 """Table and plot of ChipNet vs magnitude from the runs of run_experiment.sh.
 
   python results/chipnet/summarize.py runs/chipnet_cmp   # writes results/chipnet/{summary.json,table.md,accuracy_vs_budget.png}
+  python results/chipnet/summarize.py --transfer runs/chipnet_transfer   # run_transfer.sh -> transfer.md
 """
 from __future__ import annotations
 
@@ -123,5 +124,28 @@ def main(root: str):
   print(md)
 
 
+def transfer(root: str):
+  """The 2x2 of run_transfer.sh: masks learned on A, network trained from scratch on B."""
+  names = {"c10": "CIFAR-10 subset", "mnist": "MNIST subset (32x32x3)"}
+  own = {"mnist": json.load(open(os.path.join(root, "chipnet_mnist_f50", "results.json")))}
+  lines = ["| masks learned on | trained and tested on | test acc. | dense acc. (same data) | "
+           "MACs kept | params kept |", "|---|---|---|---|---|---|"]
+  for src in ("c10", "mnist"):
+    for dst in ("c10", "mnist"):
+      r = json.load(open(os.path.join(root, f"{src}_to_{dst}", "results.json")))
+      lines.append(f"| {names[src]} | {names[dst]} | {100 * r['test_accuracy']:.1f} | "
+                   f"{100 * r['dense_accuracy']:.1f} | {r['ratios']['macs']:.3f} | "
+                   f"{r['ratios']['params']:.3f} |")
+  m = own["mnist"]
+  md = "\n".join(lines) + (
+      f"\n\n(For reference, ChipNet on MNIST with its own soft pruning and a 4-epoch finetune "
+      f"of the dense network: {100 * m['test_accuracy']:.1f}%.)")
+  open(os.path.join(HERE, "transfer.md"), "w").write(md + "\n")
+  print(md)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "runs/chipnet_cmp")
+  if len(sys.argv) > 2 and sys.argv[1] == "--transfer":
+    transfer(sys.argv[2])
+  else:
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/chipnet_cmp")
