@@ -53,6 +53,21 @@ def test_masked_equals_slimmed_zoo(name, hw):
   check_masked_equals_slimmed(zoo_setup(name, hw), seed=sum(map(ord, name)))
 
 
+def test_masked_equals_slimmed_wide_resnet():
+  # ChipNet's WRN family at depth 14, width 2: projection shortcuts on every stage
+  # (16 -> 16 included only when the width changes) instead of option-A padding.
+  from custom_models import Setup, build, input_
+  from jaxprune import models
+  model = build(lambda rngs: models.wide_resnet(14, 2, num_classes=10, rngs=rngs))
+  fn, state = jaxprune.functional(model)
+  x = input_((2, 16, 16, 3))
+  graph = jaxprune.trace(fn, state, x)
+  # Projections decouple each stage's residual stream from the one before: groups are
+  # the stem, the 3 streams and each block's inner conv (2 blocks x 3 stages).
+  assert sorted(g.size for g in graph.groups) == [16, 32, 32, 32, 64, 64, 64, 128, 128, 128]
+  check_masked_equals_slimmed(Setup(model, fn, state, graph, x), seed=14)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_masked_equals_slimmed_custom(seed):
   check_masked_equals_slimmed(custom_setup(), seed)

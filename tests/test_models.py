@@ -164,6 +164,29 @@ def test_param_count_closed_forms() -> None:
     assert models.count_params(_abstract("mobilenet_v1_cifar")) == 4_231_976 - 1024 * 990 - 990
 
 
+def _wrn_count(n: int, width: int, num_classes: int) -> int:
+    """Closed form of ChipNet's wide CIFAR ResNet: 3x3 stem to 16, n basic blocks per
+    stage (two 3x3 convs + BNs), a 1x1 conv + BN projection at each stage's first
+    block (16 -> 16w too), one Linear. Convs are bias-free; a BN has 2 params/channel."""
+    total, c_in = 9 * 3 * 16 + 2 * 16, 16
+    for c in (16 * width, 32 * width, 64 * width):
+        total += c_in * c + 2 * c  # projection
+        for i in range(n):
+            total += 9 * (c_in if i == 0 else c) * c + 2 * c + 9 * c * c + 2 * c
+        c_in = c
+    return total + c_in * num_classes + num_classes
+
+
+def test_wide_resnet_param_count_closed_form() -> None:
+    # WRN-26-12, ChipNet's main CIFAR network: 4 blocks per stage, 192/384/768 channels.
+    assert models.count_params(_abstract("wrn26_12")) == _wrn_count(4, 12, 10)
+    assert models.count_params(_abstract("wrn26_12", 100)) == _wrn_count(4, 12, 100)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        models.wide_resnet(25, 2, num_classes=10, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="shortcut"):
+        models.CifarResNet(1, num_classes=10, rngs=nnx.Rngs(0), shortcut="C")
+
+
 # ------------------------------------------------------------ output shapes ---
 
 

@@ -15,7 +15,7 @@ Caveat: the zoo's ResNet-50 is torchvision's (7x7/2 stem + max-pool, so a
 32x32 image is 8x8 at layer1); the official CIFAR ResNet-50 has a 3x3
 stride-1 stem (16x16 at layer1). Accuracies and the MAC split differ from
 the paper's accordingly; the pruning procedure is the same. WRN-26-12 (the
-paper's main CIFAR network) is not in the model zoo.
+paper's main CIFAR network): chipnet_cifar10_wrn26_12.py.
 """
 from experiments.configs import chipnet_cifar10_resnet56, dense_cifar10_resnet56
 

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxprune.models.layers import ConvBN, DepthwiseConv, ZeroPad
 from jaxprune.models.mobilenet import DepthwiseSeparable, MobileNetV1
-from jaxprune.models.resnet_cifar import BasicBlockA, CifarResNet, cifar_resnet
+from jaxprune.models.resnet_cifar import BasicBlockA, CifarResNet, cifar_resnet, wide_resnet
 from jaxprune.models.resnet_imagenet import BasicBlock, Bottleneck, ImageNetResNet, imagenet_resnet
 from jaxprune.models.vgg import VGG, vgg
 
@@ -46,6 +46,7 @@ __all__ = [
     "available",
     "count_params",
     "create",
+    "wide_resnet",
 ]
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
@@ -58,6 +59,7 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "resnet44": functools.partial(cifar_resnet, 44),
     "resnet56": functools.partial(cifar_resnet, 56),
     "resnet110": functools.partial(cifar_resnet, 110),
+    "wrn26_12": functools.partial(wide_resnet, 26, 12),
     "resnet18": functools.partial(imagenet_resnet, 18),
     "resnet34": functools.partial(imagenet_resnet, 34),
     "resnet50": functools.partial(imagenet_resnet, 50),

@@ -1,4 +1,5 @@
-"""CIFAR ResNets of He et al. (2016), Sec. 4.2: ResNet-20/32/44/56/110.
+"""CIFAR ResNets of He et al. (2016), Sec. 4.2: ResNet-20/32/44/56/110, and the
+wide variant ChipNet uses (WRN-26-12: projection shortcuts, stages 16w/32w/64w).
 
 A 3x3 conv stem with 16 channels, three stages of ``n`` BasicBlocks with
 16/32/64 channels (the first block of stages 2 and 3 has stride 2), global
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune.models.layers import ZeroPad, batch_norm, conv, global_avg_pool, linear
+from jaxprune.models.resnet_imagenet import BasicBlock
 
-__all__ = ["BasicBlockA", "CifarResNet", "cifar_resnet"]
+__all__ = ["BasicBlockA", "CifarResNet", "cifar_resnet", "wide_resnet"]
 
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -84,6 +86,9 @@ class BasicBlockA(nnx.Module):
 class CifarResNet(nnx.Module):
     """CIFAR ResNet with ``blocks_per_stage`` BasicBlocks per stage (depth 6n+2).
 
+    ``shortcut="A"``: parameter-free zero-padding shortcuts (He et al.);
+    ``"B"``: 1x1 conv + BN projections wherever the shape changes.
+
     Example:
         >>> m = CifarResNet(3, num_classes=10, rngs=nnx.Rngs(0))  # ResNet-20
         >>> m(jnp.ones((2, 32, 32, 3))).shape
@@ -98,16 +103,23 @@ class CifarResNet(nnx.Module):
         rngs: nnx.Rngs,
         in_channels: int = 3,
         widths: tuple[int, int, int] = STAGE_WIDTHS,
+        stem: int | None = None,
+        shortcut: str = "A",
     ) -> None:
-        self.conv1 = conv(in_channels, widths[0], 3, 1, rngs=rngs)
-        self.bn1 = batch_norm(widths[0], rngs=rngs)
-        in_planes = widths[0]
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv + BN), "
+                             f"got {shortcut!r}")
+        block = BasicBlockA if shortcut == "A" else BasicBlock
+        stem = widths[0] if stem is None else stem
+        self.conv1 = conv(in_channels, stem, 3, 1, rngs=rngs)
+        self.bn1 = batch_norm(stem, rngs=rngs)
+        in_planes = stem
         stages = []
         for s, planes in enumerate(widths):
             blocks = []
             for i in range(blocks_per_stage):
                 stride = 2 if (s > 0 and i == 0) else 1
-                blocks.append(BasicBlockA(in_planes, planes, stride, rngs=rngs))
+                blocks.append(block(in_planes, planes, stride, rngs=rngs))
                 in_planes = planes
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -131,3 +143,22 @@ def cifar_resnet(depth: int, *, num_classes: int, rngs: nnx.Rngs, **kwargs) -> C
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (n >= 1), got {depth}")
     return CifarResNet((depth - 2) // 6, num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def wide_resnet(depth: int, width: int, *, num_classes: int, rngs: nnx.Rngs,
+                **kwargs) -> CifarResNet:
+    """The wide CIFAR ResNet of ChipNet's code (``ResNetCifar(BasicBlock, [n]*3, width)``):
+    a 16-channel stem, stages of 16w/32w/64w channels, post-activation basic
+    blocks with projection shortcuts (every stage needs one, 16 -> 16w too).
+    WRN-26-12: ``wide_resnet(26, 12, ...)``, stages 192/384/768.
+
+    Example:
+        >>> m = wide_resnet(26, 12, num_classes=10, rngs=nnx.Rngs(0))
+        >>> m.layer3[0].conv1.kernel.shape
+        (3, 3, 384, 768)
+    """
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ValueError(f"wide CIFAR ResNet depth must be 6n+2 (n >= 1), got {depth}")
+    w = (16 * width, 32 * width, 64 * width)
+    return CifarResNet((depth - 2) // 6, num_classes=num_classes, rngs=rngs, widths=w, stem=16,
+                       shortcut="B", **kwargs)
