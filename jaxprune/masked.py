@@ -86,15 +86,23 @@ def _eval(jaxpr, consts, args, sites, flat, path=()):
         raise NotImplementedError(
             f"masked: channels inside '{eqn.primitive.name}' at "
             f"{source_info_util.summarize(eqn.source_info)} cannot be masked yet.")
-      params = eqn.primitive.get_bind_params(eqn.params)
-      with source_info_util.user_context(eqn.source_info.traceback):
-        outs = eqn.primitive.bind(*invals, **params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for v, o in zip(eqn.outvars, outs):
-      if not isinstance(v, jcore.DropVar):
-        env[v] = o
+      outs = _bind(eqn, invals)
+    _write(env, eqn.outvars, outs)
   return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, invals) -> list:
+  """Runs one equation on new inputs, keeping its source location for errors."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with source_info_util.user_context(eqn.source_info.traceback):
+    outs = eqn.primitive.bind(*invals, **params)
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _write(env: dict, outvars, outs) -> None:
+  for v, o in zip(outvars, outs):
+    if not isinstance(v, jcore.DropVar):
+      env[v] = o
 
 
 def masked(fn: Callable, graph: ChannelGraph) -> Callable:

@@ -44,7 +44,7 @@ from jax.extend import core as jcore
 
 import jaxprune
 from jaxprune.graph import ChannelGraph
-from jaxprune.masked import _CALLS, _apply_mask, _site_indices
+from jaxprune.masked import _CALLS, _apply_mask, _bind, _site_indices, _write
 from jaxprune.trace import analyze
 
 Pytree = Any
@@ -276,14 +276,8 @@ def _eval(jaxpr, consts, args, sites, gates, st, predictors, pool, decoupled, pa
         st["logits"][gp.name] = logits
         m = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))
         st["flat"] = st["flat"].at[:, gp.offset:gp.offset + gp.size].set(m)
-      params = eqn.primitive.get_bind_params(eqn.params)
-      with source_info_util.user_context(eqn.source_info.traceback):
-        outs = eqn.primitive.bind(*invals, **params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for v, o in zip(eqn.outvars, outs):
-      if not isinstance(v, jcore.DropVar):
-        env[v] = o
+      outs = _bind(eqn, invals)
+    _write(env, eqn.outvars, outs)
   return [read(v) for v in jaxpr.outvars]
 
 
