@@ -173,9 +173,17 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
               per_layer)
 
 
+@functools.lru_cache(maxsize=64)
+def _dense(graph: ChannelGraph, unit: str, mode: str) -> float:
+  # A constant, counted eagerly even while a jit traces the caller.
+  with jax.ensure_compile_time_eval():
+    ones = {g.name: np.ones(g.size, np.float32) for g in graph.groups}
+    return float(getattr(cost(graph, ones, mode=mode), unit))
+
+
 def ratio(graph: ChannelGraph, masks: Masks, unit: str = "macs", *, mode: str = "exact") -> jax.Array:
-  """Fraction of the dense cost that remains, in one unit."""
+  """Fraction of the dense cost that remains, in one unit; jit-able and differentiable
+  in the masks (the dense cost is a cached constant)."""
   if unit not in UNITS:
     raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
-  full = getattr(cost(graph, None, mode=mode), unit)
-  return getattr(cost(graph, masks, mode=mode), unit) / full
+  return getattr(cost(graph, masks, mode=mode), unit) / _dense(graph, unit, mode)

@@ -49,9 +49,7 @@ Example:
 """
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 from typing import Mapping, NamedTuple
 
 import jax
@@ -59,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import select
-from jaxprune.cost import cost
+from jaxprune.cost import ratio
 from jaxprune.graph import ChannelGraph
 
 Masks = dict[str, jax.Array]
@@ -202,24 +200,7 @@ def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams,
   """
   _, z = project(zeta, hp.beta, hp.gamma)
   counts = keep_best({k: soft_round(v, hp.s) for k, v in z.items()}, zeta, min_channels)
-  return cost_ratio(graph, counts, unit, mode)
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_cost(graph: ChannelGraph, unit: str, mode: str) -> float:
-  # A constant, counted eagerly even while a jit traces the caller.
-  with jax.ensure_compile_time_eval():
-    ones = {g.name: np.ones(g.size, np.float32) for g in graph.groups}
-    return float(getattr(cost(graph, ones, mode=mode), unit))
-
-
-def cost_ratio(graph: ChannelGraph, masks, unit: str, mode: str = "exact") -> jax.Array:
-  """`jaxprune.ratio` that also works inside jit (the dense cost is a cached constant).
-
-  >>> float(cost_ratio(graph, graph.ones(), "volume"))
-  1.0
-  """
-  return getattr(cost(graph, masks, mode=mode), unit) / _dense_cost(graph, unit, mode)
+  return ratio(graph, counts, unit, mode=mode)
 
 
 def penalty(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, *,
@@ -253,18 +234,12 @@ def unit_of(budget_type: str) -> str:
   return BUDGET_UNITS[budget_type]
 
 
-def _check_fraction(budget) -> None:
-  # numbers.Real: numpy scalars too; bool is an int, not a budget.
-  if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 < budget <= 1.0):
-    raise ValueError(f"budget must be a fraction in (0, 1] of the dense network, got {budget!r}")
-
-
 def budget_floor(graph: ChannelGraph, unit: str, min_channels: int = 1,
                  mode: str = "exact") -> float:
   """The smallest budget reachable when every group keeps `min_channels`."""
   masks = {g.name: (np.arange(g.size) < min(min_channels, g.size)).astype(np.float32)
            for g in graph.groups}
-  return float(cost_ratio(graph, masks, unit, mode))
+  return float(ratio(graph, masks, unit, mode=mode))
 
 
 def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
@@ -278,7 +253,7 @@ def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
   'volume'
   """
   unit = unit_of(budget_type)
-  _check_fraction(budget)
+  select._check_budget(budget)
   if int(min_channels) < 1:
     raise ValueError(f"min_channels must be >= 1 (a group without channels cuts the "
                      f"network), got {min_channels}")
@@ -309,7 +284,6 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   >>> float(jaxprune.ratio(graph, hard, "volume")) <= 0.25
   True
   """
-  _check_fraction(budget)
   return select.global_topk(scores, graph, budget, unit, min_channels=min_channels, mode=mode,
                             normalize=False)
 
