@@ -65,10 +65,8 @@ def _eval(jaxpr, consts, args, sites, flat, path=()):
   def read(v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
+  _write(env, jaxpr.constvars, consts)
+  _write(env, jaxpr.invars, args)
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     invals = [read(v) for v in eqn.invars]

@@ -244,10 +244,8 @@ def _eval(jaxpr, consts, args, sites, gates, st, predictors, pool, decoupled, pa
 
   inside = lambda here: (any(p[:len(here)] == here and len(p) > len(here) for p, _ in sites)
                          or any(p[:len(here)] == here and len(p) > len(here) for p in gates))
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
+  _write(env, jaxpr.constvars, consts)
+  _write(env, jaxpr.invars, args)
   for i, eqn in enumerate(jaxpr.eqns):
     here = path + (i,)
     invals = [read(v) for v in eqn.invars]
