@@ -157,8 +157,6 @@ def wide_resnet(depth: int, width: int, *, num_classes: int, rngs: nnx.Rngs,
         >>> m.layer3[0].conv1.kernel.shape
         (3, 3, 384, 768)
     """
-    if (depth - 2) % 6 != 0 or depth < 8:
-        raise ValueError(f"wide CIFAR ResNet depth must be 6n+2 (n >= 1), got {depth}")
     w = (16 * width, 32 * width, 64 * width)
-    return CifarResNet((depth - 2) // 6, num_classes=num_classes, rngs=rngs, widths=w, stem=16,
-                       shortcut="B", **kwargs)
+    return cifar_resnet(depth, num_classes=num_classes, rngs=rngs, widths=w, stem=16,
+                        shortcut="B", **kwargs)
