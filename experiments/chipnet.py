@@ -196,12 +196,12 @@ def soft_prune(config, workdir: str, graphdef, state: T.TrainState, graph, unit:
 
   mesh = T.make_mesh()
   hparams_fn = lambda step: chipnet.hparams(step, schedule)
+  bs = global_batch(config, "eval_batch_size")
   if m.select_on == "test":
     batches = list(data_lib.eval_batches(config.data.name, "test", data_dir=config.data.data_dir,
-                                         batch_size=global_batch(config, "eval_batch_size")))
+                                         batch_size=bs))
   else:
     batches = selection_batches(config, int(m.select_size), seed=config.seed)
-  bs = global_batch(config, "eval_batch_size")
   hard_step = T.make_eval_step(hard_apply, mesh=mesh)
   soft_step = T.make_eval_step(soft_apply, mesh=mesh)
   evaluate = lambda s: T.evaluate(hard_step, s, batches, batch_size=bs, mesh=mesh)
@@ -209,7 +209,7 @@ def soft_prune(config, workdir: str, graphdef, state: T.TrainState, graph, unit:
                                              hparams=hparams_fn(step))
   phase_dir = os.path.join(workdir, "soft_prune")
   os.makedirs(phase_dir, exist_ok=True)
-  unit_cost = jax.jit(lambda h: chipnet.cost_ratio(graph, h, unit))
+  unit_cost = jax.jit(lambda h: jaxprune.ratio(graph, h, unit))
   best = BestHard(os.path.join(phase_dir, "best.msgpack"), graph, budget=float(m.budget),
                   unit=unit, min_channels=int(m.min_channels), evaluate=evaluate,
                   log_path=os.path.join(phase_dir, "selection.jsonl"),
@@ -240,10 +240,6 @@ def finetune_slim(config, workdir, graphdef, template: T.TrainState, variables, 
   return {"test_accuracy": ft.eval.get("accuracy"), "pruned_accuracy_before_finetune": before,
           "params": pruned["params"], "macs": pruned["macs"], "pruned": pruned,
           "speedup": speed}
-
-
-def _ratios(pruned, dense):
-  return {k: pruned[k] / dense[k] for k in dense}
 
 
 def save_masks(workdir: str, hard, config, unit: str) -> str:
@@ -294,13 +290,8 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                               m.budget_type, min_channels=m.min_channels)
   del probe
 
-  if m.pretrained:
-    graphdef, state = pruning.load_dense(config, m.pretrained)
-  else:
-    pre = run_phase(config, workdir, phase="pretrain")
-    graphdef, state = pre.graphdef, pre.state
-  eval_dense = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())
-  dense_accuracy = eval_dense(state).get("accuracy")
+  graphdef, state, dense_eval = pruning.dense_start(config, workdir, m.pretrained)
+  dense_accuracy = dense_eval.get("accuracy")
   graph = trace_state(graphdef, state, info.image_shape)
   dense = pruning.count(graph)
   dense_host = _host(state)  # the phases below donate the device arrays
@@ -316,7 +307,7 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
       "hard_pruned_select_accuracy": float(best["accuracy"]), "best_step": int(best["step"]),
       "budget": float(m.budget), "budget_type": m.budget_type, "unit": unit,
       "achieved": ours["pruned"][unit] / dense[unit],
-      "dense": dense, "ratios": _ratios(ours["pruned"], dense),
+      "dense": dense, "ratios": pruning.ratios(ours["pruned"], dense),
       "kept_per_group": {k: int(np.asarray(v).sum()) for k, v in hard.items()},
       "group_sizes": {g.name: g.size for g in graph.groups},
   }
@@ -328,7 +319,7 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                       _device(dense_host), phase="magnitude_finetune")
     results["magnitude"] = {**r, "criterion": m.magnitude_criterion,
                             "achieved": r["pruned"][unit] / dense[unit],
-                            "ratios": _ratios(r["pruned"], dense)}
+                            "ratios": pruning.ratios(r["pruned"], dense)}
   return results
 
 
@@ -350,10 +341,8 @@ def transfer_pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str,
     source = {k: v for k, v in json.load(f).items() if k != "masks"}
   out = {"test_accuracy": r.eval.get("accuracy"), "params": pruned["params"],
          "macs": pruned["macs"], "dense": dense, "pruned": pruned,
-         "ratios": _ratios(pruned, dense), "speedup": speed, "source": source,
+         "ratios": pruning.ratios(pruned, dense), "speedup": speed, "source": source,
          "kept_per_group": {k: int(np.asarray(v).sum()) for k, v in hard.items()}}
   if m.pretrained:  # a dense run on this data set, for reference
-    graphdef_d, dense_state = pruning.load_dense(config, m.pretrained)
-    out["dense_accuracy"] = make_eval_fn(config, T.nnx_apply(graphdef_d),
-                                         mesh=T.make_mesh())(dense_state).get("accuracy")
+    out["dense_accuracy"] = pruning.dense_start(config, workdir, m.pretrained)[2].get("accuracy")
   return out

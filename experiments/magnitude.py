@@ -44,15 +44,8 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
   info = data_lib.get_info(config.data.name)
   x1 = np.zeros((1, *info.image_shape), np.float32)
 
-  if m.pretrained:  # share one dense training between runs (read-only)
-    graphdef, state = pruning.load_dense(config, m.pretrained)
-    dense_eval = None
-  else:
-    pre = run_phase(config, workdir, phase="pretrain")
-    graphdef, state, dense_eval = pre.graphdef, pre.state, pre.eval
+  graphdef, state, dense_eval = pruning.dense_start(config, workdir, m.pretrained)
   eval_fn = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())
-  if dense_eval is None:
-    dense_eval = eval_fn(state)
   fn, v = pruning.core_view(graphdef, state)
   dense_graph = jaxprune.trace(fn, v, x1)
   dense = pruning.count(dense_graph)
@@ -84,6 +77,6 @@ def pipeline(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
       "pruned_accuracy_before_finetune": pruned_eval.get("accuracy"),
       "params": pruned["params"], "macs": pruned["macs"],
       "dense": dense, "pruned": pruned,
-      "ratios": {k: pruned[k] / dense[k] for k in dense},
+      "ratios": pruning.ratios(pruned, dense),
       "speedup": speed,
   }

@@ -12,7 +12,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import training as T
 from jaxprune.timing import interleaved
-from experiments.train import build_model
+from experiments.train import build_model, make_eval_fn, run_phase
 
 
 def core_variables(state: T.TrainState) -> dict[str, Any]:
@@ -92,3 +92,23 @@ def load_dense(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState]:
   finally:
     ckpt.close()
   return graphdef, state
+
+
+def dense_start(config, workdir: str, pretrained: str | None = None
+                ) -> tuple[nnx.GraphDef, T.TrainState, dict[str, float]]:
+  """The dense network a method starts from and its test metrics: another run's
+  (`pretrained`, read-only) or this run's `pretrain` phase (resumable)."""
+  if pretrained:
+    graphdef, state = load_dense(config, pretrained)
+    metrics = {}
+  else:
+    pre = run_phase(config, workdir, phase="pretrain")
+    graphdef, state, metrics = pre.graphdef, pre.state, pre.eval
+  if not metrics:  # a loaded run, or a phase with no eval to report (0 steps)
+    metrics = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())(state)
+  return graphdef, state, metrics
+
+
+def ratios(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+  """`count` of a pruned network over the dense one's, per unit."""
+  return {k: pruned[k] / dense[k] for k in dense}
