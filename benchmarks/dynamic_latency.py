@@ -39,7 +39,7 @@ def run(name: str, r: float, samples: int, reps: int) -> list[dict]:
   masks = ftwt.oracle_masks(gated_fn, points, state, x, r)
   preds = ftwt.open_predictors(points)
   dense_fn = jax.jit(fn)
-  slim_fn = jax.jit(lambda s, xi: nnx.merge(graphdef, s)(xi))
+  slim_fn = jax.jit(jaxprune.nnx_bridge.apply_fn(graphdef))
   dense_macs = float(jaxprune.cost(graph).macs)
   rows = []
   for i in range(samples):

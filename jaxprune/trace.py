@@ -27,24 +27,31 @@ def leaf_name(path) -> str:
   return ".".join(parts)
 
 
-def _param_flags(variables, n: int) -> list[bool]:
-  """Which leaves count as parameters.
+COLLECTIONS = ("params", "batch_stats", "other")
 
-  NNX state: its `nnx.Param`s. A dict with a "params" entry (the Linen and
-  jaxprune.training layout, next to "batch_stats" etc.): the leaves under it.
-  Otherwise every leaf.
-  """
+
+def _is_collections(variables) -> bool:
+  """The NNX layout of `jaxprune.functional`: {"params", "batch_stats", "other"}."""
+  return isinstance(variables, dict) and "params" in variables and set(variables) <= set(COLLECTIONS)
+
+
+def leaf_names(variables) -> tuple[str, ...]:
+  """Dotted names of the leaves; in the collections layout without the collection
+  ('layer1.0.conv1.kernel', not 'params.layer1.0.conv1.kernel')."""
+  names = [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+  if _is_collections(variables):
+    names = [n.split(".", 1)[1] if "." in n else n for n in names]
+  return tuple(names)
+
+
+def _param_flags(variables, n: int) -> list[bool]:
+  """Which leaves count as parameters: in a dict with a "params" entry (the
+  collections layout of `jaxprune.functional` and jaxprune.training, or
+  Linen's), the leaves under it; otherwise every leaf."""
   if isinstance(variables, dict) and "params" in variables:
     return [leaf_name(p).split(".", 1)[0] == "params"
             for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
-  try:
-    from flax import nnx
-  except ImportError:  # the core needs only jax
-    return [True] * n
-  vs = jax.tree_util.tree_leaves(variables, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  if len(vs) != n or not any(isinstance(v, nnx.Variable) for v in vs):
-    return [True] * n
-  return [isinstance(v, nnx.Param) for v in vs]
+  return [True] * n
 
 
 def analyze(fn: Callable, variables, args: tuple):
@@ -68,9 +75,9 @@ def analyze(fn: Callable, variables, args: tuple):
     arg_vals.append(v)
   fl.arg_id_end = fl.num_ids
   leaf_vals = [fl.fresh_value(np.shape(x), act=False) for x in leaves]
-  for (path, _), v in zip(path_leaves, leaf_vals):
+  for name, v in zip(leaf_names(variables), leaf_vals):
     for ids in v.ids.values():
-      fl.name_ids(ids, leaf_name(path))
+      fl.name_ids(ids, name)
   consts = [Value({}, False) for _ in closed.consts]
   outs = fl.run(closed.jaxpr, consts, leaf_vals + arg_vals)
   return fl, leaf_vals, outs, closed, jax.tree_util.tree_structure(out_shape)
@@ -102,7 +109,7 @@ def trace(fn: Callable, variables: Any, *example_args: Any) -> ChannelGraph:
     >>> [g.size for g in graph.groups][:3]
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  names = tuple(leaf_name(p) for p, _ in path_leaves)
+  names = leaf_names(variables)
   shapes = tuple(tuple(np.shape(x)) for _, x in path_leaves)
   fl, leaf_vals, outs, _, _ = analyze(fn, variables, example_args)
   for o in outs:

@@ -163,9 +163,8 @@ def abstract_zoo(name: str, num_classes: int = 10, **kwargs):
 
 
 def param_count(state) -> int:
-  """Elements of the nnx.Param leaves of a state."""
-  params = nnx.filter_state(state, nnx.Param) if hasattr(nnx, "filter_state") else state.filter(nnx.Param)
-  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  """Elements of the parameters of a jaxprune.functional variables dict."""
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"])))
 
 
 def random_hard_masks(graph, rng: np.random.Generator, p_keep: float = 0.5) -> dict:
@@ -257,5 +256,5 @@ def jit_masked(fn, graph: jaxprune.ChannelGraph):
 
 @functools.lru_cache(maxsize=None)
 def jit_merged(graphdef):
-  """(state, x) -> nnx.merge(graphdef, state)(x), jitted: runs slimmed states."""
-  return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  """(variables, x) -> the eval-mode model, jitted: runs slimmed variables."""
+  return jax.jit(jaxprune.nnx_bridge.apply_fn(graphdef))

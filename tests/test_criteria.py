@@ -85,7 +85,7 @@ def test_bn_scale_picks_abs_gamma(tiny):
   graph = setup.graph
   state = jax.tree.map(lambda v: v, setup.state)
   gamma = np.array([0.7, -1.9, 0.05, 1.2], np.float32)  # a negative and a tiny one
-  state["bn1"]["scale"] = state["bn1"]["scale"].replace(value=jnp.asarray(gamma))
+  state["params"]["bn1"]["scale"] = jnp.asarray(gamma)
   scores = jitted(criteria.bn_scale, graph)(state)
   hand = np.abs(gamma) / np.abs(gamma).mean()
   np.testing.assert_allclose(np.asarray(scores[g1]), by_position(graph, g1, "bn1.scale", 0, hand),

@@ -83,13 +83,13 @@ def test_custom_slim_keeps_pad_and_split_channels():
   # channels facing the static pad
   (stream,) = [g for g in graph.groups if any(m.leaf == "p" and m.axis == 1 for m in g.members)]
   kept = int(np.asarray(masks[stream.name]).sum())
-  assert small["p"].shape[1] == 2 * kept + 3
+  assert small["params"]["p"].shape[1] == 2 * kept + 3
   # q's outputs pass a static split: never slimmed
-  assert small["q"]["kernel"].shape[-1] == 4 and small["qq"]["kernel"].shape[2] == 4
+  assert small["params"]["q"]["kernel"].shape[-1] == 4 and small["params"]["qq"]["kernel"].shape[2] == 4
   # ZeroPad vectors are slimmed with the stream they pad
   for leaf in ("lo", "hi"):
     (grp,) = [g for g in graph.groups if any(m.leaf == leaf for m in g.members)]
-    assert small[leaf].shape[0] == int(np.asarray(masks[grp.name]).sum())
+    assert small["other"][leaf].shape[0] == int(np.asarray(masks[grp.name]).sum())
 
 
 def test_expand_zeroes_exactly_the_removed_weights():
