@@ -20,7 +20,8 @@ import importlib
 
 from jaxprune.channel_flow import UnsupportedPrimitiveError
 from jaxprune.cost import UNITS, Cost, LayerCosts, cost, ratio
-from jaxprune.graph import ChannelGraph, Group, Member, check_masks
+from jaxprune.gated import GateInput, Gated, Producer, gated, producers
+from jaxprune.graph import ChannelGraph, Expr, Group, Member, check_masks
 from jaxprune.masked import masked
 from jaxprune.slim import expand, slim
 from jaxprune.trace import trace
@@ -30,9 +31,10 @@ _LAZY = {"functional": "jaxprune.nnx_bridge", "module": "jaxprune.nnx_bridge",
          "models": "jaxprune.models", "methods": "jaxprune.methods"}
 
 __all__ = [
-    "ChannelGraph", "Cost", "Group", "LayerCosts", "Member", "UNITS", "UnsupportedPrimitiveError",
-    "check_masks", "cost", "criteria", "expand", "functional", "masked", "module", "ratio",
-    "select", "slim", "slim_module", "trace",
+    "ChannelGraph", "Cost", "Expr", "GateInput", "Gated", "Group", "LayerCosts", "Member",
+    "Producer", "UNITS", "UnsupportedPrimitiveError", "check_masks", "cost", "criteria", "expand",
+    "functional", "gated", "masked", "module", "producers", "ratio", "select", "slim",
+    "slim_module", "trace",
 ]
 
 

@@ -15,20 +15,38 @@ The rules also record what later stages need:
 - *frozen* ids: channels that must never be removed (network inputs and
   outputs, channels facing a static pad, channels reduced across).
 
+For residual-branch units (`trace(..., branches=True)`) they also record:
+- *tokens*: one per conv/dense with a weight leaf (a producer). An activation
+  value's *origin* is the set of tokens whose outputs reach it through
+  channel-preserving ops only; a value with one origin is that producer's
+  *chain* (its output after BatchNorm, ReLU, ...).
+- *liveness*: per activation channel id, the set of tokens that must keep the
+  channel for it to be non-zero (a union along a residual stream); a known-zero
+  value (times a literal 0, zero padding) is alive nowhere.
+- *branch sites*: operands of a residual `add` that are a producer's chain
+  while the other operand does not come from that producer.
+- *index events*: an integer leaf added as `x + 0 * index` (the dense form of
+  the bundled ResNets' gather and expand vectors).
+- *join ties*: ties made where values of different origins meet; without them
+  the components are the producers' chains.
+
 A primitive with no rule raises `UnsupportedPrimitiveError` when it touches a
 value derived from the variables, naming the primitive and its source line.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from typing import Any, Sequence
 
 import numpy as np
-from jax._src import source_info_util
 from jax.extend import core as jcore
+from jax.extend import source_info_util
 
-NONE = -1  # id of a position that is no channel (a constant, e.g. zero padding)
+NONE = -1    # id of a position that is no channel (a constant, e.g. zero padding)
+ALWAYS = -1  # the token of a place that no branch mask can zero
+S_ALWAYS, S_EMPTY = 0, 1  # ids of the liveness sets {ALWAYS} and {}
 
 
 class UnsupportedPrimitiveError(NotImplementedError):
@@ -37,23 +55,63 @@ class UnsupportedPrimitiveError(NotImplementedError):
 
 @dataclasses.dataclass
 class Value:
-  """What is known of one jaxpr value: channel ids per axis; activation or not."""
-  ids: dict[int, np.ndarray]
-  act: bool  # depends on the example inputs (an activation), not only on variables
+  """What is known of one jaxpr value."""
+  ids: dict[int, np.ndarray]  # channel ids per axis
+  act: bool                    # depends on the example inputs (an activation)
+  origin: frozenset = frozenset()  # tokens of the producers that reach it (activations)
+  zero: bool = False           # known to be exactly zero
+  index_of: int | None = None  # a non-activation derived from integer leaf `index_of` alone
+  index_event: int | None = None  # an activation made by an index marker (`x + 0 * index`)
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskSite:
+  """A conv/dense input: multiplying it by the masks removes the channels."""
   path: tuple[int, ...]  # equation index per nesting level
   operand: int
   axis: int
   ids: np.ndarray
+  event: int | None = None  # index event of the operand (a gathered input)
+  chain: bool = False       # the operand is one producer's chain (see module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchSite:
+  """An operand of a residual add that is producer `token`'s chain."""
+  path: tuple[int, ...]
+  operand: int
+  axis: int
+  ids: np.ndarray
+  token: int
+  event: int | None = None  # index event of the operand (an expand vector)
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+  """A conv/dense occurrence with a weight leaf (a producer)."""
+  leaf: int | None     # the weight leaf (index), None if the weights are activations
+  out_ids: np.ndarray  # its output channel ids
+  name: str
+  path: tuple[int, ...] = ()   # its equation
+  operand: int = 0             # its activation operand
+  in_axis: int = -1            # that operand's feature axis
+  spatial: tuple[int, ...] = ()  # and its other non-batch axes
+  c_in: int = 0                # input features
+  op: str = "conv"             # "conv" | "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEvent:
+  """An integer leaf added to an activation as `x + 0 * index` (positions aligned)."""
+  leaf: int
+  leaf_ids: np.ndarray  # the leaf's ids on the merged axis
+  ids: np.ndarray       # the activation's ids at the same positions
 
 
 @dataclasses.dataclass(frozen=True)
 class Op:
   """Cost record: coef * prod_k sum(mask[ids_k]) (grouped: summed per group)."""
-  kind: str  # 'conv' | 'dense' | 'elementwise' | 'reduce'
+  kind: str  # 'conv' | 'dense' | 'elementwise' | 'reduce' | 'volume'
   name: str
   coef: float
   factors: tuple[np.ndarray, ...]
@@ -70,31 +128,59 @@ class ChannelFlow:
   def __init__(self):
     self.num_ids = 0
     self.ties: list[tuple[np.ndarray, np.ndarray]] = []
+    self.join: list[bool] = []  # per tie: made where different origins meet
     self.frozen: list[np.ndarray] = []
     self.batch_ids: list[np.ndarray] = []
     self.sites: list[MaskSite] = []
+    self.branch_sites: list[BranchSite] = []
     self.ops: list[Op] = []
+    self.tokens: list[Token] = []
+    self.events: list[IndexEvent] = []
+    self.consumers: list[tuple[np.ndarray, np.ndarray]] = []  # (weight in-axis ids, input ids)
     self._weight_names: dict[int, str] = {}  # id -> leaf name, for naming ops
+    self._leaf_starts: list[int] = []        # first id of each leaf, for leaf_of
+    self._leaf_index: list[int] = []
     self.arg_id_end = 0  # ids below this belong to the example inputs
     self._calls: list = []  # enclosing call equations, for error locations
+    self._live = np.zeros(1024, np.int32)   # liveness set id per channel id
+    self._sets: list[frozenset] = [frozenset({ALWAYS}), frozenset()]
+    self._set_id: dict[frozenset, int] = {s: i for i, s in enumerate(self._sets)}
 
-  def carries_channels(self, x: "Value") -> bool:
+  def carries_channels(self, x: Value) -> bool:
     """Whether a value carries ids that came from the variables (or pads)."""
     return any((ids >= self.arg_id_end).any() for ids in x.ids.values())
 
   # -- id bookkeeping -----------------------------------------------------------
-  def fresh(self, n: int) -> np.ndarray:
+  def fresh(self, n: int, live: int | np.ndarray = S_ALWAYS) -> np.ndarray:
     ids = np.arange(self.num_ids, self.num_ids + n, dtype=np.int64)
     self.num_ids += n
+    if self.num_ids > self._live.size:
+      self._live = np.concatenate([self._live, np.zeros(max(self.num_ids, self._live.size),
+                                                        np.int32)])
+    self._live[ids] = live
     return ids
 
   def fresh_value(self, shape: Sequence[int], act: bool) -> Value:
     return Value({a: self.fresh(n) for a, n in enumerate(shape)}, act)
 
-  def tie(self, a: np.ndarray, b: np.ndarray):
+  def add_leaf(self, index: int, ids: Sequence[np.ndarray]) -> None:
+    for a in ids:
+      if a.size:
+        self._leaf_starts.append(int(a[0]))
+        self._leaf_index.append(index)
+
+  def leaf_of(self, i: int) -> int | None:
+    """The leaf whose axes hold id `i`, if any."""
+    if i < self.arg_id_end or not self._leaf_starts:
+      return None
+    k = bisect.bisect_right(self._leaf_starts, i) - 1
+    return self._leaf_index[k] if k >= 0 else None
+
+  def tie(self, a: np.ndarray, b: np.ndarray, join: bool = False):
     keep = (a >= 0) & (b >= 0)
     if keep.any():
       self.ties.append((a[keep], b[keep]))
+      self.join.append(join)
 
   def freeze(self, ids: np.ndarray):
     ids = ids[ids >= 0]
@@ -104,6 +190,41 @@ class ChannelFlow:
   def name_ids(self, ids: np.ndarray, name: str):
     for i in ids[:1]:
       self._weight_names.setdefault(int(i), name)
+
+  # -- liveness -----------------------------------------------------------------
+  def live(self, ids: np.ndarray) -> np.ndarray:
+    """Liveness set id of each id (no channel: always alive)."""
+    return np.where(ids >= 0, self._live[np.maximum(ids, 0)], S_ALWAYS)
+
+  def set_of(self, sid: int) -> frozenset:
+    return self._sets[sid]
+
+  def _intern(self, s: frozenset) -> int:
+    if ALWAYS in s:
+      s = frozenset({ALWAYS})
+    if s not in self._set_id:
+      self._set_id[s] = len(self._sets)
+      self._sets.append(s)
+    return self._set_id[s]
+
+  def union(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-position union of liveness set ids."""
+    stack = np.stack(parts)
+    uniq, inv = np.unique(stack, axis=1, return_inverse=True)
+    out = np.array([self._intern(frozenset().union(*(self._sets[s] for s in col)))
+                    for col in uniq.T], np.int32)
+    return out[np.ravel(inv)]
+
+  def relabel(self, ids: np.ndarray, live: np.ndarray | int, join: bool = False) -> np.ndarray:
+    """Fresh ids tied to `ids`, with new liveness (unchanged ids when it is the same
+    and no join: where origins meet the output always gets its own ids)."""
+    live = np.broadcast_to(np.asarray(live, np.int32), ids.shape)
+    if not (ids >= 0).any() or (not join and np.array_equal(self.live(ids), live)):
+      return ids
+    new = self.fresh(ids.size, live)
+    new = np.where(ids >= 0, new, NONE)
+    self.tie(ids, new, join)
+    return new
 
   # -- driver -------------------------------------------------------------------
   def run(self, jaxpr: jcore.Jaxpr, consts_in: list[Value], args_in: list[Value],
@@ -116,7 +237,7 @@ class ChannelFlow:
 
     def read(v) -> Value:
       if isinstance(v, jcore.Literal):
-        return Value({}, False)
+        return Value({}, False, zero=bool(np.all(np.asarray(v.val) == 0)))
       return env[v]
 
     for i, eqn in enumerate(jaxpr.eqns):
@@ -152,7 +273,7 @@ class ChannelFlow:
           "semantics are unknown. Rewrite that part with supported ops "
           "(conv, dot_general, elementwise, reshape, pad, concatenate, ...), "
           "or keep it outside the traced function.")
-    outs = [Value({}, any(x.act for x in ins)) for _ in eqn.outvars]
+    outs = [_out({}, ins) for _ in eqn.outvars]
     return outs if eqn.primitive.multiple_results else outs[0]
 
 
@@ -163,13 +284,14 @@ def _shape(v) -> tuple[int, ...]:
   return tuple(v.aval.shape)
 
 
-def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None]) -> np.ndarray | None:
+def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None],
+                join: bool = False) -> np.ndarray | None:
   present = [x for x in ids_list if x is not None]
   if not present:
     return None
   first = present[0]
   for other in present[1:]:
-    fl.tie(first, other)
+    fl.tie(first, other, join)
   # A constant position in one operand and a channel in another: keep the channel.
   out = first.copy()
   for other in present[1:]:
@@ -178,8 +300,14 @@ def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None]) -> np.ndarra
   return out
 
 
-def _out(ids: dict[int, np.ndarray], ins: list[Value]) -> Value:
-  return Value({a: i for a, i in ids.items() if i is not None}, any(x.act for x in ins))
+def _out(ids: dict[int, np.ndarray | None], ins: list[Value], *, zero: bool | None = None,
+         index_of: int | None = None) -> Value:
+  """An output value: activation and origin from the inputs."""
+  act = any(x.act for x in ins)
+  origin = frozenset().union(*(x.origin for x in ins if x.act)) if act else frozenset()
+  if zero is None:
+    zero = bool(ins) and all(x.zero for x in ins)
+  return Value({a: i for a, i in ids.items() if i is not None}, act, origin, zero, index_of)
 
 
 def _freeze_axes(fl: ChannelFlow, x: Value, axes) -> None:
@@ -188,19 +316,139 @@ def _freeze_axes(fl: ChannelFlow, x: Value, axes) -> None:
       fl.freeze(x.ids[a])
 
 
+def _is_batch(fl: ChannelFlow, ids: np.ndarray) -> bool:
+  return any(ids.size == b.size and ids[0] == b[0] for b in fl.batch_ids)
+
+
+def _channel_axis(fl: ChannelFlow, x: Value) -> int | None:
+  """The one axis of an activation that carries channels of the variables."""
+  axes = [a for a, ids in x.ids.items()
+          if not _is_batch(fl, ids) and (ids >= fl.arg_id_end).any()]
+  return axes[0] if len(axes) == 1 else None
+
+
 # ---------------------------------------------------------------------------
 # rules
 
+# f(0) == 0: a zero (dead) channel stays zero.
+_ZERO_PRESERVING = set("""neg abs sign sqrt cbrt square integer_pow tanh sin tan asin atan
+  sinh asinh atanh erf erf_inv expm1 log1p floor ceil round convert_element_type
+  reduce_precision stop_gradient copy copy_p real imag conj""".split())
+# act (op) nonact: zero act stays zero whatever the other operand
+_ZERO_ABSORBING = {"mul", "and"}
+
+
 def elementwise(fl: ChannelFlow, eqn, ins: list[Value], path) -> Value:
+  name = eqn.primitive.name
   out_shape = _shape(eqn.outvars[0])
-  ids = {}
+  same_rank = [(x, v) for x, v in zip(ins, eqn.invars) if len(_shape(v)) == len(out_shape)]
+  acts = [x for x in ins if x.act]
+  if not acts:
+    return _nonact(fl, eqn, ins, same_rank, out_shape)
+
+  origins = {x.origin for x in acts}
+  join = len(origins) > 1
+  zero = _known_zero(name, ins, eqn)
+  ids: dict[int, np.ndarray | None] = {}
+  base = acts[0]
   for a in range(len(out_shape)):
-    ids[a] = _merge_axis(fl, [x.ids.get(a) for x, v in zip(ins, eqn.invars)
-                              if len(_shape(v)) == len(out_shape)])
-  out = _out(ids, ins)
-  if out.act and out_shape:
+    # An activation operand's ids first: liveness is keyed by id.
+    order = sorted(same_rank, key=lambda xv: not xv[0].act)
+    ids[a] = _merge_axis(fl, [x.ids.get(a) for x, _ in order], join)
+  out = _out(ids, ins, zero=zero)
+
+  marker = [x for x in ins if not x.act and x.zero and x.index_of is not None]
+  if name in ("add", "sub", "add_any") and marker and len(acts) == 1:
+    # `x + 0 * index`: the dense form of a gather/expand vector; no arithmetic.
+    z = marker[0]
+    for a, leaf_ids in z.ids.items():
+      act_ids = base.ids.get(a)
+      if act_ids is not None and leaf_ids.size == act_ids.size:
+        fl.events.append(IndexEvent(z.index_of, leaf_ids, act_ids))
+        out.index_event = len(fl.events) - 1
+    return out
+  if zero:
+    for a, i in out.ids.items():
+      if not _is_batch(fl, i):
+        out.ids[a] = fl.relabel(i, S_EMPTY)
+    return out
+  if any(x.zero for x in ins if not x.act) and name in ("add", "sub", "add_any"):
+    return out  # adding zero: no arithmetic, nothing changes
+  if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+    out.index_event = base.index_event
+
+  for a, i in list(out.ids.items()):
+    if _is_batch(fl, i):
+      continue
+    if join or len(acts) > 1:
+      parts = [fl.live(x.ids[a]) for x in acts if a in x.ids and x.ids[a].size == i.size]
+      live = fl.union(parts) if parts else fl.live(i)
+    elif len(out.origin) == 1:
+      live = fl.live(i)  # a producer's chain: computed where its producer keeps it
+    elif _preserves_zero(name, ins, eqn):
+      live = fl.live(i)
+    else:
+      live = S_ALWAYS  # e.g. a bias added to a residual stream: non-zero everywhere
+    out.ids[a] = fl.relabel(i, live, join)
+
+  if join and name in ("add", "add_any"):
+    _branch_sites(fl, acts, ins, path)
+  if out_shape:
     fl.ops.append(_elementwise_op(fl, "elementwise", eqn, out, out_shape))
   return out
+
+
+def _nonact(fl, eqn, ins, same_rank, out_shape) -> Value:
+  ids = {a: _merge_axis(fl, [x.ids.get(a) for x, _ in same_rank]) for a in range(len(out_shape))}
+  idx = [x.index_of for x in ins if x.index_of is not None]
+  return _out(ids, ins, zero=_known_zero(eqn.primitive.name, ins, eqn),
+              index_of=idx[0] if len(idx) == 1 else None)
+
+
+def _known_zero(name: str, ins: list[Value], eqn) -> bool:
+  if name in _ZERO_ABSORBING:
+    return any(x.zero for x in ins)
+  if name in ("add", "sub", "add_any", "max", "min"):
+    return all(x.zero for x in ins)
+  if name == "select_n":
+    return all(x.zero for x in ins[1:])
+  if name == "div" or name in _ZERO_PRESERVING:
+    return ins[0].zero
+  return False
+
+
+def _preserves_zero(name: str, ins: list[Value], eqn) -> bool:
+  """Whether an op keeps a zero activation channel zero (its other operands unknown
+  or literal)."""
+  if name in _ZERO_PRESERVING or name in _ZERO_ABSORBING:
+    return True
+  if name == "div":
+    return ins[0].act
+  others = [v for x, v in zip(ins, eqn.invars) if not x.act]
+  if name in ("add", "sub", "add_any", "max", "min"):
+    vals = []
+    for v in others:
+      if not isinstance(v, jcore.Literal):
+        return False  # a leaf-derived constant: unknown, may be non-zero
+      vals.append(np.asarray(v.val))
+    if name in ("add", "sub", "add_any"):
+      return all(np.all(x == 0) for x in vals)
+    # max(0, c) == 0 iff c <= 0; min(0, c) == 0 iff c >= 0
+    return all(np.all(x <= 0) if name == "max" else np.all(x >= 0) for x in vals)
+  return False
+
+
+def _branch_sites(fl: ChannelFlow, acts: list[Value], ins: list[Value], path) -> None:
+  for k, x in enumerate(ins):
+    if not x.act or len(x.origin) != 1:
+      continue
+    (t,) = x.origin
+    others = frozenset().union(*(y.origin for j, y in enumerate(ins) if j != k and y.act))
+    if t in others or t == ALWAYS:
+      continue
+    axis = _channel_axis(fl, x)
+    if axis is not None:
+      fl.branch_sites.append(BranchSite(path, k, axis, x.ids[axis], t, x.index_event))
 
 
 def _elementwise_op(fl: ChannelFlow, kind: str, eqn, x: Value, shape) -> Op:
@@ -216,12 +464,10 @@ def _elementwise_op(fl: ChannelFlow, kind: str, eqn, x: Value, shape) -> Op:
   return Op(kind, eqn.primitive.name, coef, tuple(factors))
 
 
-def _is_batch(fl: ChannelFlow, ids: np.ndarray) -> bool:
-  return any(ids.size == b.size and ids[0] == b[0] for b in fl.batch_ids)
-
-
 def unary_passthrough(fl, eqn, ins, path) -> Value:
-  return _out(dict(ins[0].ids), ins)
+  out = _out(dict(ins[0].ids), ins, index_of=ins[0].index_of)
+  out.index_event = ins[0].index_event
+  return out
 
 
 def broadcast_in_dim(fl, eqn, ins, path) -> Value:
@@ -232,18 +478,18 @@ def broadcast_in_dim(fl, eqn, ins, path) -> Value:
   for i, d in enumerate(eqn.params["broadcast_dimensions"]):
     if i in x.ids and in_shape[i] == out_shape[d]:
       ids[d] = x.ids[i]
-  return _out(ids, ins[:1])
+  return _out(ids, ins[:1], index_of=x.index_of)
 
 
 def transpose(fl, eqn, ins, path) -> Value:
   perm = eqn.params["permutation"]
-  return _out({i: ins[0].ids.get(p) for i, p in enumerate(perm)}, ins)
+  return _out({i: ins[0].ids.get(p) for i, p in enumerate(perm)}, ins, index_of=ins[0].index_of)
 
 
 def squeeze(fl, eqn, ins, path) -> Value:
   dims = set(d % len(_shape(eqn.invars[0])) for d in eqn.params["dimensions"])
   keep = [a for a in range(len(_shape(eqn.invars[0]))) if a not in dims]
-  return _out({i: ins[0].ids.get(a) for i, a in enumerate(keep)}, ins)
+  return _out({i: ins[0].ids.get(a) for i, a in enumerate(keep)}, ins, index_of=ins[0].index_of)
 
 
 def reshape(fl, eqn, ins, path) -> Value:
@@ -277,7 +523,7 @@ def reshape(fl, eqn, ins, path) -> Value:
       # A channel axis split into several axes: it can't be followed; keep it.
       for a in carried:
         fl.freeze(x.ids[a])
-  return _out(ids, ins)
+  return _out(ids, ins, index_of=x.index_of)
 
 
 def _reshape_blocks(src, dst):
@@ -319,6 +565,7 @@ def slice_(fl, eqn, ins, path) -> Value:
 def pad(fl, eqn, ins, path) -> Value:
   x = ins[0]
   ids = {}
+  fill = S_EMPTY if ins[1].zero else S_ALWAYS
   for a, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
     if a not in x.ids:
       continue
@@ -334,11 +581,11 @@ def pad(fl, eqn, ins, path) -> Value:
     else:
       # Static pad widths cannot follow a slimmed channel axis: the channels
       # that face the padding (fresh frozen ids) are kept.
-      plo, phi = fl.fresh(max(lo, 0)), fl.fresh(max(hi, 0))
+      plo, phi = fl.fresh(max(lo, 0), fill), fl.fresh(max(hi, 0), fill)
       fl.freeze(plo); fl.freeze(phi)
       pieces = [plo, cur[max(-lo, 0): cur.size - max(-hi, 0)], phi]
     ids[a] = np.concatenate([p.astype(np.int64) for p in pieces])
-  return _out(ids, ins[:1])
+  return _out(ids, ins[:1], zero=x.zero and ins[1].zero)
 
 
 def concatenate(fl, eqn, ins, path) -> Value:
@@ -351,7 +598,12 @@ def concatenate(fl, eqn, ins, path) -> Value:
       for x, v in zip(ins, eqn.invars):
         n = _shape(v)[a]
         if a in x.ids:
-          parts.append(x.ids[a])
+          i = x.ids[a]
+          if x.zero and not x.act and (i >= 0).any():
+            # A known-zero block of channels (the bundled option-A shortcut's
+            # zero padding): alive nowhere until a branch writes them.
+            i = fl.relabel(i, S_EMPTY)
+          parts.append(i)
         else:  # a constant block with a static width: nothing to prune there
           parts.append(np.full(n, NONE, dtype=np.int64))
       cat = np.concatenate(parts)
@@ -403,7 +655,6 @@ def cumulative(fl, eqn, ins, path) -> Value:
 
 def reduce_window(fl, eqn, ins, path) -> Value:
   x = ins[0]
-  in_shape = _shape(eqn.invars[0])
   win, strides = eqn.params["window_dimensions"], eqn.params["window_strides"]
   padding = eqn.params["padding"]
   ids = {}
@@ -416,8 +667,17 @@ def reduce_window(fl, eqn, ins, path) -> Value:
   if x.act:
     op = _elementwise_op(fl, "reduce", eqn, out, _shape(eqn.outvars[0]))
     fl.ops.append(dataclasses.replace(op, coef=op.coef * math.prod(win)))
-  del in_shape
   return out
+
+
+def _producer(fl: ChannelFlow, out_ids: np.ndarray, name: str, **where) -> tuple[np.ndarray, int]:
+  """Fresh output channel ids of a conv/dense, tied to its weight's, and its token."""
+  leaf = fl.leaf_of(int(out_ids[out_ids >= 0][0])) if (out_ids >= 0).any() else None
+  fl.tokens.append(Token(leaf, out_ids, name, **where))
+  t = len(fl.tokens) - 1
+  new = fl.fresh(out_ids.size, fl._intern(frozenset({t})))
+  fl.tie(out_ids, new)
+  return new, t
 
 
 def conv(fl, eqn, ins, path) -> Value:
@@ -442,27 +702,37 @@ def conv(fl, eqn, ins, path) -> Value:
       fl.tie(np.repeat(lhs_f, cout_g), rhs_out)
     elif rhs_in is not None:
       fl.tie(lhs_f, np.tile(rhs_in, g))
+      if lhs.act:
+        fl.consumers.append((rhs_in, lhs_f[:cin_g]))
   if g > 1 and cout_g > 1 and cin_g > 1:
     # Grouped: every group must keep the same number of outputs.
     blocks = rhs_out.reshape(g, cout_g)
     for k in range(1, g):
       fl.tie(blocks[0], blocks[k])
-  ids = {of: rhs_out}
+  name = _leaf_name(fl, rhs, ro)
+  out_ids, origin = rhs_out, frozenset()
+  if lhs.act and not rhs.act and (rhs_out >= 0).any():
+    lshape = _shape(eqn.invars[0])
+    out_ids, t = _producer(fl, rhs_out, name, path=path, operand=0, in_axis=lf,
+                           spatial=tuple(lsp), c_in=int(lshape[lf]))
+    origin = frozenset({t})
+  ids = {of: out_ids}
   if lb in lhs.ids:
     ids[ob] = lhs.ids[lb]
   out = _out(ids, ins)
+  if origin:
+    out.origin = origin
   if lhs.act and lhs_f is not None:
-    fl.sites.append(MaskSite(path, 0, lf, lhs_f))
+    fl.sites.append(MaskSite(path, 0, lf, lhs_f, lhs.index_event, len(lhs.origin) == 1))
   if lhs.act:
     spatial = math.prod(oshape[a] for a in osp) * math.prod(rshape[a] for a in rsp)
     if cin_g == 1 and g > 1:
-      factors = (rhs_out,)  # depthwise: in and out are the same channels
-      fl.ops.append(Op("conv", _leaf_name(fl, rhs, ro), float(spatial), factors, 1))
+      factors = (out_ids,)  # depthwise: in and out are the same channels
+      fl.ops.append(Op("conv", name, float(spatial), factors, 1))
     else:
       fin = lhs_f if lhs_f is not None else np.full(cin_g * g, NONE, dtype=np.int64)
-      fl.ops.append(Op("conv", _leaf_name(fl, rhs, ro), float(spatial), (fin, rhs_out), g))
-    fl.ops.append(Op("volume", _leaf_name(fl, rhs, ro),
-                     float(math.prod(oshape[a] for a in osp)), (rhs_out,)))
+      fl.ops.append(Op("conv", name, float(spatial), (fin, out_ids), g))
+    fl.ops.append(Op("volume", name, float(math.prod(oshape[a] for a in osp)), (out_ids,)))
   return out
 
 
@@ -485,13 +755,40 @@ def dot_general(fl, eqn, ins, path) -> Value:
   lfree = [a for a in range(len(ls)) if a not in lc and a not in lb]
   rfree = [b for b in range(len(rs)) if b not in rc and b not in rb]
   out_ids += [lhs.ids.get(a) for a in lfree] + [rhs.ids.get(b) for b in rfree]
-  out = _out(dict(enumerate(out_ids)), ins)
   act_side = 0 if lhs.act else (1 if rhs.act else None)
+  origin = frozenset()
+  if act_side is not None and not (lhs.act and rhs.act):
+    # The weight's free axes are the layer's outputs: fresh ids, one producer.
+    # Outputs are laid out (batch dims, lhs free, rhs free).
+    if act_side == 0:
+      x, cdims, w, wc, wfree, start = lhs, lc, rhs, rc, rfree, len(lb) + len(lfree)
+    else:
+      x, cdims, w, wc, wfree, start = rhs, rc, lhs, lc, lfree, len(lb)
+    name = _leaf_name(fl, w, wc[0]) if wc else "?"
+    for k, b in enumerate(wfree):
+      ids = out_ids[start + k]
+      if ids is not None and (ids >= 0).any():
+        if name == "?":
+          name = _leaf_name(fl, w, b)
+        xs = _shape(eqn.invars[act_side])
+        spatial = tuple(a for a in range(len(xs)) if a not in cdims and a != 0)
+        out_ids[start + k], t = _producer(
+            fl, ids, name, path=path, operand=act_side, in_axis=cdims[0] if cdims else -1,
+            spatial=spatial, c_in=int(math.prod(xs[a] for a in cdims)), op="dense")
+        origin = origin | {t}
+    for a, b in zip(cdims, wc):
+      wi = w.ids.get(b)
+      if a in x.ids and wi is not None:
+        fl.consumers.append((wi, x.ids[a]))
+  out = _out(dict(enumerate(out_ids)), ins)
+  if origin:
+    out.origin = origin
   if act_side is not None:
     x, cdims = (lhs, lc) if act_side == 0 else (rhs, rc)
     for a in cdims:
       if a in x.ids:
-        fl.sites.append(MaskSite(path, act_side, a, x.ids[a]))
+        fl.sites.append(MaskSite(path, act_side, a, x.ids[a], x.index_event,
+                                 len(x.origin) == 1))
     w, wc = (rhs, rc) if act_side == 0 else (lhs, lc)
     coef, factors = 1.0, []
     # per-sample MACs = prod over contracting axes and both operands' free
@@ -501,10 +798,11 @@ def dot_general(fl, eqn, ins, path) -> Value:
       if ids is None:
         ids = rhs.ids.get(rc[lc.index(a)])
       coef, factors = _factor(fl, ids, n, coef, factors)
-    for a in lfree:
-      coef, factors = _factor(fl, lhs.ids.get(a), ls[a], coef, factors)
-    for b in rfree:
-      coef, factors = _factor(fl, rhs.ids.get(b), rs[b], coef, factors)
+    nb = len(lb)
+    for k, a in enumerate(lfree):
+      coef, factors = _factor(fl, out.ids.get(nb + k), ls[a], coef, factors)
+    for k, b in enumerate(rfree):
+      coef, factors = _factor(fl, out.ids.get(nb + len(lfree) + k), rs[b], coef, factors)
     for a in lb:
       coef, factors = _factor(fl, lhs.ids.get(a), ls[a], coef, factors)
     name = _leaf_name(fl, w, wc[0]) if wc else "?"
@@ -576,28 +874,18 @@ def scan(fl, eqn, ins, path):
 
 
 def _no_channels(fl, eqn, ins, path):
-  outs = [Value({}, any(x.act for x in ins)) for _ in eqn.outvars]
+  outs = [_out({}, ins, zero=False) for _ in eqn.outvars]
   return outs if eqn.primitive.multiple_results else outs[0]
-
-
-def select_n(fl, eqn, ins, path) -> Value:
-  return elementwise(fl, eqn, ins, path)
-
-
-def clamp(fl, eqn, ins, path) -> Value:
-  return elementwise(fl, eqn, ins, path)
 
 
 _ELEMENTWISE = """add sub mul div max min pow atan2 rem and or xor ne eq lt le gt ge
   nextafter neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
   sinh cosh asinh acosh atanh abs sign sqrt rsqrt cbrt square integer_pow erf erfc
   erf_inv floor ceil round is_finite not convert_element_type reduce_precision
-  stop_gradient copy copy_p real imag conj add_any square tan""".split()
+  stop_gradient copy copy_p real imag conj add_any select_n clamp""".split()
 
 RULES: dict[str, Any] = {name: elementwise for name in _ELEMENTWISE}
 RULES.update({
-    "select_n": select_n,
-    "clamp": clamp,
     "broadcast_in_dim": broadcast_in_dim,
     "reshape": reshape,
     "transpose": transpose,

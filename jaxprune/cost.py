@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.graph import ChannelGraph, Masks
+from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr, Masks
 
 
 class Cost(NamedTuple):
@@ -69,34 +69,56 @@ _MACS, _ELEMENTWISE, _VOLUME, _PARAMS = range(4)
 
 
 class _Plan(NamedTuple):
-  """The graph's cost terms as arrays: two segment sums and a product."""
-  pos: np.ndarray       # flat-mask positions of every segment, concatenated
-  seg: np.ndarray       # segment of each position
-  num_segments: int
+  """The graph's cost terms as arrays: the distinct places' exprs, two incidence
+  sums and a product."""
+  prod: np.ndarray      # (K, P) flat indices of the distinct places' product factors
+  union: np.ndarray     # (L, P) their union factors (L = 0: none)
+  seg_inc: np.ndarray   # (segments, P): how often each place counts in each segment
   row_coef: np.ndarray  # one row per term (per block for grouped convs)
   row_segs: np.ndarray  # [rows, k] segments whose sums multiply (0 = constant 1)
-  row_bucket: np.ndarray
+  row_inc: np.ndarray   # (buckets, rows) 0/1
   layers: tuple[str, ...]  # per-layer buckets: 4 + 2i (macs), 5 + 2i (params)
 
 
 @functools.lru_cache(maxsize=64)
 def _plan(graph: ChannelGraph) -> _Plan:
-  pos, seg = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]  # segment 0 sums m[0] == 1
+  factors = [e for t in graph.terms for e in t.factors]
+  kmax = max([e.prod.shape[0] for e in factors] + [1])
+  lmax = max([e.union.shape[0] for e in factors] + [0])
+  columns: dict[bytes, int] = {}  # distinct place exprs
+  col_list: list[np.ndarray] = []
+  seg_cols: list[np.ndarray] = [np.zeros(0, np.int64)]  # segment 0: the constant 1
   seg_of: dict[tuple[bytes, int], np.ndarray] = {}
-  nseg = 1
 
-  def segments(f: np.ndarray, groups: int) -> np.ndarray:
-    nonlocal nseg
-    key = (f.tobytes(), groups)
+  def place_columns(e: Expr) -> np.ndarray:
+    p = np.full((kmax, e.size), ONE, np.int32)
+    p[:e.prod.shape[0]] = e.prod
+    u = np.full((lmax, e.size), ZERO, np.int32)
+    if lmax:
+      if e.union.shape[0]:
+        u[:e.union.shape[0]] = e.union
+      else:
+        u[0] = ONE
+    both = np.ascontiguousarray(np.concatenate([p, u]).T)
+    out = np.empty(e.size, np.int64)
+    for i, col in enumerate(both):
+      key = col.tobytes()
+      k = columns.get(key)
+      if k is None:
+        k = columns[key] = len(col_list)
+        col_list.append(col)
+      out[i] = k
+    return out
+
+  def segments(e: Expr, groups: int) -> np.ndarray:
+    key = (e.prod.tobytes() + b"|" + e.union.tobytes() + bytes(str(e.prod.shape), "ascii"), groups)
     if key not in seg_of:
-      ids = np.arange(nseg, nseg + groups)
-      pos.append(f.astype(np.int64))
-      seg.append(np.repeat(ids, f.size // groups))
-      seg_of[key] = ids
-      nseg += groups
+      cols = place_columns(e)
+      seg_of[key] = np.arange(len(seg_cols), len(seg_cols) + groups)
+      seg_cols.extend(np.split(cols, groups))
     return seg_of[key]
 
-  kmax = max([len(t.factors) for t in graph.terms] + [1])
+  kf = max([len(t.factors) for t in graph.terms] + [1])
   layers: dict[str, int] = {}
   rows_coef, rows_segs, rows_bucket = [], [], []
   for t in graph.terms:
@@ -115,33 +137,31 @@ def _plan(graph: ChannelGraph) -> _Plan:
       raise ValueError(f"unknown cost term kind {t.kind!r}")
     segs = [segments(f, t.groups) for f in t.factors]
     for g in range(t.groups):
-      row = [s[g] for s in segs] + [0] * (kmax - len(segs))
+      row = [s[g] for s in segs] + [0] * (kf - len(segs))
       for b in buckets:
         rows_coef.append(t.coef)
         rows_segs.append(row)
         rows_bucket.append(b)
-  return _Plan(np.concatenate(pos).astype(np.int32), np.concatenate(seg).astype(np.int32), nseg,
-               np.asarray(rows_coef, np.float32), np.asarray(rows_segs, np.int32).reshape(-1, kmax),
-               np.asarray(rows_bucket, np.int32), tuple(layers))
-
-
-@functools.lru_cache(maxsize=256)
-def _incidence_cached(rows: bytes, cols: bytes, n_rows: int, n_cols: int) -> np.ndarray:
-  a = np.zeros((n_rows, n_cols), np.float32)
-  np.add.at(a, (np.frombuffer(rows, np.int32), np.frombuffer(cols, np.int32)), 1.0)
-  return a
-
-
-def _incidence(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
-  return _incidence_cached(rows.astype(np.int32).tobytes(), cols.astype(np.int32).tobytes(), n_rows, n_cols)
+  cols = np.stack(col_list, 1) if col_list else np.zeros((kmax + lmax, 0), np.int32)
+  seg_inc = np.zeros((len(seg_cols), cols.shape[1]), np.float32)
+  for k, c in enumerate(seg_cols):
+    np.add.at(seg_inc[k], c, 1.0)
+  nb = 4 + 2 * len(layers)
+  row_inc = np.zeros((nb, len(rows_bucket)), np.float32)
+  row_inc[np.asarray(rows_bucket, np.int64), np.arange(len(rows_bucket))] = 1.0
+  return _Plan(cols[:kmax].astype(np.int32), cols[kmax:].astype(np.int32), seg_inc,
+               np.asarray(rows_coef, np.float32), np.asarray(rows_segs, np.int32).reshape(-1, kf),
+               row_inc, tuple(layers))
 
 
 def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact") -> Cost:
   """Cost of the traced network when its channels are masked.
 
   Masks may be soft (values in [0, 1]); the result is then a smooth
-  (multilinear) function of them, exact at hard masks. Masks carry no batch
-  axis here: for per-sample masks use `jax.vmap(lambda m: cost(graph, m))(masks)`.
+  (multilinear) function of them, exact at hard masks. With branch groups a
+  stream channel counts for a consumer as 1 - prod(1 - m) over the producers
+  that reach it. Masks carry no batch axis here: for per-sample masks use
+  `jax.vmap(lambda m: cost(graph, m))(masks)`.
 
   Example:
     >>> c = jaxprune.cost(graph, graph.ones())
@@ -164,12 +184,13 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
         "use jax.vmap(lambda m: jaxprune.cost(graph, m))(masks) for per-sample cost.")
   p = _plan(graph)
   # Dense 0/1 matrices instead of scatters: XLA compiles them much faster.
-  sums = _incidence(p.seg, p.pos, p.num_segments, m.shape[0]) @ m
+  sums = p.seg_inc @ Expr(p.prod, p.union).value(m)
+  sums = xp.concatenate([xp.ones((1,), sums.dtype), sums[1:]])
   rows = p.row_coef * xp.prod(sums[p.row_segs], axis=1)
-  b = _incidence(p.row_bucket, np.arange(p.row_bucket.size), 4 + 2 * len(p.layers), rows.size) @ rows
+  b = p.row_inc @ rows
   flops = 2 * b[_MACS] + (b[_ELEMENTWISE] if mode == "exact" else 0.0)
   per_layer = LayerCosts(p.layers, b[4::2], b[5::2])
-  return Cost(*(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[1:].sum(), b[_VOLUME])),
+  return Cost(*(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[FIRST:].sum(), b[_VOLUME])),
               per_layer)
 
 

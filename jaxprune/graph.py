@@ -1,11 +1,21 @@
-"""The channel graph: prunable channel groups and where their channels live.
+"""The channel graph: prunable groups, where their channels live, and what keeps them.
 
 A `ChannelGraph` is plain data produced by `jaxprune.trace`. Masks are dicts
 `{group.name: array[..., group.size]}`; internally every group's mask is laid
-into one flat vector whose entry 0 is a constant 1 (channels no group owns),
-so each leaf axis, activation axis and cost term is just an index vector into
-it. That makes `cost`, `masked` and `expand` gathers and sums: jit-able,
+into one flat vector whose entry 0 is a constant 1 and entry 1 a constant 0,
+so every place a channel lives (a leaf axis position, an activation channel, a
+cost term's factor) is an `Expr` of index vectors into it. That makes `cost`,
+`masked`, `expand` and `slim` gathers, products and sums: jit-able,
 differentiable and vmap-able.
+
+Groups come in two kinds. A *channel* group is a set of coupled channels
+(a conv's outputs, its BatchNorm, its consumers' inputs; a residual stream).
+A *branch* group (``trace(..., branches=True)``) belongs to one producer of a
+residual sum (a block's last conv/BN, a projection shortcut, a stem that
+starts a stream): its mask zeroes that producer's output channels before the
+sum, the identity path is never masked, and a stream channel is alive for a
+consumer when its channel mask keeps it and at least one producer reaching the
+consumer keeps it (the union 1 - prod(1 - m)).
 """
 from __future__ import annotations
 
@@ -17,6 +27,56 @@ import jax.numpy as jnp
 import numpy as np
 
 Masks = Mapping[str, jax.Array]
+ONE, ZERO = 0, 1    # flat indices of the constants
+FIRST = 2           # flat index of the first group entry
+KINDS = ("channel", "branch")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Expr:
+  """What keeps each of `n` places: prod_k m[prod[k]] * (1 - prod_l (1 - m[union[l]])).
+
+  `prod` is (K, n), `union` (L, n) flat indices; L = 0 means no union factor.
+  A channel group entry alone is `prod = [[entry]]`; a producer's output
+  channel under a branch mask is `[[channel], [branch]]`; a stream channel read
+  by a consumer is its channel entry times the union of the branch entries of
+  the producers that reach it.
+  """
+  prod: np.ndarray
+  union: np.ndarray
+
+  @property
+  def size(self) -> int:
+    return int(self.prod.shape[1])
+
+  def __getitem__(self, sl) -> "Expr":
+    return Expr(self.prod[:, sl], self.union[:, sl])
+
+  def value(self, flat: jax.Array) -> jax.Array:
+    """Per-place keep values (`flat`: (..., N) from `ChannelGraph.flat`) -> (..., n)."""
+    xp = np if isinstance(flat, np.ndarray) else jnp
+    v = flat[..., self.prod[0]]
+    for k in range(1, self.prod.shape[0]):
+      v = v * flat[..., self.prod[k]]
+    if self.union.shape[0]:
+      miss = 1.0 - flat[..., self.union[0]]
+      for k in range(1, self.union.shape[0]):
+        miss = miss * (1.0 - flat[..., self.union[k]])
+      v = v * (1.0 - miss)
+    return v if xp is jnp else np.asarray(v)
+
+  @property
+  def channel(self) -> np.ndarray:
+    """The channel-group entry of each place (row 0)."""
+    return self.prod[0]
+
+  @staticmethod
+  def of(prod: Sequence[np.ndarray], union: Sequence[np.ndarray] = ()) -> "Expr":
+    p = np.stack([np.asarray(a, np.int32) for a in prod]) if prod else np.zeros((1, 0), np.int32)
+    n = p.shape[1]
+    u = (np.stack([np.asarray(a, np.int32) for a in union]) if len(union)
+         else np.zeros((0, n), np.int32))
+    return Expr(p, u)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,20 +90,45 @@ class Member:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Group:
-  """Channels that are kept or removed together; its mask has `size` entries."""
+  """Channels kept or removed together; its mask has `size` entries.
+
+  `kind` is "channel" or "branch" (see the module docstring).
+  """
   name: str
   size: int
   members: tuple[Member, ...]
+  kind: str = "channel"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Term:
-  """A cost term: coef * sum_g prod_k sum(flat_mask[factor_k] in block g)."""
+  """A cost term: coef * sum_g prod_k sum(factor_k.value(flat) in block g)."""
   kind: str
   name: str
   coef: float
-  factors: tuple[np.ndarray, ...]
+  factors: tuple[Expr, ...]
   groups: int = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexLeaf:
+  """An integer leaf holding channel positions (the bundled ResNets' gather and
+  expand vectors). `slim` keeps the places `own` keeps and renumbers the values
+  into the places `target` keeps (a value whose target is gone becomes the
+  sentinel, the kept count)."""
+  leaf: int
+  axis: int
+  own: Expr
+  target: Expr
+  kind: str  # "gather" (a consumer reads kept stream channels) | "expand" (a branch fills the stream)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Physical:
+  """A place where the slimmed network's width is fixed by what the model computes:
+  slim can realise `expr` there only where it equals the channel entry alone."""
+  what: str
+  expr: Expr
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,26 +136,35 @@ class ChannelGraph:
   """Result of `jaxprune.trace`.
 
   Attributes:
-    groups: prunable channel groups in trace order.
+    groups: prunable groups in trace order (channel groups, then branch groups).
     leaf_names: dotted name of each variable leaf (flattening order).
     leaf_shapes: shape of each leaf at trace time.
     is_param: whether each leaf counts as a parameter.
-    leaf_axes: per leaf, {axis: flat mask index per position} for the axes
-      that hold prunable channels.
+    leaf_axes: per leaf, {axis: `Expr` per position} for the axes that hold
+      prunable channels.
     terms: cost terms (per-sample) in trace order.
     treedef: tree structure of the variables.
+    index_leaves: integer leaves holding channel positions, see `IndexLeaf`.
+    physical: places the model's code fixes (see `Physical`); `slim` checks them.
+    branches: per branch group, the producer's kernel leaf index.
+    example_args: shapes and dtypes of the example inputs.
   """
   groups: tuple[Group, ...]
   leaf_names: tuple[str, ...]
   leaf_shapes: tuple[tuple[int, ...], ...]
   is_param: tuple[bool, ...]
-  leaf_axes: tuple[dict[int, np.ndarray], ...]
+  leaf_axes: tuple[dict[int, Expr], ...]
   terms: tuple[Term, ...]
   treedef: Any
+  index_leaves: tuple[IndexLeaf, ...] = ()
+  physical: tuple[Physical, ...] = ()
+  branches: tuple[tuple[str, int], ...] = ()
+  example_args: tuple[Any, ...] = ()
 
   @property
   def offsets(self) -> dict[str, int]:
-    out, o = {}, 1
+    """Flat index of each group's first entry."""
+    out, o = {}, FIRST
     for g in self.groups:
       out[g.name] = o
       o += g.size
@@ -86,15 +180,21 @@ class ChannelGraph:
         return g
     raise KeyError(f"no group named {name!r}; groups: {[g.name for g in self.groups]}")
 
+  def names(self, kind: str | None = None) -> list[str]:
+    """Group names, optionally of one kind ("channel" or "branch")."""
+    if kind is not None and kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return [g.name for g in self.groups if kind is None or g.kind == kind]
+
   def ones(self, batch_shape: Sequence[int] = ()) -> dict[str, jax.Array]:
     """All-keep masks, optionally with leading per-sample axes."""
     return {g.name: jnp.ones((*batch_shape, g.size)) for g in self.groups}
 
   def flat(self, masks: Masks) -> jax.Array:
-    """Concatenate checked masks into the flat vector (entry 0 is 1)."""
+    """Concatenate checked masks into the flat vector (entries 0 and 1 are 1 and 0)."""
     check_masks(self, masks)
     batch = jnp.shape(next(iter(masks.values())))[:-1] if self.groups else ()
-    parts = [jnp.ones((*batch, 1))]
+    parts = [jnp.ones((*batch, 1)), jnp.zeros((*batch, 1))]
     parts += [jnp.broadcast_to(jnp.asarray(masks[g.name], jnp.float32), (*batch, g.size))
               for g in self.groups]
     return jnp.concatenate(parts, axis=-1)

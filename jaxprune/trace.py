@@ -1,15 +1,19 @@
-"""`trace`: channel groups of any function of (variables, *inputs), from its jaxpr."""
+"""`trace`: channel (and residual-branch) groups of any function of (variables, *inputs)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from jaxprune.channel_flow import NONE, ChannelFlow, Value
-from jaxprune.graph import ChannelGraph, Group, Member, Term
+from jaxprune.channel_flow import ALWAYS, NONE, ChannelFlow, Value
+from jaxprune.graph import (FIRST, ONE, ZERO, ChannelGraph, Expr, Group, IndexLeaf, Member,
+                            Physical, Term)
+
+COLLECTIONS = ("params", "batch_stats", "other")
 
 
 def leaf_name(path) -> str:
@@ -25,9 +29,6 @@ def leaf_name(path) -> str:
   if len(parts) > 1 and parts[-1] == "value":
     parts = parts[:-1]
   return ".".join(parts)
-
-
-COLLECTIONS = ("params", "batch_stats", "other")
 
 
 def _is_collections(variables) -> bool:
@@ -54,6 +55,10 @@ def _param_flags(variables, n: int) -> list[bool]:
   return [True] * n
 
 
+def _is_int(x) -> bool:
+  return jnp.issubdtype(getattr(x, "dtype", np.float32), jnp.integer)
+
+
 def analyze(fn: Callable, variables, args: tuple):
   """Run the channel rules over `fn(variables, *args)`.
 
@@ -61,8 +66,7 @@ def analyze(fn: Callable, variables, args: tuple):
   the output tree structure.
   """
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(variables, *args)
-  path_leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-  leaves = [x for _, x in path_leaves]
+  leaves = jax.tree_util.tree_leaves(variables)
   arg_leaves = jax.tree_util.tree_leaves(args)
   fl = ChannelFlow()
   arg_vals = []
@@ -74,7 +78,13 @@ def analyze(fn: Callable, variables, args: tuple):
       fl.freeze(ids)
     arg_vals.append(v)
   fl.arg_id_end = fl.num_ids
-  leaf_vals = [fl.fresh_value(np.shape(x), act=False) for x in leaves]
+  leaf_vals = []
+  for li, x in enumerate(leaves):
+    v = fl.fresh_value(np.shape(x), act=False)
+    if _is_int(x) and np.ndim(x) == 1:
+      v.index_of = li  # may hold channel positions (see IndexLeaf)
+    fl.add_leaf(li, list(v.ids.values()))
+    leaf_vals.append(v)
   for name, v in zip(leaf_names(variables), leaf_vals):
     for ids in v.ids.values():
       fl.name_ids(ids, name)
@@ -83,34 +93,126 @@ def analyze(fn: Callable, variables, args: tuple):
   return fl, leaf_vals, outs, closed, jax.tree_util.tree_structure(out_shape)
 
 
-def components(fl: ChannelFlow) -> np.ndarray:
-  """Label of the connected component of every id under the recorded ties."""
+def components(fl: ChannelFlow, chains: bool = False) -> np.ndarray:
+  """Label of the connected component of every id under the recorded ties
+  (`chains=True`: without the ties made where different producers meet)."""
   n = fl.num_ids
-  if fl.ties:
-    a = np.concatenate([t[0] for t in fl.ties])
-    b = np.concatenate([t[1] for t in fl.ties])
+  ties = [t for t, j in zip(fl.ties, fl.join) if not (chains and j)]
+  if ties:
+    a = np.concatenate([t[0] for t in ties])
+    b = np.concatenate([t[1] for t in ties])
   else:
     a = b = np.zeros(0, np.int64)
   adj = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
   return connected_components(adj, directed=False)[1]
 
 
-def trace(fn: Callable, variables: Any, *example_args: Any) -> ChannelGraph:
+class Resolver:
+  """Turns channel ids into `Expr`s: channel entries from components, union
+  entries from liveness sets, one branch entry per (eligible token, channel)."""
+
+  def __init__(self, fl: ChannelFlow, label: np.ndarray, flat_of_comp: np.ndarray,
+               branch: dict[int, tuple[int, dict[int, int]]] | None):
+    self.fl, self.label, self.flat_of_comp = fl, label, flat_of_comp
+    self.branch = branch  # token -> (offset, component -> position); None: no branches
+    self._lookup: dict[int, np.ndarray] = {}
+
+  def channel(self, ids: np.ndarray) -> np.ndarray:
+    lab = np.where(ids >= 0, self.label[np.maximum(ids, 0)], -1)
+    return self.flat_of_comp[lab].astype(np.int32)
+
+  def entry(self, t: int, comps: np.ndarray) -> np.ndarray:
+    """Branch entry of token t per component (-1: not one of its channels)."""
+    if t not in self._lookup:
+      off, pos = self.branch[t]
+      table = np.full(self.label.max() + 2 if self.label.size else 1, -1, np.int64)
+      table[np.fromiter(pos.keys(), np.int64, len(pos))] = off + np.fromiter(
+          pos.values(), np.int64, len(pos))
+      self._lookup[t] = table
+    return self._lookup[t][comps]
+
+  def expr(self, ids: np.ndarray) -> Expr:
+    ch = self.channel(ids)
+    if not self.branch:
+      return Expr.of([ch])
+    fl = self.fl
+    comps = np.where(ids >= 0, self.label[np.maximum(ids, 0)], -1)
+    sids = fl.live(ids)
+    n = ids.size
+    extra = np.full(n, ONE, np.int32)   # one more product factor per place
+    unions: list[tuple[np.ndarray, np.ndarray]] = []  # (places, entries (T, w))
+    for sid in np.unique(sids).tolist():
+      where = np.nonzero(sids == sid)[0]
+      tokens = fl.set_of(sid)
+      if ALWAYS in tokens or any(t not in self.branch for t in tokens):
+        continue
+      if not tokens:
+        extra[where] = ZERO  # known zero here: alive nowhere
+        continue
+      ents = np.stack([self.entry(t, comps[where]) for t in sorted(tokens)])  # (T, w)
+      ok = (ents >= 0).all(0)  # a token that does not carry a channel: keep it alive
+      where, ents = where[ok], ents[:, ok]
+      if ents.shape[0] == 1:
+        extra[where] = ents[0]
+      elif where.size:
+        unions.append((where, ents))
+    prod = [ch] + ([extra] if (extra != ONE).any() else [])
+    l = max((e.shape[0] for _, e in unions), default=0)
+    union = np.full((l, n), ZERO, np.int32)
+    if l:
+      union[0] = ONE  # no union at this place: factor 1
+      for where, ents in unions:
+        union[:, where] = ZERO
+        union[:ents.shape[0], where] = ents
+    return Expr(np.stack(prod).astype(np.int32), union)
+
+
+def _pad(e: Expr, k: int, l: int) -> Expr:
+  """The same expr with k product rows and l union rows."""
+  p = np.full((k, e.size), ONE, np.int32)
+  p[:e.prod.shape[0]] = e.prod
+  u = np.full((l, e.size), ZERO, np.int32)
+  if l:
+    if e.union.shape[0]:
+      u[:e.union.shape[0]] = e.union
+    else:
+      u[0] = ONE
+  return Expr(p, u)
+
+
+def _merge_exprs(exprs: list[Expr]) -> Expr:
+  """Concatenate place-wise."""
+  k = max(e.prod.shape[0] for e in exprs)
+  l = max(e.union.shape[0] for e in exprs)
+  padded = [_pad(e, k, l) for e in exprs]
+  return Expr(np.concatenate([e.prod for e in padded], 1),
+              np.concatenate([e.union for e in padded], 1))
+
+
+def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = False) -> ChannelGraph:
   """Find the prunable channel groups of `fn(variables, *example_args)`.
 
   Inputs are batched along axis 0; the inputs' channels and the outputs are
-  never pruned. Leaves of NNX state count as parameters when they are
-  `nnx.Param`s (otherwise every leaf does).
+  never pruned. In the collections layout of `jaxprune.functional`
+  (`{"params", "batch_stats", "other"}`) only `params` count as parameters;
+  otherwise every leaf does.
+
+  With `branches=True` every producer of a residual sum (a conv or dense with
+  its per-channel ops: a block's last conv/BN, a projection shortcut, a stem
+  that starts a stream) also gets a group of kind "branch": its mask zeroes
+  that producer's channels before the sum, never the identity path, and a
+  stream channel is alive for a consumer when at least one producer reaching
+  it keeps it. `branches=False` gives the channel groups alone.
 
   Example:
-    >>> graphdef, state = nnx.split(model)
-    >>> fn = lambda state, x: nnx.merge(graphdef, state)(x)
-    >>> graph = jaxprune.trace(fn, state, jnp.zeros((1, 32, 32, 3)))
-    >>> [g.size for g in graph.groups][:3]
+    >>> fn, variables = jaxprune.functional(model)
+    >>> graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)), branches=True)
+    >>> [g.name for g in graph.groups if g.kind == "branch"][:2]  # ['conv1:branch', ...]
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   names = leaf_names(variables)
   shapes = tuple(tuple(np.shape(x)) for _, x in path_leaves)
+  leaves = [x for _, x in path_leaves]
   fl, leaf_vals, outs, _, _ = analyze(fn, variables, example_args)
   for o in outs:
     for ids in o.ids.values():
@@ -128,63 +230,79 @@ def trace(fn: Callable, variables: Any, *example_args: Any) -> ChannelGraph:
 
   # Dims: every place channels live (mask sites in trace order, then leaf
   # axes). Components present in exactly the same dims form one group.
-  dims: list[tuple[np.ndarray, int | None]] = [(s.ids, None) for s in fl.sites]
+  index_leaves = {e.leaf for e in fl.events}
+  dims: list[np.ndarray] = [s.ids for s in fl.sites]
   for li, v in enumerate(leaf_vals):
-    for ax, ids in v.ids.items():
-      dims.append((ids, li))
-  rng = np.random.default_rng(0)
-  sig = np.zeros(ncomp, np.uint64)
-  dim_comps = []
-  for ids, _ in dims:
-    comps = label[ids[ids >= 0]]
-    comps = comps[prunable[comps]]
-    uniq, first = np.unique(comps, return_index=True)
-    uniq = uniq[np.argsort(first)]
-    sig[uniq] += rng.integers(1, 2**63, dtype=np.uint64)
-    dim_comps.append(uniq)
-  atom_of: dict[int, list[int]] = {}
-  order: list[int] = []
-  assigned = np.zeros(ncomp, bool)
-  for uniq in dim_comps:
-    for c in uniq[~assigned[uniq]]:
-      key = int(sig[c])
-      if key not in atom_of:
-        atom_of[key] = []
-        order.append(key)
-      atom_of[key].append(int(c))
-    assigned[uniq] = True
-
-  flat_of_comp = np.zeros(ncomp + 1, np.int64)  # entry -1 (for NONE ids) stays 0
-  atoms = [np.asarray(atom_of[k]) for k in order]
-  offset = 1
+    if li not in index_leaves:
+      dims += list(v.ids.values())
+  atoms = _atoms(label, ncomp, prunable, dims)
+  flat_of_comp = np.zeros(ncomp + 1, np.int64)  # entry -1 (for NONE ids) stays ONE
+  offset = FIRST
   for comps in atoms:
     flat_of_comp[comps] = offset + np.arange(comps.size)
     offset += comps.size
 
-  def flat(ids: np.ndarray) -> np.ndarray:
-    lab = np.where(ids >= 0, label[np.maximum(ids, 0)], -1)
-    return flat_of_comp[lab].astype(np.int32)
+  resolver = Resolver(fl, label, flat_of_comp, None)
+  atom_names = _name_atoms(fl, atoms, resolver.channel, names, leaf_vals)
+  ch_groups = [(n, int(a.size), "channel") for n, a in zip(atom_names, atoms)]
 
-  names_of_atoms = _name_atoms(fl, atoms, flat, names, leaf_vals, flat_of_comp)
+  # Branch groups: producers whose chain is one operand of a residual sum.
+  br_groups: list[tuple[str, int, str]] = []
+  branch_table: list[tuple[str, int]] = []
+  sites_of: dict[int, list] = {}
+  for s in fl.branch_sites:
+    sites_of.setdefault(s.token, []).append(s)
+  leaf_tokens: dict[int, int] = {}
+  for tok in fl.tokens:
+    if tok.leaf is not None:
+      leaf_tokens[tok.leaf] = leaf_tokens.get(tok.leaf, 0) + 1
+  token_branch: dict[int, tuple[int, dict[int, int]]] = {}
+  branch_site: dict[int, Any] = {}
+  if branches:
+    used = {n for n, _, _ in ch_groups}
+    for s in sorted(fl.branch_sites, key=lambda s: s.token):  # producers in program order
+      t = s.token
+      tok = fl.tokens[t]
+      comps = label[s.ids[s.ids >= 0]]
+      if (t in token_branch or len(sites_of[t]) != 1 or tok.leaf is None
+          or leaf_tokens[tok.leaf] != 1 or (s.ids < 0).any() or len(set(comps)) != comps.size):
+        continue
+      token_branch[t] = (offset, {int(c): k for k, c in enumerate(comps)})
+      branch_site[t] = s
+      name = _unique(f"{tok.name.rsplit('.', 1)[0]}:branch", used)
+      br_groups.append((name, int(comps.size), "branch"))
+      branch_table.append((name, tok.leaf))
+      offset += comps.size
+    resolver = Resolver(fl, label, flat_of_comp, token_branch)
+
+  # What keeps each leaf position: its channel; a producer chain's also its
+  # branch; a consumer's input axis what keeps its input.
+  chain_label = components(fl, chains=True) if token_branch else None
+  chain_token: dict[int, int] = {}
+  for t in token_branch:
+    ids = fl.tokens[t].out_ids
+    for c in chain_label[ids[ids >= 0]].tolist():
+      chain_token[c] = t
+  consumers = _Consumers(resolver, fl.consumers) if token_branch else _Consumers(resolver, [])
   leaf_axes = []
-  members: list[list[Member]] = [[] for _ in atoms]
-  starts = np.cumsum([0] + [a.size for a in atoms])[:-1] + 1
   for li, v in enumerate(leaf_vals):
     axes = {}
     for ax, ids in v.ids.items():
-      f = flat(ids)
-      if (f > 0).any():
-        axes[ax] = f
-        for k in np.unique(np.searchsorted(starts, f[f > 0], side="right") - 1):
-          sel = np.nonzero((f >= starts[k]) & (f < starts[k] + atoms[k].size))[0]
-          members[k].append(Member(names[li], ax, sel, f[sel] - starts[k]))
+      e = _leaf_expr(resolver, ids, chain_label, chain_token, consumers)
+      if (e.prod[0] != ONE).any() or (e.prod[1:] >= FIRST).any() or e.union.shape[0]:
+        axes[ax] = e
     leaf_axes.append(axes)
-  groups = tuple(Group(n, int(a.size), tuple(m)) for n, a, m in zip(names_of_atoms, atoms, members))
 
-  terms = [Term(op.kind, op.name, op.coef, tuple(flat(f) for f in op.factors), op.groups)
+  all_groups = ch_groups + br_groups
+  starts = np.cumsum([FIRST] + [g[1] for g in all_groups])[:-1]
+  members = _members(all_groups, starts, names, leaf_axes, index_leaves)
+  groups = tuple(Group(n, size, tuple(m), kind)
+                 for (n, size, kind), m in zip(all_groups, members))
+
+  terms = [Term(op.kind, op.name, op.coef, tuple(resolver.expr(f) for f in op.factors), op.groups)
            for op in fl.ops]
   flags = _param_flags(variables, len(names))
-  for li, (v, shape) in enumerate(zip(leaf_vals, shapes)):
+  for li, shape in enumerate(shapes):
     if not flags[li]:
       continue
     coef, factors = 1.0, []
@@ -194,18 +312,200 @@ def trace(fn: Callable, variables: Any, *example_args: Any) -> ChannelGraph:
       else:
         coef *= n
     terms.append(Term("param", names[li], coef, tuple(factors)))
-  return ChannelGraph(groups, names, shapes, tuple(flags), tuple(leaf_axes), tuple(terms), treedef)
+
+  idx = _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, names)
+  for il in idx:
+    leaf_axes[il.leaf] = {il.axis: il.own}
+  physical = _physical(fl, resolver, token_branch, branch_site, idx, names)
+  example = tuple(jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32))
+                  for a in jax.tree_util.tree_leaves(example_args))
+  return ChannelGraph(groups, names, shapes, tuple(flags), tuple(leaf_axes), tuple(terms), treedef,
+                      tuple(idx), tuple(physical), tuple(branch_table), example)
 
 
-def _name_atoms(fl, atoms, flat, names, leaf_vals, flat_of_comp) -> list[str]:
+def _atoms(label, ncomp, prunable, dims) -> list[np.ndarray]:
+  """Prunable components grouped by the exact set of dims they appear in.
+
+  Groups are ordered by the first dim that holds them, and a group's channels
+  in the order that dim holds them.
+  """
+  dim_comps, pairs_c, pairs_d = [], [], []
+  for d, ids in enumerate(dims):
+    comps = label[ids[ids >= 0]]
+    comps = comps[prunable[comps]]
+    uniq, first = np.unique(comps, return_index=True)
+    dim_comps.append(uniq[np.argsort(first)])
+    pairs_c.append(uniq)
+    pairs_d.append(np.full(uniq.size, d))
+  if not dim_comps:
+    return []
+  c, d = np.concatenate(pairs_c), np.concatenate(pairs_d)
+  order = np.lexsort((d, c))
+  c, d = c[order], d[order]
+  bounds = np.flatnonzero(np.diff(c)) + 1
+  key_of = np.full(ncomp, -1, np.int64)
+  keys: dict[tuple, int] = {}
+  for cs, ds in zip(np.split(c, bounds), np.split(d, bounds)):
+    if cs.size:
+      key_of[cs[0]] = keys.setdefault(tuple(ds.tolist()), len(keys))
+  atom_of: dict[int, list[int]] = {}
+  order_keys: list[int] = []
+  assigned = np.zeros(ncomp, bool)
+  for uniq in dim_comps:
+    for comp in uniq[~assigned[uniq]].tolist():
+      key = int(key_of[comp])
+      if key not in atom_of:
+        atom_of[key] = []
+        order_keys.append(key)
+      atom_of[key].append(comp)
+    assigned[uniq] = True
+  return [np.asarray(atom_of[k], np.int64) for k in order_keys]
+
+
+class _Consumers:
+  """Weight input axes and the expr of the input they read, place by place."""
+
+  def __init__(self, resolver: Resolver, consumers):
+    ids, exprs = [], []
+    seen: set[int] = set()
+    for w_ids, x_ids in consumers:
+      keep = np.array([i >= 0 and i not in seen for i in w_ids.tolist()], bool)
+      if not keep.any():
+        continue
+      seen.update(w_ids[keep].tolist())
+      ids.append(w_ids[keep])
+      exprs.append(resolver.expr(x_ids)[keep])
+    self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    self.expr = _merge_exprs(exprs) if exprs else None
+    order = np.argsort(self.ids)
+    self.sorted_ids, self.order = self.ids[order], order
+
+  def find(self, ids: np.ndarray) -> np.ndarray:
+    """Column of each id in `self.expr`, -1 if not a consumer's weight."""
+    if not self.ids.size:
+      return np.full(ids.size, -1)
+    k = np.clip(np.searchsorted(self.sorted_ids, ids), 0, self.ids.size - 1)
+    return np.where(self.sorted_ids[k] == ids, self.order[k], -1)
+
+
+def _leaf_expr(resolver: Resolver, ids, chain_label, chain_token, consumers: _Consumers) -> Expr:
+  """What keeps each position of a leaf axis: a consumer's input axis what keeps
+  its input; a producer chain's position also its branch; else its channel."""
+  e = Expr.of([resolver.channel(ids)])
+  if chain_label is not None:
+    br = np.full(ids.size, ONE, np.int32)
+    lab = chain_label[np.maximum(ids, 0)]
+    for t in set(chain_token[c] for c in np.unique(lab[ids >= 0]).tolist() if c in chain_token):
+      sel = (ids >= 0) & np.isin(lab, [c for c, tt in chain_token.items() if tt == t])
+      ent = resolver.entry(t, resolver.label[ids[sel]])
+      br[np.nonzero(sel)[0][ent >= 0]] = ent[ent >= 0]
+    if (br != ONE).any():
+      e = Expr.of([e.prod[0], br])
+  col = consumers.find(ids)
+  if (col >= 0).any():
+    ce = consumers.expr
+    k, l = max(e.prod.shape[0], ce.prod.shape[0]), max(e.union.shape[0], ce.union.shape[0])
+    e, ce = _pad(e, k, l), _pad(ce, k, l)
+    sel = col >= 0
+    prod, union = e.prod.copy(), e.union.copy()
+    prod[:, sel] = ce.prod[:, col[sel]]
+    union[:, sel] = ce.union[:, col[sel]]
+    e = Expr(prod, union)
+  return e
+
+
+def _members(groups, starts, names, leaf_axes, skip) -> list[list[Member]]:
+  members: list[list[Member]] = [[] for _ in groups]
+  for li, axes in enumerate(leaf_axes):
+    if li in skip:
+      continue
+    for ax, e in axes.items():
+      for row in e.prod:
+        sel = np.nonzero(row >= FIRST)[0]
+        if not sel.size:
+          continue
+        g = np.searchsorted(starts, row[sel], side="right") - 1
+        for k in np.unique(g):
+          s = sel[g == k]
+          members[k].append(Member(names[li], ax, s, row[s] - starts[k]))
+  return members
+
+
+def _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, names
+                  ) -> list[IndexLeaf]:
+  expand_events = {s.event: t for t, s in branch_site.items() if s.event is not None}
+  seen: dict[int, int] = {}
+  out = []
+  for k, ev in enumerate(fl.events):
+    v = leaf_vals[ev.leaf]
+    if not np.array_equal(v.ids.get(0, np.zeros(0)), ev.leaf_ids):
+      continue
+    if ev.leaf in seen:
+      raise ValueError(
+          f"jaxprune.trace: index vector {names[ev.leaf]} is used at two places; give each "
+          "gather/expand its own vector.")
+    seen[ev.leaf] = k
+    x = leaves[ev.leaf]
+    if not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)) and hasattr(x, "shape"):
+      if not np.array_equal(np.asarray(x), np.arange(np.size(x))):
+        raise ValueError(
+            f"jaxprune.trace: index vector {names[ev.leaf]} is not 0..n-1: this network was "
+            "slimmed. Trace, mask and slim the unslimmed network.")
+    ch = Expr.of([resolver.channel(ev.ids)])
+    if k in expand_events:
+      t = expand_events[k]
+      comps = resolver.label[ev.ids]
+      br = resolver.entry(t, comps).astype(np.int32)
+      out.append(IndexLeaf(ev.leaf, 0, ch, Expr.of([ch.prod[0], br]), "expand"))
+    else:
+      out.append(IndexLeaf(ev.leaf, 0, resolver.expr(ev.ids), ch, "gather"))
+  return out
+
+
+def _physical(fl, resolver, token_branch, branch_site, idx, names) -> list[Physical]:
+  """Places where slim cannot shrink more than the channel masks do."""
+  if not token_branch:
+    return []
+  gathers = {k for k, ev in enumerate(fl.events)
+             if any(il.kind == "gather" and il.leaf == ev.leaf for il in idx)}
+  expands = {s.event for s in branch_site.values() if s.event is not None}
+  out = []
+  for t, s in branch_site.items():
+    if s.event not in expands or s.event is None:
+      br = resolver.entry(t, resolver.label[s.ids])
+      out.append(Physical(
+          f"{fl.tokens[t].name.rsplit('.', 1)[0]} adds its branch into the residual stream "
+          "without an index vector", Expr.of([resolver.channel(s.ids), br.astype(np.int32)])))
+  for site in fl.sites:
+    if site.event in gathers:
+      continue
+    e = resolver.expr(site.ids)
+    if e.prod.shape[0] == 1 and not e.union.shape[0]:
+      continue
+    if site.event not in expands and site.chain:
+      continue  # reads a producer's own (narrow) output: slim realises it
+    out.append(Physical(f"the layer at equation {site.path} reads the residual stream "
+                        "without an index vector", e))
+  return out
+
+
+def _unique(name: str, used: set) -> str:
+  base, k = name, 0
+  while name in used:
+    k += 1
+    name = f"{base}#{k}"
+  used.add(name)
+  return name
+
+
+def _name_atoms(fl, atoms, channel, names, leaf_vals) -> list[str]:
   """Name each group after the first conv/dense layer that produces it."""
   result: list[str | None] = [None] * len(atoms)
-  starts = np.cumsum([0] + [a.size for a in atoms])[:-1] + 1
-  sizes = np.array([a.size for a in atoms])
+  starts = np.cumsum([0] + [a.size for a in atoms])[:-1] + FIRST
 
   def atoms_in(ids):
-    f = flat(ids)
-    f = f[f > 0]
+    f = channel(ids)
+    f = f[f >= FIRST]
     return set(np.searchsorted(starts, f, side="right") - 1) if f.size else set()
 
   for op in fl.ops:
@@ -218,14 +518,63 @@ def _name_atoms(fl, atoms, flat, names, leaf_vals, flat_of_comp) -> list[str]:
       for k in atoms_in(ids):
         if result[k] is None:
           result[k] = names[li]
-  out, seen = [], {}
+  out, used = [], set()
   for k, n in enumerate(result):
-    n = n or f"group{k}"
-    if n in seen:
-      seen[n] += 1
-      n = f"{n}#{seen[n]}"
-    else:
-      seen[n] = 0
-    out.append(n)
-  del sizes, flat_of_comp
+    out.append(_unique(n or f"group{k}", used))
   return out
+
+
+def site_exprs(graph: ChannelGraph, fl: ChannelFlow, leaf_vals) -> dict:
+  """{(path, operand): (axis, Expr)} of a re-analysis of the traced network (e.g. in
+  training mode): conv/dense inputs and, with branch groups, residual-sum operands.
+
+  Channels are matched through the variables they touch, branches through
+  their producer's weight leaf.
+  """
+  if len(leaf_vals) != len(graph.leaf_shapes):
+    raise ValueError(
+        f"variables have {len(leaf_vals)} leaves but the graph was traced with "
+        f"{len(graph.leaf_shapes)}; pass the same variables structure.")
+  label = components(fl)
+  flat_of_comp = np.zeros(int(label.max()) + 2 if label.size else 1, np.int64)
+  skip = {il.leaf for il in graph.index_leaves}
+  for li, (v, axes, name) in enumerate(zip(leaf_vals, graph.leaf_axes, graph.leaf_names)):
+    if li in skip:
+      continue
+    for ax, e in axes.items():
+      ids = v.ids[ax]
+      if ids.size != e.size:
+        raise ValueError(
+            f"leaf {name} axis {ax} has size {ids.size}, traced as {e.size}; "
+            "masked() runs the unslimmed network (trace the slimmed one anew).")
+      ch = e.channel
+      flat_of_comp[label[ids[ch >= FIRST]]] = ch[ch >= FIRST]
+  branch = None
+  if graph.branches:
+    by_leaf = {leaf: name for name, leaf in graph.branches}
+    offsets = graph.offsets
+    branch = {}
+    for s in fl.branch_sites:
+      tok = fl.tokens[s.token]
+      name = by_leaf.get(tok.leaf)
+      if name is None or s.token in branch:
+        continue
+      if graph.group(name).size != s.ids.size:
+        continue
+      comps = label[s.ids]
+      branch[s.token] = (offsets[name], {int(c): k for k, c in enumerate(comps)})
+  resolver = Resolver(fl, label, flat_of_comp, branch)
+  out = {}
+  for s in fl.sites:
+    e = resolver.expr(s.ids)
+    if (e.prod[0] >= FIRST).any() or (e.prod[1:] != ONE).any() or e.union.shape[0]:
+      out[(s.path, s.operand)] = (s.axis, e)
+  for s in fl.branch_sites:
+    if branch and s.token in branch:
+      off, pos = branch[s.token]
+      ent = np.array([off + pos[int(c)] for c in label[s.ids]], np.int32)
+      out[(s.path, s.operand)] = (s.axis, Expr.of([ent]))
+  return out
+
+
+__all__ = ["trace", "analyze", "components", "site_exprs", "leaf_names", "NONE"]

@@ -231,7 +231,7 @@ def test_group_sizes_and_offsets_consistent():
   assert len(set(names)) == len(names)
   ones = graph.ones((3,))
   assert all(v.shape == (3, graph.group(k).size) for k, v in ones.items())
-  assert graph.flat(graph.ones()).shape == (1 + graph.num_channels,)
+  assert graph.flat(graph.ones()).shape == (2 + graph.num_channels,)  # constants 1 and 0 first
 
 
 # ---------------------------------------------------------- nested jaxprs ----

@@ -8,23 +8,22 @@ classification against targets made from the layer's own output: the top
 filters (by peak |activation|) whose cumulative share of the mass stays
 within r.
 
-Gating is exact and sequential, in one pass: `gated` evaluates the traced
-network equation by equation (like `jaxprune.masked`), and when it reaches a
-gated conv it computes that group's per-sample mask from the conv's input as
-it is at that point, i.e. with every upstream gate already applied. So layer
-l's predictor sees layer l's gated input, as in the paper; later consumers of
-the group then multiply their input channels by that mask (the core's
-per-sample masking, equal to the per-sample slimmed network).
+Gating is exact and sequential, in one pass, on the core's `jaxprune.gated`:
+when the evaluation reaches a gated conv, that group's per-sample mask is
+computed from the conv's input as it is at that point, i.e. with every
+upstream gate already applied. So layer l's predictor sees layer l's gated
+input, as in the paper; later consumers of the group then multiply their input
+channels by that mask (equal to the per-sample slimmed network).
 
-Where the core ties channels (a residual stream: the stem conv and every
-block's second conv share one group), there is one mask per stream, decided
-at its first producer (the stem for a ResNet stage-1 stream, the downsample
-shortcut or first conv2 for later stages). FTWT gates each conv2 output
-separately before the add and never gates the identity path; here the
-stream channels are gated as one (see docs/ftwt.md).
+Which groups are gated follows the graph: on a channel graph every group its
+first producing conv computes; where the core ties channels (a residual
+stream: the stem conv and every block's second conv share one group) there is
+one mask per stream, decided at its first producer. With branch groups
+(`trace(..., branches=True)`) the official units are available: each block's
+second conv gated before the residual add, the identity never.
 
 Example:
-  >>> fn, v = pruning.core_view(graphdef, state)        # any fn(variables, x)
+  >>> fn, v = jaxprune.functional(model)                # any fn(variables, x)
   >>> graph = jaxprune.trace(fn, v, x[:1])
   >>> points = ftwt.gate_points(fn, graph, v, x[:1])
   >>> preds = ftwt.init_predictors(0, points)
@@ -39,28 +38,20 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util
-from jax.extend import core as jcore
 
 import jaxprune
 from jaxprune.graph import ChannelGraph
-from jaxprune.masked import _CALLS, _apply_mask, _bind, _site_indices, _write
-from jaxprune.trace import analyze
 
 Pytree = Any
-# Ops that leave a kernel's values and layout alone on its way to the conv.
-_SAME = ("convert_element_type", "copy", "copy_p", "device_put", "reduce_precision")
 
 
 class GatePoint(NamedTuple):
   """A gated conv: group `name` (`size` channels) decided from an input of `c_in` channels."""
   name: str
-  path: tuple[int, ...]   # equation index per jaxpr nesting level
   c_in: int
   size: int
   feature_axis: int       # of the conv's input
   spatial_axes: tuple[int, ...]
-  offset: int             # of the group in the graph's flat mask vector
 
 
 class GateAux(NamedTuple):
@@ -78,29 +69,9 @@ def check_r(r: float) -> float:
   return float(r)
 
 
-def _walk(jaxpr, origin: dict, path: tuple, visit) -> None:
-  """Calls `visit(eqn, path, origin)` in program order, following nested calls.
-
-  `origin` maps a jaxpr variable to the index of the variable leaf it equals.
-  """
-  for i, eqn in enumerate(jaxpr.eqns):
-    here = path + (i,)
-    name = eqn.primitive.name
-    ins = [origin.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
-    if name in _CALLS:
-      closed = eqn.params[_CALLS[name]]
-      inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-      k = len(eqn.invars) - len(inner.invars)
-      inner_origin = {v: o for v, o in zip(inner.invars, ins[k:]) if o is not None}
-      _walk(inner, inner_origin, here, visit)
-      continue
-    if name in _SAME and ins and ins[0] is not None:
-      origin[eqn.outvars[0]] = ins[0]
-    visit(eqn, here, ins)
-
-
-def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args) -> tuple[GatePoint, ...]:
-  """The conv layers that gate each group: for every group, its first producing conv.
+def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
+                groups: tuple[str, ...] | None = None) -> tuple[GatePoint, ...]:
+  """The convs that gate each group (or only `groups`), in program order.
 
   Raises ValueError if the network has none (e.g. a pure MLP).
 
@@ -108,38 +79,16 @@ def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args) -> 
     >>> points = ftwt.gate_points(fn, graph, v, jnp.zeros((1, 32, 32, 3)))
     >>> [(p.name, p.c_in, p.size) for p in points][:2]   # [('conv1', 3, 16), ...]
   """
-  closed = jax.make_jaxpr(fn)(variables, *args)
-  n_leaves = len(graph.leaf_shapes)
-  if len(jax.tree_util.tree_leaves(variables)) != n_leaves:
-    raise ValueError("variables do not have the structure the graph was traced with")
-  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:n_leaves])}
-  offsets = graph.offsets
-  points: list[GatePoint] = []
-  done: set[str] = set()
-
-  def visit(eqn, path, ins):
-    if eqn.primitive.name != "conv_general_dilated" or ins[1] is None or ins[0] is not None:
-      return
-    f = graph.leaf_axes[ins[1]].get(eqn.params["dimension_numbers"].rhs_spec[0])
-    if f is None:
-      return
-    lb, lf, *lsp = eqn.params["dimension_numbers"].lhs_spec
-    if lb != 0:
-      return  # per-sample masks need the batch first
-    have = set(f.tolist())
-    for g in graph.groups:
-      o = offsets[g.name]
-      if g.name not in done and have.issuperset(range(o, o + g.size)):
-        done.add(g.name)
-        points.append(GatePoint(g.name, path, int(eqn.invars[0].aval.shape[lf]), g.size,
-                                lf, tuple(lsp), o))
-
-  _walk(closed.jaxpr, origin, (), visit)
+  prods = jaxprune.producers(fn, graph, variables, *args)
+  wanted = [g.name for g in graph.groups] if groups is None else list(groups)
+  points = tuple(GatePoint(p.name, p.c_in, p.size, p.feature_axis, p.spatial_axes)
+                 for n, p in prods.items()
+                 if n in wanted and p.op == "conv" and p.feature_axis != 0)
   if not points:
     raise ValueError(
         "FTWT found no gate points: no conv layer produces a prunable channel group "
         f"(groups: {[g.name for g in graph.groups]}). It gates conv outputs only.")
-  return tuple(points)
+  return points
 
 
 def init_predictors(seed: int, points: tuple[GatePoint, ...]) -> dict[str, dict[str, jax.Array]]:
@@ -161,7 +110,7 @@ def init_predictors(seed: int, points: tuple[GatePoint, ...]) -> dict[str, dict[
   return out
 
 
-def predict_logits(x: jax.Array, params: Mapping[str, jax.Array], point: GatePoint, *,
+def predict_logits(x: jax.Array, params: Mapping[str, jax.Array], point, *,
                    pool: str = "avg") -> jax.Array:
   """(batch, size) logits from a conv input `x`: pool over space, softmax, dense."""
   if pool == "avg":
@@ -175,6 +124,13 @@ def predict_logits(x: jax.Array, params: Mapping[str, jax.Array], point: GatePoi
   return h @ params["kernel"] + params["bias"]
 
 
+def _peaks(y: jax.Array, axis: int) -> jax.Array:
+  """(batch, channels): max |y| over every axis but the batch and channel axes."""
+  red = tuple(a for a in range(y.ndim) if a not in (0, axis))
+  a = jnp.max(jnp.abs(y), axis=red) if red else jnp.abs(y)
+  return a.astype(jnp.float32)
+
+
 def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
           pool: str = "avg", mode: str = "decoupled") -> Callable:
   """`g(variables, predictors, *args) -> (fn's output, GateAux)` with per-sample gates.
@@ -184,7 +140,8 @@ def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
   are consumed. Masks carry no gradient (the task loss never reaches the
   predictors). mode="decoupled" stops the gradient at the predictor input, so
   the mask loss trains predictors only; mode="joint" lets it reach the
-  upstream backbone.
+  upstream backbone. Peaks (the targets' input) are max |activation| of a
+  group's channels before its mask, over every place they are used.
 
   Example:
     >>> out, aux = jax.jit(ftwt.gated(fn, graph, points))(v, preds, x)
@@ -197,86 +154,24 @@ def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
   if not points:
     raise ValueError("no gate points: call ftwt.gate_points first (a model without convs "
                      "producing prunable groups cannot be gated)")
-  by_path: dict[tuple, list[GatePoint]] = {}
-  for p in points:  # one conv may produce several groups (e.g. zero-padded shortcuts)
-    by_path.setdefault(p.path, []).append(p)
-  offsets = graph.offsets
+  decoupled = mode == "decoupled"
+
+  def gate(inp: jaxprune.GateInput, params):
+    x = jax.lax.stop_gradient(inp.x) if decoupled else inp.x
+    logits = predict_logits(x, params, inp.producer, pool=pool)
+    return jax.lax.stop_gradient((logits > 0).astype(jnp.float32)), logits
+
+  core = jaxprune.gated(fn, graph, gate, [p.name for p in points], observe=_peaks,
+                        combine="max")
 
   def g(variables, predictors, *args):
     missing = [p.name for p in points if p.name not in predictors]
     if missing:
       raise ValueError(f"predictors missing for gates {missing}")
-    fl, leaf_vals, _, closed, out_tree = analyze(fn, variables, args)
-    sites = _site_indices(graph, fl, leaf_vals)
-    leaves = jax.tree_util.tree_leaves((variables, *args))
-    batch = None
-    for a in jax.tree_util.tree_leaves(args):
-      if np.ndim(a):
-        batch = np.shape(a)[0]
-        break
-    if batch is None:
-      raise ValueError("gated: no batched input found (per-sample gates need a batch axis)")
-    n = 1 + graph.num_channels
-    st = {"flat": jnp.ones((batch, n), jnp.float32),
-          "peaks": jnp.zeros((batch, n), jnp.float32), "logits": {}}
-    outs = _eval(closed.jaxpr, closed.consts, leaves, sites, by_path, st, predictors,
-                 pool, mode == "decoupled")
-    out = jax.tree_util.tree_unflatten(out_tree, outs)
-    sl = lambda a, name: a[:, offsets[name]:offsets[name] + graph.group(name).size]
-    masks = {gr.name: sl(st["flat"], gr.name) for gr in graph.groups}
-    peaks = {p.name: jax.lax.stop_gradient(sl(st["peaks"], p.name)) for p in points}
-    return out, GateAux(st["logits"], masks, peaks)
+    out, res = core(variables, predictors, *args)
+    peaks = {p.name: jax.lax.stop_gradient(res.observed[p.name]) for p in points}
+    return out, GateAux(dict(res.aux), dict(res.masks), peaks)
   return g
-
-
-def _peaks(x: jax.Array, axis: int) -> jax.Array:
-  """(batch, channels): max |x| over every axis but the batch and channel axes."""
-  red = tuple(a for a in range(x.ndim) if a not in (0, axis))
-  a = jnp.max(jnp.abs(x), axis=red) if red else jnp.abs(x)
-  return a.astype(jnp.float32)
-
-
-def _eval(jaxpr, consts, args, sites, gates, st, predictors, pool, decoupled, path=()):
-  env: dict[Any, Any] = {}
-
-  def read(v):
-    return v.val if isinstance(v, jcore.Literal) else env[v]
-
-  inside = lambda here: (any(p[:len(here)] == here and len(p) > len(here) for p, _ in sites)
-                         or any(p[:len(here)] == here and len(p) > len(here) for p in gates))
-  _write(env, jaxpr.constvars, consts)
-  _write(env, jaxpr.invars, args)
-  for i, eqn in enumerate(jaxpr.eqns):
-    here = path + (i,)
-    invals = [read(v) for v in eqn.invars]
-    key = _CALLS.get(eqn.primitive.name)
-    if key is not None and inside(here):
-      closed = eqn.params[key]
-      inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-      outs = _eval(inner, list(getattr(closed, "consts", ())),
-                   invals[len(invals) - len(inner.invars):], sites, gates, st, predictors,
-                   pool, decoupled, here)
-    else:
-      if inside(here):
-        raise NotImplementedError(
-            f"ftwt.gated: channels inside '{eqn.primitive.name}' at "
-            f"{source_info_util.summarize(eqn.source_info)} cannot be gated yet.")
-      for (p, k), (axis, index) in sites.items():
-        if p == here and axis != 0:
-          # Targets read the layer output before its mask (the paper's O^l).
-          st["peaks"] = st["peaks"].at[:, index].max(_peaks(invals[k], axis))
-          invals[k] = _apply_mask(invals[k], axis, index, st["flat"])
-      for gp in gates.get(here, ()):
-        x = invals[0]
-        if decoupled:
-          x = jax.lax.stop_gradient(x)
-        logits = predict_logits(x, predictors[gp.name], gp, pool=pool)
-        st["logits"][gp.name] = logits
-        m = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))
-        st["flat"] = st["flat"].at[:, gp.offset:gp.offset + gp.size].set(m)
-      outs = _bind(eqn, invals)
-    _write(env, eqn.outvars, outs)
-  return [read(v) for v in jaxpr.outvars]
 
 
 # ------------------------------------------------------------------ targets ----
@@ -355,10 +250,10 @@ def legacy_macs(graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> jax.Arra
   for t in graph.terms:
     if t.kind != "conv":
       continue
-    a_in = f[..., t.factors[0]].sum(-1) if prev is None else prev
-    a_out = f[..., t.factors[-1]].sum(-1)
+    a_in = t.factors[0].value(f).sum(-1) if prev is None else prev
+    a_out = t.factors[-1].value(f).sum(-1)
     # a depthwise conv has one factor (its input and output channels are one set): C groups
-    groups = len(t.factors[0]) if len(t.factors) == 1 else t.groups
+    groups = t.factors[0].size if len(t.factors) == 1 else t.groups
     total = total + t.coef * a_out * jnp.floor(a_in / groups)
     prev = a_out
   return total
