@@ -116,6 +116,7 @@ class Op:
   coef: float
   factors: tuple[np.ndarray, ...]
   groups: int = 1
+  event: int | None = None  # conv/dense: the index event of its input (a gathered input)
 
 
 def _summary(eqn) -> str:
@@ -136,7 +137,7 @@ class ChannelFlow:
     self.ops: list[Op] = []
     self.tokens: list[Token] = []
     self.events: list[IndexEvent] = []
-    self.consumers: list[tuple[np.ndarray, np.ndarray]] = []  # (weight in-axis ids, input ids)
+    self.consumers: list[tuple] = []  # (weight in-axis ids, input ids, input's index event)
     self._weight_names: dict[int, str] = {}  # id -> leaf name, for naming ops
     self._leaf_starts: list[int] = []        # first id of each leaf, for leaf_of
     self._leaf_index: list[int] = []
@@ -703,7 +704,7 @@ def conv(fl, eqn, ins, path) -> Value:
     elif rhs_in is not None:
       fl.tie(lhs_f, np.tile(rhs_in, g))
       if lhs.act:
-        fl.consumers.append((rhs_in, lhs_f[:cin_g]))
+        fl.consumers.append((rhs_in, lhs_f[:cin_g], lhs.index_event))
   if g > 1 and cout_g > 1 and cin_g > 1:
     # Grouped: every group must keep the same number of outputs.
     blocks = rhs_out.reshape(g, cout_g)
@@ -731,7 +732,7 @@ def conv(fl, eqn, ins, path) -> Value:
       fl.ops.append(Op("conv", name, float(spatial), factors, 1))
     else:
       fin = lhs_f if lhs_f is not None else np.full(cin_g * g, NONE, dtype=np.int64)
-      fl.ops.append(Op("conv", name, float(spatial), (fin, out_ids), g))
+      fl.ops.append(Op("conv", name, float(spatial), (fin, out_ids), g, lhs.index_event))
     fl.ops.append(Op("volume", name, float(math.prod(oshape[a] for a in osp)), (out_ids,)))
   return out
 
@@ -779,7 +780,7 @@ def dot_general(fl, eqn, ins, path) -> Value:
     for a, b in zip(cdims, wc):
       wi = w.ids.get(b)
       if a in x.ids and wi is not None:
-        fl.consumers.append((wi, x.ids[a]))
+        fl.consumers.append((wi, x.ids[a], x.index_event))
   out = _out(dict(enumerate(out_ids)), ins)
   if origin:
     out.origin = origin
@@ -809,7 +810,8 @@ def dot_general(fl, eqn, ins, path) -> Value:
     if name == "?" and not w.act:
       for b in (rfree if act_side == 0 else lfree):
         name = _leaf_name(fl, w, b)
-    fl.ops.append(Op("dense", name, coef, tuple(factors)))
+    fl.ops.append(Op("dense", name, coef, tuple(factors), 1,
+                     x.index_event if act_side is not None else None))
     vcoef, vfactors = 1.0, []
     for i, n in enumerate(_shape(eqn.outvars[0])):
       vcoef, vfactors = _factor(fl, out.ids.get(i), n, vcoef, vfactors)

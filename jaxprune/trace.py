@@ -131,7 +131,9 @@ class Resolver:
       self._lookup[t] = table
     return self._lookup[t][comps]
 
-  def expr(self, ids: np.ndarray) -> Expr:
+  def expr(self, ids: np.ndarray, empty_alive: bool = False) -> Expr:
+    """What keeps each id's channel. A known-zero channel is alive nowhere, unless
+    `empty_alive` (a consumer that reads its input at full width: it is kept)."""
     ch = self.channel(ids)
     if not self.branch:
       return Expr.of([ch])
@@ -147,7 +149,8 @@ class Resolver:
       if ALWAYS in tokens or any(t not in self.branch for t in tokens):
         continue
       if not tokens:
-        extra[where] = ZERO  # known zero here: alive nowhere
+        if not empty_alive:
+          extra[where] = ZERO  # known zero here: alive nowhere
         continue
       ents = np.stack([self.entry(t, comps[where]) for t in sorted(tokens)])  # (T, w)
       ok = (ents >= 0).all(0)  # a token that does not carry a channel: keep it alive
@@ -283,7 +286,9 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
     ids = fl.tokens[t].out_ids
     for c in chain_label[ids[ids >= 0]].tolist():
       chain_token[c] = t
-  consumers = _Consumers(resolver, fl.consumers) if token_branch else _Consumers(resolver, [])
+  expands = {s.event for s in branch_site.values() if s.event is not None}
+  gathers = {k for k in range(len(fl.events)) if k not in expands}
+  consumers = _Consumers(resolver, fl.consumers if token_branch else [], gathers)
   leaf_axes = []
   for li, v in enumerate(leaf_vals):
     axes = {}
@@ -299,7 +304,13 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   groups = tuple(Group(n, size, tuple(m), kind)
                  for (n, size, kind), m in zip(all_groups, members))
 
-  terms = [Term(op.kind, op.name, op.coef, tuple(resolver.expr(f) for f in op.factors), op.groups)
+  def factor_expr(op, k, ids):
+    # a conv/dense input read at full width keeps its known-zero channels
+    full = op.kind in ("conv", "dense") and k == 0 and op.event not in gathers
+    return resolver.expr(ids, empty_alive=full)
+
+  terms = [Term(op.kind, op.name, op.coef,
+                tuple(factor_expr(op, k, f) for k, f in enumerate(op.factors)), op.groups)
            for op in fl.ops]
   flags = _param_flags(variables, len(names))
   for li, shape in enumerate(shapes):
@@ -316,7 +327,7 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   idx = _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, names)
   for il in idx:
     leaf_axes[il.leaf] = {il.axis: il.own}
-  physical = _physical(fl, resolver, token_branch, branch_site, idx, names)
+  physical = _physical(fl, resolver, branch_site, gathers)
   example = tuple(jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32))
                   for a in jax.tree_util.tree_leaves(example_args))
   return ChannelGraph(groups, names, shapes, tuple(flags), tuple(leaf_axes), tuple(terms), treedef,
@@ -365,16 +376,16 @@ def _atoms(label, ncomp, prunable, dims) -> list[np.ndarray]:
 class _Consumers:
   """Weight input axes and the expr of the input they read, place by place."""
 
-  def __init__(self, resolver: Resolver, consumers):
+  def __init__(self, resolver: Resolver, consumers, gathers: set):
     ids, exprs = [], []
     seen: set[int] = set()
-    for w_ids, x_ids in consumers:
+    for w_ids, x_ids, event in consumers:
       keep = np.array([i >= 0 and i not in seen for i in w_ids.tolist()], bool)
       if not keep.any():
         continue
       seen.update(w_ids[keep].tolist())
       ids.append(w_ids[keep])
-      exprs.append(resolver.expr(x_ids)[keep])
+      exprs.append(resolver.expr(x_ids, empty_alive=event not in gathers)[keep])
     self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     self.expr = _merge_exprs(exprs) if exprs else None
     order = np.argsort(self.ids)
@@ -462,30 +473,29 @@ def _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, na
   return out
 
 
-def _physical(fl, resolver, token_branch, branch_site, idx, names) -> list[Physical]:
-  """Places where slim cannot shrink more than the channel masks do."""
-  if not token_branch:
+def _physical(fl, resolver, branch_site, gathers) -> list[Physical]:
+  """Places where slim cannot shrink more than the channel masks do: a branch
+  added into its stream without an expand vector, a consumer that reads the
+  stream at full width (no gather vector)."""
+  if not branch_site:
     return []
-  gathers = {k for k, ev in enumerate(fl.events)
-             if any(il.kind == "gather" and il.leaf == ev.leaf for il in idx)}
-  expands = {s.event for s in branch_site.values() if s.event is not None}
   out = []
   for t, s in branch_site.items():
-    if s.event not in expands or s.event is None:
+    if s.event is None:
       br = resolver.entry(t, resolver.label[s.ids])
       out.append(Physical(
           f"{fl.tokens[t].name.rsplit('.', 1)[0]} adds its branch into the residual stream "
           "without an index vector", Expr.of([resolver.channel(s.ids), br.astype(np.int32)])))
+  expands = {s.event for s in branch_site.values()}
   for site in fl.sites:
     if site.event in gathers:
       continue
-    e = resolver.expr(site.ids)
-    if e.prod.shape[0] == 1 and not e.union.shape[0]:
-      continue
     if site.event not in expands and site.chain:
       continue  # reads a producer's own (narrow) output: slim realises it
-    out.append(Physical(f"the layer at equation {site.path} reads the residual stream "
-                        "without an index vector", e))
+    e = resolver.expr(site.ids, empty_alive=True)
+    if e.prod.shape[0] > 1 or e.union.shape[0]:
+      out.append(Physical(f"the layer at equation {site.path} reads the residual stream "
+                          "without an index vector", e))
   return out
 
 

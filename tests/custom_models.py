@@ -127,6 +127,9 @@ def fill(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
   flat = {}
   for path, var in nnx.to_flat_state(state):
     shape, leaf = var.get_value().shape, path[-1]
+    if type(var).__name__ == "ChannelIndex":
+      flat[path] = var.replace(value=jnp.arange(shape[0], dtype=jnp.int32))  # positions
+      continue
     if isinstance(var, ZeroPad) or type(var).__name__ == "ZeroPad":
       value = np.zeros(shape)
     elif len(shape) >= 2:

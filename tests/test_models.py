@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxprune import models
-from jaxprune.models.layers import BN_EPSILON, BN_MOMENTUM, DepthwiseConv, ZeroPad
+from jaxprune.models.layers import BN_EPSILON, BN_MOMENTUM, ChannelIndex, DepthwiseConv, ZeroPad
 from jaxprune.models.resnet_cifar import BasicBlockA
 
 IMAGENET = ("resnet18", "resnet34", "resnet50", "mobilenet_v1")
@@ -52,6 +52,9 @@ def _random_model(name: str | Callable[[], nnx.Module], seed: int = 0, **kwargs)
     flat = {}
     for path, var in nnx.to_flat_state(state):
         shape, leaf = var.get_value().shape, path[-1]
+        if isinstance(var, ChannelIndex):
+            flat[path] = var.replace(value=jnp.arange(shape[0], dtype=jnp.int32))  # positions
+            continue
         if isinstance(var, ZeroPad):
             value = np.zeros(shape)
         elif leaf == "kernel":
@@ -73,7 +76,11 @@ def _slice(state: nnx.State, cuts: Iterable[tuple[Path, int, Iterable[int]]]) ->
     flat = dict(nnx.to_flat_state(state))
     for path, axis, drop in cuts:
         value = flat[path].get_value()
-        keep = np.setdiff1d(np.arange(value.shape[axis]), np.asarray(list(drop)))
+        keep = np.setdiff1d(np.arange(value.shape[axis]), np.asarray(list(drop), np.int64))
+        if isinstance(flat[path], ChannelIndex):
+            # with whole stream channels removed, the positions stay 0..n-1
+            flat[path] = flat[path].replace(value=jnp.arange(keep.size, dtype=jnp.int32))
+            continue
         flat[path] = flat[path].replace(value=jnp.take(value, keep, axis=axis))
     return nnx.from_flat_state(flat)
 
@@ -326,12 +333,13 @@ def test_resnet20_slim_residual_stream_and_zero_pads() -> None:
     cuts.append((("layer3", 0, "pad_hi"), 0, [60 - 48]))
     for stage, drop in (("layer2", s2), ("layer3", s3)):
         for i in range(3):
-            cuts += [((stage, i, "conv2", "kernel"), 3, drop), *_bn_leaves((stage, i, "bn2"), drop)]
+            cuts += [((stage, i, "conv2", "kernel"), 3, drop), *_bn_leaves((stage, i, "bn2"), drop),
+                     ((stage, i, "out_index"), 0, drop)]
             zero_bns.append(((stage, i, "bn2"), drop))
             if i > 0:  # blocks fed by the stream of this stage
-                cuts.append(((stage, i, "conv1", "kernel"), 2, drop))
-    cuts.append((("layer3", 0, "conv1", "kernel"), 2, s2))
-    cuts.append((("fc", "kernel"), 0, s3))
+                cuts += [((stage, i, "conv1", "kernel"), 2, drop), ((stage, i, "in_index"), 0, drop)]
+    cuts += [(("layer3", 0, "conv1", "kernel"), 2, s2), (("layer3", 0, "in_index"), 0, s2)]
+    cuts += [(("fc", "kernel"), 0, s3), (("fc_index",), 0, s3)]
     model = _random_model("resnet20")
     _check_slimmed(model, cuts, zero_bns, _x((2, 32, 32, 3)))
 

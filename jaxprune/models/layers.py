@@ -18,12 +18,16 @@ from flax.nnx.nn.dtypes import promote_dtype
 __all__ = [
     "BN_EPSILON",
     "BN_MOMENTUM",
+    "ChannelIndex",
     "ConvBN",
     "DepthwiseConv",
     "ZeroPad",
     "batch_norm",
     "conv",
+    "channel_index",
     "conv_kernel_init",
+    "expand_channels",
+    "gather_channels",
     "global_avg_pool",
     "linear",
     "linear_kernel_init",
@@ -160,6 +164,59 @@ class ZeroPad(nnx.Variable):
     ``nnx.Param`` nor ``nnx.BatchStat``, it is skipped by optimizers
     (``nnx.Param`` filters) and by :func:`jaxprune.models.count_params`.
     """
+
+
+class ChannelIndex(nnx.Variable):
+    """Channel positions (int32) where a residual block reads or writes its stream.
+
+    In a dense model it is ``0..n-1``. When the pruning core slims a block's
+    residual branch (``jaxprune.trace(..., branches=True)``), the branch
+    computes fewer channels than its stream carries, and these vectors, sliced
+    and renumbered by ``jaxprune.slim``, say where they go: a consumer reads
+    ``x[..., index]`` (:func:`gather_channels`), a producer's output is spread
+    into the stream (:func:`expand_channels`). Neither ``nnx.Param`` nor
+    ``nnx.BatchStat``: optimizers skip it.
+    """
+
+
+def channel_index(n: int) -> ChannelIndex:
+    """``ChannelIndex(0..n-1)``."""
+    return ChannelIndex(jnp.arange(n, dtype=jnp.int32))
+
+
+def gather_channels(x: jax.Array, index: ChannelIndex) -> jax.Array:
+    """``x[..., index]``: the stream channels a consumer reads.
+
+    With every channel (the dense model) it is ``x`` itself, written as
+    ``x + 0 * index`` so that a traced jaxpr shows where the vector belongs.
+
+    Example:
+        >>> gather_channels(jnp.ones((1, 2, 2, 4)), channel_index(4)).shape
+        (1, 2, 2, 4)
+    """
+    idx = index[...]
+    if idx.shape[0] == x.shape[-1]:
+        return x + (idx * 0).astype(x.dtype)
+    return x.at[..., idx].get(mode="promise_in_bounds", indices_are_sorted=True,
+                              unique_indices=True)
+
+
+def expand_channels(b: jax.Array, index: ChannelIndex) -> jax.Array:
+    """A branch's channels spread to the stream's width: stream channel ``j`` is
+    ``b[..., index[j]]``, or 0 where ``index[j] == b.shape[-1]`` (the branch
+    does not compute it).
+
+    With every channel (the dense model) it is ``b`` itself (``b + 0 * index``).
+
+    Example:
+        >>> expand_channels(jnp.ones((1, 2, 2, 4)), channel_index(4)).shape
+        (1, 2, 2, 4)
+    """
+    idx = index[...]
+    if idx.shape[0] == b.shape[-1]:
+        return b + (idx * 0).astype(b.dtype)
+    padded = jnp.concatenate([b, jnp.zeros(b.shape[:-1] + (1,), b.dtype)], axis=-1)
+    return padded.at[..., idx].get(mode="promise_in_bounds")
 
 
 class DepthwiseConv(nnx.Module):

@@ -13,6 +13,10 @@ Structure (attribute paths as they appear in ``nnx.split`` state)::
     layer{1,2,3}[i].conv1/bn1       first conv of block i
     layer{1,2,3}[i].conv2/bn2       second conv of block i
     layer{2,3}[0].pad_lo/pad_hi     ZeroPad vectors of the option-A shortcut
+    stem_index, layer*[i].in_index/out_index, fc_index
+                                    ChannelIndex vectors: where a block reads
+                                    and writes its residual stream (0..n-1
+                                    until residual branches are slimmed)
     fc                              classifier
 
 The residual stream of stage s+1 is ``[pad_lo | stream of stage s | pad_hi]``,
@@ -26,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune.models.layers import ZeroPad, batch_norm, conv, global_avg_pool, linear
+from jaxprune.models.layers import (ZeroPad, batch_norm, channel_index, conv, expand_channels,
+                                    gather_channels, global_avg_pool, linear)
 from jaxprune.models.resnet_imagenet import BasicBlock
 
 __all__ = ["BasicBlockA", "CifarResNet", "cifar_resnet", "wide_resnet"]
@@ -48,6 +53,8 @@ class BasicBlockA(nnx.Module):
         self.bn1 = batch_norm(planes, rngs=rngs)
         self.conv2 = conv(planes, planes, 3, 1, rngs=rngs)
         self.bn2 = batch_norm(planes, rngs=rngs)
+        self.in_index = channel_index(in_planes)
+        self.out_index = channel_index(planes)
         self.stride = stride
         if stride != 1 or in_planes != planes:
             # Zero channels as array shapes, not jnp.pad widths: slimming can
@@ -65,8 +72,10 @@ class BasicBlockA(nnx.Module):
             return x
         if self.stride != 1:
             x = x[:, :: self.stride, :: self.stride, :]
-        lo = self.pad_lo[...].astype(x.dtype)
-        hi = self.pad_hi[...].astype(x.dtype)
+        # "* 0": the vectors are zeros; saying so lets jaxprune.trace see that
+        # these channels are dead until a residual branch writes them.
+        lo = self.pad_lo[...].astype(x.dtype) * 0
+        hi = self.pad_hi[...].astype(x.dtype) * 0
         batch_spatial = x.shape[:-1]
         return jnp.concatenate(
             [
@@ -78,8 +87,8 @@ class BasicBlockA(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = nnx.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = nnx.relu(self.bn1(self.conv1(gather_channels(x, self.in_index))))
+        out = expand_channels(self.bn2(self.conv2(out)), self.out_index)
         return nnx.relu(out + self.shortcut(x))
 
 
@@ -113,6 +122,7 @@ class CifarResNet(nnx.Module):
         stem = widths[0] if stem is None else stem
         self.conv1 = conv(in_channels, stem, 3, 1, rngs=rngs)
         self.bn1 = batch_norm(stem, rngs=rngs)
+        self.stem_index = channel_index(stem)
         in_planes = stem
         stages = []
         for s, planes in enumerate(widths):
@@ -123,14 +133,15 @@ class CifarResNet(nnx.Module):
                 in_planes = planes
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3 = stages
+        self.fc_index = channel_index(widths[-1])
         self.fc = linear(widths[-1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = expand_channels(nnx.relu(self.bn1(self.conv1(x))), self.stem_index)
         for stage in (self.layer1, self.layer2, self.layer3):
             for block in stage:
                 x = block(x)
-        return self.fc(global_avg_pool(x))
+        return self.fc(gather_channels(global_avg_pool(x), self.fc_index))
 
 
 def cifar_resnet(depth: int, *, num_classes: int, rngs: nnx.Rngs, **kwargs) -> CifarResNet:

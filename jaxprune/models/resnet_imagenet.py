@@ -11,6 +11,9 @@ Attribute names follow torchvision so a torch ``state_dict`` maps 1:1::
     layer{1..4}[i].conv{1,2[,3]}        block convs (nnx.Conv)
     layer{1..4}[i].bn{1,2[,3]}          their BatchNorms
     layer{1..4}[i].downsample.conv/bn   projection shortcut (or None)
+    stem_index, layer*[i].in_index/out_index/downsample_index, fc_index
+                                        ChannelIndex vectors: where a block
+                                        reads and writes its residual stream
     fc                                  classifier
 """
 
@@ -21,7 +24,8 @@ from typing import Literal
 import jax
 from flax import nnx
 
-from jaxprune.models.layers import ConvBN, batch_norm, conv, global_avg_pool, linear
+from jaxprune.models.layers import (ConvBN, batch_norm, channel_index, conv, expand_channels,
+                                    gather_channels, global_avg_pool, linear)
 
 __all__ = ["BasicBlock", "Bottleneck", "ImageNetResNet", "imagenet_resnet"]
 
@@ -39,6 +43,21 @@ def _downsample(in_planes: int, out_planes: int, stride: int, rngs: nnx.Rngs) ->
     if stride == 1 and in_planes == out_planes:
         return None
     return ConvBN(in_planes, out_planes, 1, stride, padding=0, rngs=rngs)
+
+
+def _indices(block: nnx.Module, in_planes: int, out_planes: int) -> None:
+    """The block's ChannelIndex vectors: its input (read by conv1 and the
+    projection), its branch output, and the projection's output."""
+    block.in_index = channel_index(in_planes)
+    block.out_index = channel_index(out_planes)
+    block.downsample_index = None if block.downsample is None else channel_index(out_planes)
+
+
+def _identity(block: nnx.Module, x: jax.Array, h: jax.Array) -> jax.Array:
+    """The shortcut: the stream itself, or the projection of the gathered input."""
+    if block.downsample is None:
+        return x
+    return expand_channels(block.downsample(h), block.downsample_index)
 
 
 class BasicBlock(nnx.Module):
@@ -67,12 +86,13 @@ class BasicBlock(nnx.Module):
         self.conv2 = conv(planes, planes, 3, 1, rngs=rngs)
         self.bn2 = batch_norm(planes, rngs=rngs, zero_init=zero_init_residual)
         self.downsample = _downsample(in_planes, planes, stride, rngs)
+        _indices(self, in_planes, planes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = nnx.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return nnx.relu(out + identity)
+        h = gather_channels(x, self.in_index)
+        out = nnx.relu(self.bn1(self.conv1(h)))
+        out = expand_channels(self.bn2(self.conv2(out)), self.out_index)
+        return nnx.relu(out + _identity(self, x, h))
 
 
 class Bottleneck(nnx.Module):
@@ -104,13 +124,14 @@ class Bottleneck(nnx.Module):
         self.conv3 = conv(planes, out_planes, 1, 1, padding=0, rngs=rngs)
         self.bn3 = batch_norm(out_planes, rngs=rngs, zero_init=zero_init_residual)
         self.downsample = _downsample(in_planes, out_planes, stride, rngs)
+        _indices(self, in_planes, out_planes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = nnx.relu(self.bn1(self.conv1(x)))
+        h = gather_channels(x, self.in_index)
+        out = nnx.relu(self.bn1(self.conv1(h)))
         out = nnx.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return nnx.relu(out + identity)
+        out = expand_channels(self.bn3(self.conv3(out)), self.out_index)
+        return nnx.relu(out + _identity(self, x, h))
 
 
 class ImageNetResNet(nnx.Module):
@@ -136,6 +157,7 @@ class ImageNetResNet(nnx.Module):
         block_cls = BasicBlock if block == "basic" else Bottleneck
         self.conv1 = conv(in_channels, 64, 7, 2, padding=3, rngs=rngs)
         self.bn1 = batch_norm(64, rngs=rngs)
+        self.stem_index = channel_index(64)
         in_planes = 64
         stages = []
         for s, (planes, n) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage)):
@@ -148,15 +170,17 @@ class ImageNetResNet(nnx.Module):
                 in_planes = planes * block_cls.expansion
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc_index = channel_index(in_planes)
         self.fc = linear(in_planes, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.bn1(self.conv1(x)))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = expand_channels(x, self.stem_index)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
-        return self.fc(global_avg_pool(x))
+        return self.fc(gather_channels(global_avg_pool(x), self.fc_index))
 
 
 def imagenet_resnet(depth: int, *, num_classes: int, rngs: nnx.Rngs, **kwargs) -> ImageNetResNet:
