@@ -1,9 +1,11 @@
 """Wall time of trace, cost and slim on ResNet-50 (goal: trace + cost + slim <= 0.5 s).
 
   python -m benchmarks.trace_time
+  python -m benchmarks.trace_time --branches   # with residual-branch groups too
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -16,16 +18,16 @@ from jaxprune.timing import machine
 from jaxprune import models
 
 
-def main(reps: int = 5):
-  print("machine:", machine())
+def main(reps: int = 5, branches: bool = False):
+  print("machine:", machine(), "| branch groups:", branches)
   model = models.create("resnet50", num_classes=1000, rngs=nnx.Rngs(0))
   model.eval()
   fn, state = jaxprune.functional(model)
   x = jnp.zeros((1, 224, 224, 3))
-  jaxprune.trace(fn, state, x)  # warm caches (imports, jax tracing machinery)
+  jaxprune.trace(fn, state, x, branches=branches)  # warm caches (imports, jax tracing machinery)
   times = {"trace": [], "cost": [], "cost (jit, first call)": [], "cost (jit, cached)": [], "slim": []}
   for _ in range(reps):
-    t = time.perf_counter(); graph = jaxprune.trace(fn, state, x); times["trace"].append(time.perf_counter() - t)
+    t = time.perf_counter(); graph = jaxprune.trace(fn, state, x, branches=branches); times["trace"].append(time.perf_counter() - t)
     masks = jaxprune.select.local(jaxprune.criteria.l1(state, graph), graph, keep=0.5)
     c = jax.jit(lambda m: jaxprune.cost(graph, m))
     t = time.perf_counter(); jax.block_until_ready(c(masks)); times["cost (jit, first call)"].append(time.perf_counter() - t)
@@ -40,4 +42,8 @@ def main(reps: int = 5):
 
 
 if __name__ == "__main__":
-  main()
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--branches", action="store_true")
+  p.add_argument("--reps", type=int, default=5)
+  a = p.parse_args()
+  main(a.reps, a.branches)

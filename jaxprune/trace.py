@@ -281,11 +281,10 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   # What keeps each leaf position: its channel; a producer chain's also its
   # branch; a consumer's input axis what keeps its input.
   chain_label = components(fl, chains=True) if token_branch else None
-  chain_token: dict[int, int] = {}
+  chain_token = np.full(int(chain_label.max()) + 1 if chain_label is not None else 0, -1)
   for t in token_branch:
     ids = fl.tokens[t].out_ids
-    for c in chain_label[ids[ids >= 0]].tolist():
-      chain_token[c] = t
+    chain_token[chain_label[ids[ids >= 0]]] = t
   expands = {s.event for s in branch_site.values() if s.event is not None}
   gathers = {k for k in range(len(fl.events)) if k not in expands}
   consumers = _Consumers(resolver, fl.consumers if token_branch else [], gathers)
@@ -351,14 +350,17 @@ def _atoms(label, ncomp, prunable, dims) -> list[np.ndarray]:
   if not dim_comps:
     return []
   c, d = np.concatenate(pairs_c), np.concatenate(pairs_d)
-  order = np.lexsort((d, c))
-  c, d = c[order], d[order]
-  bounds = np.flatnonzero(np.diff(c)) + 1
   key_of = np.full(ncomp, -1, np.int64)
-  keys: dict[tuple, int] = {}
-  for cs, ds in zip(np.split(c, bounds), np.split(d, bounds)):
-    if cs.size:
-      key_of[cs[0]] = keys.setdefault(tuple(ds.tolist()), len(keys))
+  if c.size:
+    # Each component's sorted list of dims as a padded row; equal rows, one key.
+    order = np.lexsort((d, c))
+    c, d = c[order], d[order]
+    comps, start, count = np.unique(c, return_index=True, return_counts=True)
+    rank = np.arange(c.size) - np.repeat(start, count)
+    rows = np.full((comps.size, int(count.max())), -1, np.int64)
+    rows[np.repeat(np.arange(comps.size), count), rank] = d
+    _, key = np.unique(rows, axis=0, return_inverse=True)
+    key_of[comps] = np.ravel(key)
   atom_of: dict[int, list[int]] = {}
   order_keys: list[int] = []
   assigned = np.zeros(ncomp, bool)
@@ -405,11 +407,11 @@ def _leaf_expr(resolver: Resolver, ids, chain_label, chain_token, consumers: _Co
   e = Expr.of([resolver.channel(ids)])
   if chain_label is not None:
     br = np.full(ids.size, ONE, np.int32)
-    lab = chain_label[np.maximum(ids, 0)]
-    for t in set(chain_token[c] for c in np.unique(lab[ids >= 0]).tolist() if c in chain_token):
-      sel = (ids >= 0) & np.isin(lab, [c for c, tt in chain_token.items() if tt == t])
+    toks = np.where(ids >= 0, chain_token[chain_label[np.maximum(ids, 0)]], -1)
+    for t in np.unique(toks[toks >= 0]).tolist():
+      sel = np.nonzero(toks == t)[0]
       ent = resolver.entry(t, resolver.label[ids[sel]])
-      br[np.nonzero(sel)[0][ent >= 0]] = ent[ent >= 0]
+      br[sel[ent >= 0]] = ent[ent >= 0]
     if (br != ONE).any():
       e = Expr.of([e.prod[0], br])
   col = consumers.find(ids)
