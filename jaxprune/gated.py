@@ -31,6 +31,8 @@ class Producer(NamedTuple):
   c_in: int                     # features of the producer's input
   feature_axis: int             # of that input
   spatial_axes: tuple[int, ...]  # of that input (pool over them for a per-sample summary)
+  order: int = 0                # program order of the producing layer
+  layer: str = ""               # its weight's name, e.g. "layer1.0.conv2"
 
 
 class GateInput(NamedTuple):
@@ -86,18 +88,20 @@ def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any
   """Each group's producer in `fn` (in program order), for sizing gates.
 
   Groups no conv/dense produces (e.g. channels born in a zero padding) are left
-  out. Example:
+  out; the result is in program order. Example:
     >>> prods = jaxprune.producers(fn, graph, variables, x[:1])
     >>> prods["layer1.0.conv1"].c_in     # 16
   """
   fl, leaf_vals, _, _, _ = analyze(fn, variables, args)
   toks = _tokens_of(graph, fl, leaf_vals)
+  order = {id(t): k for k, t in enumerate(fl.tokens)}
   out = {}
   for g in graph.groups:
     t = toks.get(g.name)
     if t is not None and t.in_axis >= 0:
-      out[g.name] = Producer(g.name, g.kind, t.op, g.size, t.c_in, t.in_axis, t.spatial)
-  return out
+      out[g.name] = Producer(g.name, g.kind, t.op, g.size, t.c_in, t.in_axis, t.spatial,
+                             order[id(t)], t.name.rsplit(".", 1)[0])
+  return dict(sorted(out.items(), key=lambda kv: kv[1].order))
 
 
 def gated(fn: Callable, graph: ChannelGraph, gate: Gate, groups: Sequence[str], *,

@@ -148,6 +148,8 @@ class ChannelGraph:
     physical: places the model's code fixes (see `Physical`); `slim` checks them.
     branches: per branch group, the producer's kernel leaf index.
     example_args: shapes and dtypes of the example inputs.
+    has_branches: traced with `branches=True` (residual sums, if any, have
+      branch groups).
   """
   groups: tuple[Group, ...]
   leaf_names: tuple[str, ...]
@@ -160,6 +162,7 @@ class ChannelGraph:
   physical: tuple[Physical, ...] = ()
   branches: tuple[tuple[str, int], ...] = ()
   example_args: tuple[Any, ...] = ()
+  has_branches: bool = False
 
   @property
   def offsets(self) -> dict[str, int]:

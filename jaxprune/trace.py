@@ -330,7 +330,7 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   example = tuple(jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32))
                   for a in jax.tree_util.tree_leaves(example_args))
   return ChannelGraph(groups, names, shapes, tuple(flags), tuple(leaf_axes), tuple(terms), treedef,
-                      tuple(idx), tuple(physical), tuple(branch_table), example)
+                      tuple(idx), tuple(physical), tuple(branch_table), example, branches)
 
 
 def _atoms(label, ncomp, prunable, dims) -> list[np.ndarray]:

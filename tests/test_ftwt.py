@@ -261,3 +261,94 @@ def test_oracle_masks_keep_the_strongest_channel_and_follow_r():
   for p in pts:
     assert np.all(np.asarray(lo[p.name]).sum(-1) >= 1)
     assert np.all(np.asarray(lo[p.name]) <= np.asarray(hi[p.name]))
+
+
+# ------------------------------------------------------ official (branch) units ----
+
+@functools.lru_cache(maxsize=None)
+def branch_run(name="resnet20", batch=4):
+  from test_branches import branch_setup
+  model, fn, state, graph, _ = branch_setup(name, 32 if name == "resnet20" else 16)
+  x = input_((batch, *((32, 32, 3) if name == "resnet20" else (16, 16, 3))), seed=7)
+  pts = ftwt.gate_points(fn, graph, state, x[:1])
+  out, aux = jax.jit(ftwt.gated(fn, graph, pts))(state, sharp_predictors(pts), x)
+  return model, fn, state, graph, x, pts, out, aux
+
+
+def test_branch_gate_points_are_the_official_set():
+  # The stem, both convs of every block (the second one's branch, before the add);
+  # never the residual stream itself or a projection shortcut.
+  _, _, _, graph, _, pts, _, _ = branch_run()
+  want = ["conv1:branch"] + [f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3)
+                             for c in ("conv1", "conv2:branch")]
+  assert [p.name for p in pts] == want
+  assert {p.c_in for p in pts if p.name.endswith("conv2:branch")} == {16, 32, 64}
+  # option-B shortcuts exist but are not gated
+  _, _, _, graph_b, _, pts_b, _, _ = branch_run("resnet20_b", 2)
+  assert any("downsample" in n for n, _ in graph_b.branches)
+  assert len(pts_b) == 19 and not any("downsample" in p.name for p in pts_b)
+
+
+def test_units_must_match_the_graph():
+  _, fn, state, graph, x = zoo_setup("resnet20", 32)
+  with pytest.raises(ValueError, match="branches=True"):
+    ftwt.gate_points(fn, graph, state, x[:1], units="branch")
+  _, fn_b, state_b, graph_b, x_b, *_ = branch_run()
+  with pytest.raises(ValueError, match="units='stream'"):
+    ftwt.gate_points(fn_b, graph_b, state_b, x_b[:1], units="stream")
+
+
+def test_branch_gated_equals_each_samples_slimmed_network():
+  model, fn, state, graph, x, pts, out, aux = branch_run()
+  for i in (0, 2):
+    m = {k: v[i] for k, v in aux.masks.items()}
+    small = jaxprune.slim(state, graph, m)
+    ref = jaxprune.module(model, small)(x[i:i + 1])
+    np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
+  # branch gates really vary per sample, and the stream is never gated
+  b = aux.masks["layer2.1.conv2:branch"]
+  assert float(jnp.abs(b - b[:1]).sum()) > 0
+  for name in ftwt.stream_groups(graph):
+    assert float(aux.masks[name].min()) == 1.0
+
+
+def test_legacy_count_by_hand_on_a_two_block_toy():
+  # The official count charges a block's first conv against the previous
+  # block's *branch* gates (its conv2), not the residual stream it reads.
+  from test_branches import HW, K, res_net, res_setup
+  v, x, graph = res_setup()
+  rng = np.random.default_rng(0)
+  masks = {g.name: jnp.asarray(rng.random((5, g.size)) < 0.6, jnp.float32) for g in graph.groups}
+  got = np.asarray(ftwt.legacy_macs(graph, masks))
+  a = {k: np.asarray(m).sum(-1) for k, m in masks.items()}
+  ch = np.asarray(masks["stem"])
+  out = lambda br: (ch * np.asarray(masks[br])).sum(-1)  # a producer's open, kept channels
+  hw = HW * HW * K
+  want = (hw * out("stem:branch") * 3 + hw * a["c1a"] * out("stem:branch")
+          + hw * out("c1b:branch") * a["c1a"] + hw * a["c2a"] * out("c1b:branch")
+          + hw * out("c2b:branch") * a["c2a"])
+  np.testing.assert_allclose(got, want)
+  # the exact count differs: block 2's first conv reads the union of both producers
+  exact = ftwt.per_sample_cost(graph, masks).per_layer["c2a"]["macs"]
+  union = (ch * (1 - (1 - np.asarray(masks["stem:branch"])) * (1 - np.asarray(masks["c1b:branch"])))).sum(-1)
+  np.testing.assert_allclose(np.asarray(exact), hw * a["c2a"] * union)
+  assert np.any(union != out("c1b:branch"))
+
+
+def test_all_gates_closed_and_r_one_on_branch_units():
+  _, fn, state, graph, x, pts, _, _ = branch_run()
+  closed = {p.name: {"kernel": jnp.zeros((p.c_in, p.size)), "bias": -jnp.ones((p.size,))}
+            for p in pts}
+  out, aux = jax.jit(ftwt.gated(fn, graph, pts))(state, closed, x)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  for p in pts:
+    assert float(aux.masks[p.name].max()) == 0.0
+  # with every gate closed only the ungated stream/classifier work is left
+  macs = np.asarray(ftwt.per_sample_cost(graph, aux.masks).macs)
+  assert np.all(macs < 0.01 * float(jaxprune.cost(graph).macs))
+  # r = 1 keeps exactly the channels that are not dead
+  t = ftwt.targets(aux.peaks, 1.0)
+  for p in pts:
+    pk = np.asarray(aux.peaks[p.name])
+    share = pk / np.maximum(pk.sum(-1, keepdims=True), 1e-30)
+    np.testing.assert_array_equal(np.asarray(t[p.name]), ((share > 1e-5) & (pk.sum(-1, keepdims=True) > 0)).astype(np.float32))

@@ -69,21 +69,61 @@ def check_r(r: float) -> float:
   return float(r)
 
 
-def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
-                groups: tuple[str, ...] | None = None) -> tuple[GatePoint, ...]:
-  """The convs that gate each group (or only `groups`), in program order.
+UNITS = ("branch", "stream")
+EXCLUDE = r"downsample|shortcut|proj"  # projection shortcuts: not gated in the official code
 
-  Raises ValueError if the network has none (e.g. a pure MLP).
+
+def stream_groups(graph: ChannelGraph) -> set[str]:
+  """Channel groups that are residual streams: their channels are also a branch's."""
+  offsets = graph.offsets
+  starts = np.array([offsets[g.name] for g in graph.groups])
+  out = set()
+  for axes in graph.leaf_axes:
+    for e in axes.values():
+      if e.prod.shape[0] < 2:
+        continue
+      both = (e.prod[0] >= starts[0]) & (e.prod[1] >= starts[0])
+      for f in np.unique(e.prod[0][both]):
+        out.add(graph.groups[int(np.searchsorted(starts, f, side="right") - 1)].name)
+  return {n for n in out if graph.group(n).kind == "channel"}
+
+
+def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
+                units: str | None = None, exclude: str = EXCLUDE,
+                groups: tuple[str, ...] | None = None) -> tuple[GatePoint, ...]:
+  """The convs that gate, in program order, and the group each one decides.
+
+  units="branch" (the official code's gate points; the graph must be traced
+  with `branches=True`): every conv that produces a residual branch gates its
+  branch group (a block's last conv before the add, the stem), every other
+  conv its channel group (a block's inner convs, every VGG conv); residual
+  streams and projection shortcuts (layer names matching `exclude`) are not
+  gated. units="stream": every channel group at its first producing conv (a
+  residual stream is gated once, at its first producer). `groups` restricts
+  to those names. By default the units follow the graph (traced with
+  branches=True: "branch"). Raises ValueError if the network has none (e.g. a
+  pure MLP).
 
   Example:
     >>> points = ftwt.gate_points(fn, graph, v, jnp.zeros((1, 32, 32, 3)))
-    >>> [(p.name, p.c_in, p.size) for p in points][:2]   # [('conv1', 3, 16), ...]
+    >>> [(p.name, p.c_in, p.size) for p in points][:2]   # [('conv1:branch', 3, 16), ...]
   """
+  import re
+  units = ("branch" if graph.has_branches else "stream") if units is None else units
+  if units not in UNITS:
+    raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+  if units == "branch" and not graph.has_branches:
+    raise ValueError("units='branch' needs branch groups: trace the network with "
+                     "jaxprune.trace(..., branches=True) (or use units='stream').")
+  if units == "stream" and graph.has_branches:
+    raise ValueError("units='stream' gates channel groups only: trace without branches=True.")
   prods = jaxprune.producers(fn, graph, variables, *args)
-  wanted = [g.name for g in graph.groups] if groups is None else list(groups)
+  skip = stream_groups(graph) if units == "branch" else set()
+  wanted = set(g.name for g in graph.groups) if groups is None else set(groups)
   points = tuple(GatePoint(p.name, p.c_in, p.size, p.feature_axis, p.spatial_axes)
                  for n, p in prods.items()
-                 if n in wanted and p.op == "conv" and p.feature_axis != 0)
+                 if n in wanted and n not in skip and p.op == "conv" and p.feature_axis != 0
+                 and not (units == "branch" and exclude and re.search(exclude, p.layer)))
   if not points:
     raise ValueError(
         "FTWT found no gate points: no conv layer produces a prunable channel group "
