@@ -401,9 +401,9 @@ def elementwise(fl: ChannelFlow, eqn, ins: list[Value], path) -> Value:
 
 def _nonact(fl, eqn, ins, same_rank, out_shape) -> Value:
   ids = {a: _merge_axis(fl, [x.ids.get(a) for x, _ in same_rank]) for a in range(len(out_shape))}
-  idx = [x.index_of for x in ins if x.index_of is not None]
+  idx = {x.index_of for x in ins if x.index_of is not None}
   return _out(ids, ins, zero=_known_zero(eqn.primitive.name, ins, eqn),
-              index_of=idx[0] if len(idx) == 1 else None)
+              index_of=idx.pop() if len(idx) == 1 else None)
 
 
 def _known_zero(name: str, ins: list[Value], eqn) -> bool:
@@ -875,6 +875,18 @@ def scan(fl, eqn, ins, path):
   return res
 
 
+def gather(fl, eqn, ins, path):
+  """A gather of channels by indices held in the variables: the form a bundled
+  ResNet takes once its residual branches are slimmed. Its channel map depends
+  on the values, which a trace does not see."""
+  if any(x.index_of is not None for x in ins[1:]) and fl.carries_channels(ins[0]):
+    raise UnsupportedPrimitiveError(
+        f"jaxprune.trace: channels gathered by an index vector at {fl.where(eqn)}: this "
+        "network's residual branches were slimmed. Trace, mask and slim the unslimmed "
+        "network, and count a slimmed one with jaxprune.cost(graph, masks) of the original.")
+  return fl._unknown(eqn, ins)
+
+
 def _no_channels(fl, eqn, ins, path):
   outs = [_out({}, ins, zero=False) for _ in eqn.outvars]
   return outs if eqn.primitive.multiple_results else outs[0]
@@ -927,6 +939,7 @@ RULES.update({
     "remat2": _closed_call("jaxpr"),  # jax.checkpoint's primitive
     "cond": cond,
     "scan": scan,
+    "gather": gather,
     "iota": _no_channels,
     "random_bits": _no_channels,
     "random_seed": _no_channels,

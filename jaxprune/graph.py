@@ -189,6 +189,29 @@ class ChannelGraph:
       raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return [g.name for g in self.groups if kind is None or g.kind == kind]
 
+  def streams(self) -> list[str]:
+    """Channel groups that are residual streams: a branch group's channels are theirs.
+
+    The seeds' methods prune the branches and leave these whole.
+    """
+    starts = np.array(list(self.offsets.values()) + [FIRST + self.num_channels])
+    found: set[int] = set()
+    for axes in self.leaf_axes:
+      for e in axes.values():
+        if e.prod.shape[0] < 2:
+          continue
+        both = (e.prod[0] >= FIRST) & (e.prod[1] >= FIRST)
+        found.update(np.searchsorted(starts, np.unique(e.prod[0][both]), side="right") - 1)
+    return [g.name for k, g in enumerate(self.groups) if k in found and g.kind == "channel"]
+
+  def complete(self, masks: Masks, batch_shape: Sequence[int] = ()) -> dict[str, jax.Array]:
+    """`masks` for some groups, all-keep masks for the others."""
+    unknown = sorted(set(masks) - {g.name for g in self.groups})
+    if unknown:
+      raise ValueError(f"masks for unknown groups {unknown}")
+    ones = self.ones(batch_shape)
+    return {g.name: masks[g.name] if g.name in masks else ones[g.name] for g in self.groups}
+
   def ones(self, batch_shape: Sequence[int] = ()) -> dict[str, jax.Array]:
     """All-keep masks, optionally with leading per-sample axes."""
     return {g.name: jnp.ones((*batch_shape, g.size)) for g in self.groups}

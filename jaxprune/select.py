@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,23 +38,30 @@ def _masks_from_counts(graph: ChannelGraph, order: Mapping[str, np.ndarray], cou
   return out
 
 
-def _orders(graph: ChannelGraph, scores) -> dict[str, np.ndarray]:
-  missing = [g.name for g in graph.groups if g.name not in scores]
+def _orders(graph: ChannelGraph, scores, keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  unknown = sorted(set(keep) - {g.name for g in graph.groups})
+  if unknown:
+    raise ValueError(f"keep names unknown groups {unknown}")
+  missing = [g.name for g in graph.groups if g.name not in scores and g.name not in keep]
   if missing:
-    raise ValueError(f"scores missing for groups {missing}")
-  return {g.name: np.argsort(-np.asarray(scores[g.name]), kind="stable") for g in graph.groups}
+    raise ValueError(f"scores missing for groups {missing} (pass keep=[...] to keep groups whole)")
+  return {g.name: (np.arange(g.size) if g.name in keep
+                   else np.argsort(-np.asarray(scores[g.name]), kind="stable"))
+          for g in graph.groups}
 
 
 def local(scores: Mapping[str, jax.Array], graph: ChannelGraph, keep: float, *,
-          min_channels: int = 1, round_to: int = 1) -> Masks:
-  """Keep the top `keep` fraction of every group.
+          min_channels: int = 1, round_to: int = 1, whole: Sequence[str] = ()) -> Masks:
+  """Keep the top `keep` fraction of every group (groups in `whole` entirely).
 
   Example:
     >>> masks = jaxprune.select.local(scores, graph, keep=0.5)
   """
   _check_budget(keep, "keep")
-  order = _orders(graph, scores)
-  counts = [_keep_count(g.size, math.ceil(keep * g.size), min_channels, round_to) for g in graph.groups]
+  order = _orders(graph, scores, whole)
+  counts = [g.size if g.name in whole else
+            _keep_count(g.size, math.ceil(keep * g.size), min_channels, round_to)
+            for g in graph.groups]
   return _masks_from_counts(graph, order, counts)
 
 
@@ -65,8 +72,9 @@ def _unit_cost(graph: ChannelGraph, unit: str, mode: str):
 
 
 def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
-                unit: str = "macs", *, min_channels: int = 1, round_to: int = 1,
-                mode: str = "exact", normalize: bool = True) -> Masks:
+                unit: str | Callable[[Masks], jax.Array] = "macs", *, min_channels: int = 1,
+                round_to: int = 1, mode: str = "exact", normalize: bool = True,
+                whole: Sequence[str] = ()) -> Masks:
   """Keep the globally best channels while cost(unit) <= budget x dense cost.
 
   Scores are divided by their group's mean so groups compare (`normalize=False`
@@ -75,16 +83,18 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
   stops at the largest kept set within the budget, so the result is within
   one channel's worth of it. Every group keeps `min_channels` (its best), and
   with `round_to` > 1 kept counts are rounded down to multiples of it (even
-  widths run faster on most hardware).
+  widths run faster on most hardware). Groups in `whole` are kept entirely
+  (e.g. residual streams when pruning branches). `unit` is a cost unit or a
+  function of masks giving the cost to budget (e.g. a method's own count).
 
   Example:
     >>> masks = jaxprune.select.global_topk(scores, graph, budget=0.5, unit="macs")
   """
   _check_budget(budget)
-  if unit not in UNITS:
+  if not callable(unit) and unit not in UNITS:
     raise ValueError(f"unknown cost unit {unit!r}; choose one of {UNITS}")
-  order = _orders(graph, scores)
-  names = [g.name for g in graph.groups]
+  order = _orders(graph, scores, whole)
+  names = [g.name for g in graph.groups if g.name not in whole]
   norm = [np.asarray(scores[n], np.float64) for n in names]
   if normalize:
     norm = [s / (np.mean(np.abs(s)) + 1e-12) for s in norm]
@@ -92,14 +102,17 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
   gid = np.concatenate([np.full(len(s), k) for k, s in enumerate(norm)]) if norm else np.zeros(0, int)
   val = np.concatenate([np.sort(s) for s in norm]) if norm else np.zeros(0)
   ranking = gid[np.argsort(val, kind="stable")]
-  sizes = np.array([g.size for g in graph.groups])
+  pruned = [g for g in graph.groups if g.name not in whole]
+  sizes = np.array([g.size for g in pruned])
 
-  unit_cost = _unit_cost(graph, unit, mode)
+  unit_cost = unit if callable(unit) else _unit_cost(graph, unit, mode)
   full = float(unit_cost(graph.ones()))
 
   def masks_after(k: int) -> Masks:
-    removed = np.bincount(ranking[:k], minlength=len(sizes))
-    counts = [_keep_count(s, int(s - r), min_channels, round_to) for s, r in zip(sizes, removed)]
+    removed = dict(zip([g.name for g in pruned], np.bincount(ranking[:k], minlength=len(sizes))))
+    counts = [g.size if g.name in whole else
+              _keep_count(g.size, int(g.size - removed[g.name]), min_channels, round_to)
+              for g in graph.groups]
     return _masks_from_counts(graph, order, counts)
 
   def fits(k: int) -> bool:
@@ -111,7 +124,7 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
   if not fits(hi):
     floor = float(unit_cost(masks_after(hi))) / full
     raise ValueError(
-        f"budget {budget} in {unit} cannot be met: keeping {min_channels} channel(s) per "
+        f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {min_channels} channel(s) per "
         f"group already costs {floor:.4f} of the dense network. Raise the budget or "
         "lower min_channels.")
   while hi - lo > 1:

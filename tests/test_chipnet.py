@@ -278,3 +278,109 @@ def test_pipeline_rejects_bad_config_before_training(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "pretrain"))
   with pytest.raises(FileNotFoundError):
     E.pipeline(_config(transfer_from=str(tmp_path)), str(tmp_path))
+
+
+# ------------------------------------------------------ official (branch) units ----
+
+def _toy_with_projection(v, x):
+  """stem 3->4 (8x8); block 1: 4->3->4 added to the stream; block 2: stride-2
+  4->3->4 (4x4) added to a stride-2 1x1 projection of the stream; GAP; fc."""
+  from jaxprune.models.layers import expand_channels, gather_channels
+  p, o = v["params"], v["other"]
+  conv = lambda h, w, s=1: jax.lax.conv_general_dilated(   # noqa: E731
+      h, w, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = expand_channels(jax.nn.relu(conv(x, p["stem"])), o["stem_i"])
+  u = jax.nn.relu(conv(gather_channels(h, o["in1"]), p["c1a"]))
+  h = jax.nn.relu(h + expand_channels(conv(u, p["c1b"]), o["out1"]))
+  g = gather_channels(h, o["in2"])
+  u = jax.nn.relu(conv(g, p["c2a"], 2))
+  h = jax.nn.relu(expand_channels(conv(u, p["c2b"]), o["out2"])
+                  + expand_channels(conv(g, p["ds"], 2), o["ds_i"]))
+  return gather_channels(h.mean((1, 2)), o["fc_i"]) @ p["fc"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+  rng = np.random.default_rng(0)
+  w = lambda *s: jnp.asarray(rng.normal(0, 0.5, s), jnp.float32)  # noqa: E731
+  v = {"params": {"stem": w(3, 3, 3, 4), "c1a": w(3, 3, 4, 3), "c1b": w(3, 3, 3, 4),
+                  "c2a": w(3, 3, 4, 3), "c2b": w(3, 3, 3, 4), "ds": w(1, 1, 4, 4), "fc": w(4, 2)},
+       "other": {n: jnp.arange(4, dtype=jnp.int32)
+                 for n in ("stem_i", "in1", "out1", "in2", "out2", "ds_i", "fc_i")}}
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  return v, x, jaxprune.trace(_toy_with_projection, v, x[:1], branches=True)
+
+
+def test_branch_units_are_the_official_set(toy):
+  _, _, graph = toy
+  assert chipnet.unit_groups(graph) == ["c1a", "c2a", "stem:branch", "c1b:branch",
+                                        "c2b:branch", "ds:branch"]
+  assert graph.streams() == ["stem", "c2b"]  # the two residual streams stay whole
+  # ResNet-20 with projection shortcuts, as the official code builds it
+  from test_branches import branch_setup
+  g = branch_setup("resnet20_b", 16)[3]
+  units = chipnet.unit_groups(g)
+  want = (["conv1:branch"] + [f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3)
+                               for c in ("conv1", "conv2:branch")]
+          + ["layer2.0.downsample.conv:branch", "layer3.0.downsample.conv:branch"])
+  assert sorted(units) == sorted(want)
+  assert not set(units) & set(g.streams())
+
+
+def test_volume_paper_by_hand(toy):
+  _, _, graph = toy
+  rng = np.random.default_rng(1)
+  units = chipnet.unit_groups(graph)
+  for _ in range(3):
+    m = {n: (rng.random(graph.group(n).size) < 0.5).astype(np.float32) for n in units}
+    s = {n: m[n].sum() for n in units}
+    # stem, block 1 at 8x8 = 64; block 2 and the projection at 4x4 = 16
+    want = ((64 * (s["stem:branch"] + s["c1a"] + s["c1b:branch"])
+             + 16 * (s["c2a"] + s["c2b:branch"] + s["ds:branch"]))
+            / (64 * (4 + 3 + 4) + 16 * (3 + 4 + 4)))
+    assert float(chipnet.paper_volume(graph, m)) == pytest.approx(want)
+  assert float(chipnet.paper_volume(graph, {n: np.ones(graph.group(n).size) for n in units})) == 1.0
+
+
+@pytest.mark.parametrize("unit", ["volume", "macs", "params", "channels", "volume_paper"])
+def test_soft_budget_is_the_exact_ratio_at_binary_masks_with_branches(toy, unit):
+  _, _, graph = toy
+  rng = np.random.default_rng(2)
+  units = chipnet.unit_groups(graph)
+  big = 40.0  # saturates the logistic and the Heaviside: binary z
+  for _ in range(3):
+    zeta = {n: jnp.asarray(np.where(rng.random(graph.group(n).size) < 0.5, big, -big), jnp.float32)
+            for n in units}
+    hp = chipnet.Hparams(np.float32(6.0), np.float32(256.0), np.float32(60.0))
+    hard = {n: (v > 0).astype(jnp.float32) for n, v in zeta.items()}
+    hard = chipnet.keep_best(hard, zeta, 1)
+    want = (chipnet.paper_volume(graph, hard) if unit == "volume_paper"
+            else jaxprune.ratio(graph, graph.complete(hard), unit))
+    got = chipnet.soft_budget(graph, zeta, hp, unit)
+    assert float(got) == pytest.approx(float(want), abs=1e-5)
+
+
+@pytest.mark.parametrize("budget_type,budget", [("volume", 0.5), ("volume", 0.25),
+                                                ("volume_paper", 0.25), ("flops", 0.5)])
+def test_threshold_on_branch_units_meets_budget_and_masked_equals_slimmed(budget_type, budget):
+  from test_branches import branch_setup
+  from custom_models import jit_masked, param_count
+  model, fn, v, graph, x = branch_setup("resnet20_b", 16)
+  units = chipnet.unit_groups(graph)
+  zeta = chipnet.init(jax.random.key(3), graph, high=1.0)
+  hard = chipnet.hard_masks(zeta, graph, budget=budget, budget_type=budget_type)
+  assert set(hard) == {g.name for g in graph.groups}
+  for n in graph.streams():
+    assert float(hard[n].min()) == 1.0
+  unit = chipnet.unit_of(budget_type)
+  achieved = float(chipnet.budget_ratio(graph, {n: hard[n] for n in units}, unit))
+  assert achieved <= budget * (1 + 1e-6)
+  small = jaxprune.slim_module(model, graph, hard)
+  np.testing.assert_allclose(np.asarray(small(x)), np.asarray(jit_masked(fn, graph)(v, hard, x)),
+                             atol=1e-4)
+  # the slimmed network holds what the graph counted; it is counted, not re-traced
+  _, v_s = jaxprune.functional(small)
+  assert param_count(v_s) == float(jaxprune.cost(graph, hard).params)
+  fn_s = jaxprune.functional(small)[0]
+  with pytest.raises(jaxprune.UnsupportedPrimitiveError, match="slimmed"):
+    jaxprune.trace(fn_s, v_s, x[:1])

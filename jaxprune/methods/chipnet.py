@@ -22,9 +22,22 @@ the end (and at every epoch, to pick the best checkpoint) a global threshold
 on z turns the masks binary so the network meets the budget; `jaxprune.slim`
 then removes the channels.
 
+Units. On a graph traced with `branches=True` (units="branch", the official
+code's): ζ for the stem, every block's inner conv, the last BN of every
+residual branch and every projection shortcut; residual streams are never
+masked (a stream channel lives while any producer reaching it keeps it). On a
+channel graph (units="stream"): ζ for every channel group, a residual stream
+as one group.
+
+Budgets: the core's exact cost of the soft masks in channels, volume, params
+or MACs ("flops"), or "volume_paper", the official definition: the sum over
+masked layers of activation area x kept channels over the same with all
+channels.
+
 Differences from the official code (PyTorch, transmuteAI/ChipNet), on purpose:
-  * Groups, not layers: coupled channels (a residual stream) share one ζ, so
-    the binary network can always be slimmed.
+  * The budget is the exact cost of the network as slimmed (a stream channel
+    counts for a consumer while any producer that reaches it keeps it), not a
+    per-layer approximation against a "previous" layer.
   * Soft rounding is normalised, (σ(s(z−½)) − σ(−s/2)) / (σ(s/2) − σ(−s/2)),
     so it maps 0 → 0 and 1 → 1 exactly for every s (the official σ(s(z−½))
     is off by σ(−s/2) = 0.7% at s = 10, negligible from s = 20).
@@ -49,6 +62,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, NamedTuple
 
@@ -65,7 +79,8 @@ Masks = dict[str, jax.Array]
 # ChipNet's budget types -> units of `jaxprune.cost`. "flops" is the paper's
 # name for multiply-accumulates of convs and dense layers.
 BUDGET_UNITS = {"channels": "channels", "volume": "volume", "params": "params",
-                "flops": "macs", "macs": "macs"}
+                "flops": "macs", "macs": "macs", "volume_paper": "volume_paper"}
+UNITS = ("branch", "stream")
 
 W_BUDGET = 30.0  # official defaults (pruning.py / trailmet chipnet.yaml)
 W_CRISP = 10.0
@@ -122,15 +137,34 @@ def hparams(step: int | float, schedule: Schedule = Schedule()) -> Hparams:
 
 # ------------------------------------------------------------- pure functions
 
-def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH) -> Masks:
-  """ζ ~ U(0, high) per channel, one vector per channel group (official init).
+def unit_groups(graph: ChannelGraph, units: str | None = None) -> list[str]:
+  """The groups ChipNet masks: all but the residual streams on a branch graph
+  (units="branch", the official units), every group on a channel graph
+  ("stream"). By default the units follow the graph.
+
+  >>> unit_groups(graph)[:3]   # ['conv1:branch', 'layer1.0.conv1', 'layer1.0.conv2:branch'] (names)
+  """
+  units = ("branch" if graph.has_branches else "stream") if units is None else units
+  if units not in UNITS:
+    raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+  if (units == "branch") != graph.has_branches:
+    raise ValueError(f"units={units!r} needs a graph traced with branches="
+                     f"{units == 'branch'} (jaxprune.trace(..., branches=...)).")
+  streams = set(graph.streams()) if units == "branch" else set()
+  return [g.name for g in graph.groups if g.name not in streams]
+
+
+def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH,
+         groups: list[str] | None = None) -> Masks:
+  """ζ ~ U(0, high) per channel, one vector per masked group (official init).
 
   >>> zeta = init(jax.random.key(0), graph)
   >>> {k: v.shape for k, v in zeta.items()}
   """
-  keys = jax.random.split(key, max(len(graph.groups), 1))
-  return {g.name: jax.random.uniform(k, (g.size,), jnp.float32, 0.0, high)
-          for g, k in zip(graph.groups, keys)}
+  groups = unit_groups(graph) if groups is None else groups
+  keys = jax.random.split(key, max(len(groups), 1))
+  return {n: jax.random.uniform(k, (graph.group(n).size,), jnp.float32, 0.0, high)
+          for n, k in zip(groups, keys)}
 
 
 def logistic(zeta: jax.Array, beta: jax.Array | float) -> jax.Array:
@@ -191,16 +225,60 @@ def keep_best(masks: Mapping[str, jax.Array], scores: Mapping[str, jax.Array],
   return out
 
 
+def areas(graph: ChannelGraph, groups: tuple[str, ...]) -> dict[str, float]:
+  """Activation area (output spatial size) of each group's producing layer."""
+  return dict(_areas(graph, tuple(groups)))
+
+
+@functools.lru_cache(maxsize=32)
+def _areas(graph: ChannelGraph, groups: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+  offsets = graph.offsets
+  out = []
+  for n in groups:
+    o, size = offsets[n], graph.group(n).size
+    for t in graph.terms:
+      if t.kind != "volume":
+        continue
+      rows = t.factors[0].prod
+      if np.isin(np.arange(o, o + size), rows).all():
+        out.append((n, float(t.coef)))
+        break
+    else:
+      raise ValueError(f"no layer produces group {n!r}: it has no activation area")
+  return tuple(out)
+
+
+def paper_volume(graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> jax.Array:
+  """The official volume budget: sum over the masked groups of activation area x kept
+  channels, over the same with every channel kept (linear in the masks).
+
+  >>> paper_volume(graph, {n: jnp.ones(graph.group(n).size) for n in unit_groups(graph)})
+  1.0
+  """
+  a = areas(graph, tuple(masks))
+  kept = sum(a[n] * jnp.sum(m) for n, m in masks.items())
+  return kept / sum(a[n] * graph.group(n).size for n in masks)
+
+
 def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, unit: str,
                 *, min_channels: int = 1, mode: str = "exact") -> jax.Array:
   """V(z): the kept fraction of `unit`, from soft-rounded masks; differentiable in ζ.
 
   At binary z this is exactly `jaxprune.ratio` of the mask the threshold
-  would keep (every group keeps at least `min_channels`).
+  would keep (every group keeps at least `min_channels`; groups without ζ,
+  e.g. residual streams, are kept).
   """
   _, z = project(zeta, hp.beta, hp.gamma)
   counts = keep_best({k: soft_round(v, hp.s) for k, v in z.items()}, zeta, min_channels)
-  return ratio(graph, counts, unit, mode=mode)
+  return budget_ratio(graph, counts, unit, mode=mode)
+
+
+def budget_ratio(graph: ChannelGraph, masks: Mapping[str, jax.Array], unit: str, *,
+                 mode: str = "exact") -> jax.Array:
+  """Kept fraction in `unit` (a cost unit or "volume_paper") of masks for ChipNet's groups."""
+  if unit == "volume_paper":
+    return paper_volume(graph, masks)
+  return ratio(graph, graph.complete(masks), unit, mode=mode)
 
 
 def penalty(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, *,
@@ -235,15 +313,17 @@ def unit_of(budget_type: str) -> str:
 
 
 def budget_floor(graph: ChannelGraph, unit: str, min_channels: int = 1,
-                 mode: str = "exact") -> float:
-  """The smallest budget reachable when every group keeps `min_channels`."""
-  masks = {g.name: (np.arange(g.size) < min(min_channels, g.size)).astype(np.float32)
-           for g in graph.groups}
-  return float(ratio(graph, masks, unit, mode=mode))
+                 mode: str = "exact", groups: list[str] | None = None) -> float:
+  """The smallest budget reachable when every masked group keeps `min_channels`."""
+  groups = unit_groups(graph) if groups is None else groups
+  masks = {n: (np.arange(graph.group(n).size) < min(min_channels, graph.group(n).size)
+               ).astype(np.float32) for n in groups}
+  return float(budget_ratio(graph, masks, unit, mode=mode))
 
 
 def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
-                 min_channels: int = 1, mode: str = "exact") -> str:
+                 min_channels: int = 1, mode: str = "exact",
+                 groups: list[str] | None = None) -> str:
   """Validates a budget before any training; returns its cost unit.
 
   Raises ValueError for a budget outside (0, 1], an unknown budget type,
@@ -257,7 +337,7 @@ def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
   if int(min_channels) < 1:
     raise ValueError(f"min_channels must be >= 1 (a group without channels cuts the "
                      f"network), got {min_channels}")
-  floor = budget_floor(graph, unit, min_channels, mode)
+  floor = budget_floor(graph, unit, min_channels, mode, groups)
   if budget < floor * (1 - 1e-6):
     raise ValueError(
         f"budget {budget} of {budget_type} cannot be met: keeping {min_channels} channel(s) "
@@ -278,14 +358,19 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   channel's worth of the budget. Each group keeps its `min_channels` best.
 
   This is `jaxprune.select.global_topk` without dividing scores by their
-  group's mean: ChipNet's masks are on one global scale already.
+  group's mean: ChipNet's masks are on one global scale already. Groups
+  without scores (residual streams on branch units) are kept whole.
 
   >>> hard = threshold(zeta, graph, budget=0.25, unit="volume")
   >>> float(jaxprune.ratio(graph, hard, "volume")) <= 0.25
   True
   """
+  whole = [g.name for g in graph.groups if g.name not in scores]
+  if unit == "volume_paper":
+    names = tuple(scores)
+    unit = lambda m: paper_volume(graph, {n: m[n] for n in names})  # noqa: E731
   return select.global_topk(scores, graph, budget, unit, min_channels=min_channels, mode=mode,
-                            normalize=False)
+                            normalize=False, whole=whole)
 
 
 def hard_masks(zeta: Mapping[str, jax.Array], graph: ChannelGraph, *, budget: float,

@@ -73,21 +73,6 @@ UNITS = ("branch", "stream")
 EXCLUDE = r"downsample|shortcut|proj"  # projection shortcuts: not gated in the official code
 
 
-def stream_groups(graph: ChannelGraph) -> set[str]:
-  """Channel groups that are residual streams: their channels are also a branch's."""
-  offsets = graph.offsets
-  starts = np.array([offsets[g.name] for g in graph.groups])
-  out = set()
-  for axes in graph.leaf_axes:
-    for e in axes.values():
-      if e.prod.shape[0] < 2:
-        continue
-      both = (e.prod[0] >= starts[0]) & (e.prod[1] >= starts[0])
-      for f in np.unique(e.prod[0][both]):
-        out.add(graph.groups[int(np.searchsorted(starts, f, side="right") - 1)].name)
-  return {n for n in out if graph.group(n).kind == "channel"}
-
-
 def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
                 units: str | None = None, exclude: str = EXCLUDE,
                 groups: tuple[str, ...] | None = None) -> tuple[GatePoint, ...]:
@@ -118,7 +103,7 @@ def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
   if units == "stream" and graph.has_branches:
     raise ValueError("units='stream' gates channel groups only: trace without branches=True.")
   prods = jaxprune.producers(fn, graph, variables, *args)
-  skip = stream_groups(graph) if units == "branch" else set()
+  skip = set(graph.streams()) if units == "branch" else set()
   wanted = set(g.name for g in graph.groups) if groups is None else set(groups)
   points = tuple(GatePoint(p.name, p.c_in, p.size, p.feature_axis, p.spatial_axes)
                  for n, p in prods.items()
