@@ -73,6 +73,7 @@ class MaskSite:
   ids: np.ndarray
   event: int | None = None  # index event of the operand (a gathered input)
   chain: bool = False       # the operand is one producer's chain (see module docstring)
+  token: int | None = None  # that producer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Token:
   spatial: tuple[int, ...] = ()  # and its other non-batch axes
   c_in: int = 0                # input features
   op: str = "conv"             # "conv" | "dense"
+  first: bool = False          # reads the network's input (no producer before it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -715,7 +717,7 @@ def conv(fl, eqn, ins, path) -> Value:
   if lhs.act and not rhs.act and (rhs_out >= 0).any():
     lshape = _shape(eqn.invars[0])
     out_ids, t = _producer(fl, rhs_out, name, path=path, operand=0, in_axis=lf,
-                           spatial=tuple(lsp), c_in=int(lshape[lf]))
+                           spatial=tuple(lsp), c_in=int(lshape[lf]), first=not lhs.origin)
     origin = frozenset({t})
   ids = {of: out_ids}
   if lb in lhs.ids:
@@ -724,7 +726,8 @@ def conv(fl, eqn, ins, path) -> Value:
   if origin:
     out.origin = origin
   if lhs.act and lhs_f is not None:
-    fl.sites.append(MaskSite(path, 0, lf, lhs_f, lhs.index_event, len(lhs.origin) == 1))
+    fl.sites.append(MaskSite(path, 0, lf, lhs_f, lhs.index_event, len(lhs.origin) == 1,
+                              next(iter(lhs.origin)) if len(lhs.origin) == 1 else None))
   if lhs.act:
     spatial = math.prod(oshape[a] for a in osp) * math.prod(rshape[a] for a in rsp)
     if cin_g == 1 and g > 1:
@@ -775,7 +778,8 @@ def dot_general(fl, eqn, ins, path) -> Value:
         spatial = tuple(a for a in range(len(xs)) if a not in cdims and a != 0)
         out_ids[start + k], t = _producer(
             fl, ids, name, path=path, operand=act_side, in_axis=cdims[0] if cdims else -1,
-            spatial=spatial, c_in=int(math.prod(xs[a] for a in cdims)), op="dense")
+            spatial=spatial, c_in=int(math.prod(xs[a] for a in cdims)), op="dense",
+            first=not x.origin)
         origin = origin | {t}
     for a, b in zip(cdims, wc):
       wi = w.ids.get(b)
@@ -789,7 +793,8 @@ def dot_general(fl, eqn, ins, path) -> Value:
     for a in cdims:
       if a in x.ids:
         fl.sites.append(MaskSite(path, act_side, a, x.ids[a], x.index_event,
-                                 len(x.origin) == 1))
+                                 len(x.origin) == 1,
+                                 next(iter(x.origin)) if len(x.origin) == 1 else None))
     w, wc = (rhs, rc) if act_side == 0 else (lhs, lc)
     coef, factors = 1.0, []
     # per-sample MACs = prod over contracting axes and both operands' free

@@ -33,6 +33,7 @@ class Producer(NamedTuple):
   spatial_axes: tuple[int, ...]  # of that input (pool over them for a per-sample summary)
   order: int = 0                # program order of the producing layer
   layer: str = ""               # its weight's name, e.g. "layer1.0.conv2"
+  first: bool = False           # it reads the network's input (a stem)
 
 
 class GateInput(NamedTuple):
@@ -100,7 +101,7 @@ def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any
     t = toks.get(g.name)
     if t is not None and t.in_axis >= 0:
       out[g.name] = Producer(g.name, g.kind, t.op, g.size, t.c_in, t.in_axis, t.spatial,
-                             order[id(t)], t.name.rsplit(".", 1)[0])
+                             order[id(t)], t.name.rsplit(".", 1)[0], t.first)
   return dict(sorted(out.items(), key=lambda kv: kv[1].order))
 
 

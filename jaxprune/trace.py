@@ -541,7 +541,11 @@ def site_exprs(graph: ChannelGraph, fl: ChannelFlow, leaf_vals) -> dict:
   training mode): conv/dense inputs and, with branch groups, residual-sum operands.
 
   Channels are matched through the variables they touch, branches through
-  their producer's weight leaf.
+  their producer's weight leaf. A branch mask scales its producer's output once:
+  at the residual-sum operand and where a layer reads that output before the
+  sum (a stem's first block). A stream channel that no producer keeps is then
+  zero by itself, so consumers multiply by their channel masks alone (the
+  union is what `cost` counts; here soft masks would otherwise scale twice).
   """
   if len(leaf_vals) != len(graph.leaf_shapes):
     raise ValueError(
@@ -578,8 +582,12 @@ def site_exprs(graph: ChannelGraph, fl: ChannelFlow, leaf_vals) -> dict:
   resolver = Resolver(fl, label, flat_of_comp, branch)
   out = {}
   for s in fl.sites:
-    e = resolver.expr(s.ids)
-    if (e.prod[0] >= FIRST).any() or (e.prod[1:] != ONE).any() or e.union.shape[0]:
+    rows = [resolver.channel(s.ids)]
+    if branch and s.token in branch:
+      rows.append(resolver.entry(s.token, label[s.ids]).astype(np.int32))
+      rows[-1] = np.where(rows[-1] >= 0, rows[-1], ONE).astype(np.int32)
+    e = Expr.of(rows)
+    if (e.prod[0] >= FIRST).any() or (e.prod[1:] != ONE).any():
       out[(s.path, s.operand)] = (s.axis, e)
   for s in fl.branch_sites:
     if branch and s.token in branch:
