@@ -15,6 +15,7 @@ _METHODS = {
     "magnitude": "jaxprune.methods.magnitude",
     "ftwt": "jaxprune.methods.ftwt",
     "chipnet": "jaxprune.methods.chipnet",
+    "epi": "jaxprune.methods.epi",
 }
 
 
