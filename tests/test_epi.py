@@ -217,7 +217,7 @@ def test_calibrate_tau():
 
 def test_config_errors_and_defaults():
   assert epi.Config().threshold == 0.983 and epi.Config(criterion="taylor").threshold == 0.944
-  assert epi.Config().norm == "rms" and epi.Config(criterion="taylor").norm == "raw"
+  assert epi.Config().norm == "group_mean" and epi.Config(criterion="taylor").norm == "raw"
   for bad, match in [({"criterion": "l1"}, "criterion"), ({"prune_ratio": 1.0}, "prune_ratio"),
                      ({"unit": "joules"}, "unit"), ({"distance_norm": "l2"}, "distance_norm"),
                      ({"r": 0}, "r must"), ({"criterion": "taylor", "score_norm": "rms"}, "rms"),
@@ -377,7 +377,7 @@ def test_dominant_counts_budget_and_min_keep():
   _, variables, graph, _ = residual_setup()
   spec = epi.channel_leaves(graph)
   for cfg in (epi.Config(prune_ratio=0.5), epi.Config(prune_ratio=0.6, min_keep=2),
-              epi.Config(prune_ratio=0.5, score_norm="group_mean", unit="macs")):
+              epi.Config(prune_ratio=0.5, score_norm="rms", unit="macs")):
     sub = epi.dominant(epi.scores(cfg, spec, graph, variables), graph, cfg)
     assert sub.counts.tolist() == [int(np.asarray(sub.masks[g.name]).sum()) for g in graph.groups]
     assert sub.flat.sum() == sub.counts.sum() and min(sub.counts) >= cfg.min_keep

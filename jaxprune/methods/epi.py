@@ -14,8 +14,8 @@ values), slim, slice the optimizer state, and keep training the small network
 on the rest of the same lr schedule. No official code exists; every choice
 the paper does not pin down is a field of `Config` (see docs/epi.md).
 
-Criteria: magnitude (RMS of each channel's output filters, so layers
-compare) or first-order Taylor on BatchNorm parameters,
+Criteria: magnitude (the L2 norm of each channel's filters, normalised per
+group so layers compare) or first-order Taylor on BatchNorm parameters,
 |sum_bn gamma dL/dgamma + beta dL/dbeta| over a coupled group, averaged over
 the epoch's steps from the gradients the train step already has
 (`taylor_accumulate`, or `taylor_transform` chained in front of the optimizer).
@@ -69,12 +69,14 @@ class Config:
   unit: a `jaxprune.cost` unit the selection budgets ("channels" = the
     paper's neuron count; "macs" for a compute target).
   min_keep: channels every group keeps [unverified; the usual safeguard].
-  score_norm: how scores compare across groups [unverified]. "rms": L2 of a
-    channel's output filters / sqrt(their number of weights), ranked raw
-    (the default for magnitude); "group_mean": the core's criterion divided
-    by its group mean (`criteria.l2`, `global_topk(normalize=True)`);
-    "raw": scores as they are (the default for taylor, as in HALP).
-  taylor_square: square instead of abs (Molchanov 2019 squares; HALP abs).
+  score_norm: how scores compare across groups [unverified]. None: the
+    criterion's default. "group_mean" (magnitude's default): the core's
+    L2 criterion (`criteria.l2`), each group divided by its mean before the
+    global ranking (`global_topk(normalize=True)`); "rms": L2 of a channel's
+    output filters / sqrt(their number of weights), ranked raw (the paper's
+    Eq. (2) as cited; at He/LeCun init the RMS falls as 1/sqrt(fan), so it
+    empties the widest layers, see docs/epi.md); "raw": scores as they are
+    (taylor's default, as in HALP).
   distance_norm: normaliser of |a_i - a_j| in Psi [unverified]: "sum"
     (a_i + a_j), "max" (max(a_i, a_j)) or "width" (the group's size).
   r: previous sub-networks EPI averages over [unverified; figure: ~5].
@@ -93,7 +95,6 @@ class Config:
   unit: str = "channels"
   min_keep: int = 1
   score_norm: str | None = None
-  taylor_square: bool = False
   distance_norm: str = "sum"
   r: int = 5
   window: int = 5
@@ -131,7 +132,7 @@ class Config:
   def norm(self) -> str:
     if self.score_norm is not None:
       return self.score_norm
-    return "rms" if self.criterion == "magnitude" else "raw"
+    return "group_mean" if self.criterion == "magnitude" else "raw"
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +263,8 @@ def taylor_step(spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
   """One step's Taylor score per channel (flat): |sum_bn gamma g_gamma + beta g_beta|.
 
   Summed over the group's normalisation layers before the abs (HALP); a
-  group without one uses its kernels' output filters, |sum w g|.
+  group without one uses its kernels' output filters, |sum w g|. `square`
+  squares instead of the abs (Molchanov et al. 2019) [unverified which EPI used].
   """
   p, g = spec.leaves(params), spec.leaves(grads, "grads")
   parts = []
