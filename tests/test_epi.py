@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 import jaxprune
 import jaxprune.training as T
-from custom_models import build, input_
+from custom_models import build, input_, zoo
 from jaxprune.methods import epi
 
 
@@ -371,6 +371,33 @@ def test_taylor_skips_non_finite_steps_and_needs_steps():
   assert int(acc.count) == 0 and np.all(np.asarray(acc.total) == 0)
   with pytest.raises(ValueError, match="structure"):
     epi.taylor_step(spec, variables["params"], {"a": 1})
+
+
+def test_taylor_on_resnet20_residual_stream_by_hand():
+  """The stage-1 stream of an option-A ResNet-20 is one group written by the stem and every
+  block's bn2; in stages 2 and 3 its 8 channels sit in the middle of the zero-padded stream
+  (channels 4..11 of 16, then 12..19 of 32)."""
+  model = zoo("resnet20", widths=(8, 16, 32))
+  fn, variables = jaxprune.functional(model)
+  graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)))
+  spec = epi.channel_leaves(graph)
+  stream = next(g for g in spec.groups if g.name == "conv1")
+  assert len(stream.bn) == 10 and len(stream.kernels) == 10
+  p = variables["params"]
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), p)
+  got = np.asarray(epi.taylor_step(spec, p, grads))[:8]   # the stem's group comes first
+  assert graph.groups[0].name == "conv1"
+  offset = {"layer1": 0, "layer2": 4, "layer3": 12}
+  bns = [("bn1", 0)] + [((layer, str(b), "bn2"), offset[layer]) for layer in offset
+                        for b in range(3)]
+  total = np.zeros(8)
+  for path, off in bns:
+    get = lambda t: functools.reduce(lambda d, k: d[int(k) if k.isdigit() else k],
+                                     path if isinstance(path, tuple) else (path,), t)
+    bp, bg = get(p), get(grads)
+    total += (np.asarray(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"])[off:off + 8])
+  np.testing.assert_allclose(got, np.abs(total), rtol=1e-5, atol=1e-6)
 
 
 def test_dominant_counts_budget_and_min_keep():
