@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -233,7 +232,8 @@ def magnitude_rms(spec: ChannelLeaves, params: Pytree) -> dict[str, jax.Array]:
   """Per channel, sqrt(sum of its output filters' squared weights / their count).
 
   The paper's Eq. (2) as cited, ||W_n||_2 / sqrt(P) [unverified], over the
-  union of a coupled group's filters, so groups of any fan-in compare.
+  union of a coupled group's filters (`score_norm="rms"`). Meant to make
+  layers compare; at He/LeCun init it falls as 1/sqrt(fan) (docs/epi.md).
   """
   leaves = spec.leaves(params)
   out = {}
@@ -621,7 +621,9 @@ def slim_state(state: Any, graph: ChannelGraph, masks: Mapping[str, jax.Array]) 
 
   The step count and the optimizer's schedule counters are kept, so training
   continues on the same lr schedule. Rebuild the model from the new
-  variables with `jaxprune.module` and re-jit the step.
+  variables with `jaxprune.module` and re-jit the step. Drop a
+  `taylor_transform` stage first (`opt_state[1]` of its chain): its
+  accumulator is sized for the dense network.
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
   small = jaxprune.slim(variables, graph, masks)
