@@ -400,6 +400,47 @@ def test_taylor_on_resnet20_residual_stream_by_hand():
   np.testing.assert_allclose(got, np.abs(total), rtol=1e-5, atol=1e-6)
 
 
+def test_branch_groups_score_their_producer_and_prune_mid_training():
+  """With trace(branches=True) each residual producer is a group of its own: its Taylor score
+  is that producer's BN alone, and the dominant sub-network over channel and branch groups
+  slims, with the optimizer state, into a network whose train step runs."""
+  model = zoo("resnet20", widths=(8, 16, 32))
+  fn, variables = jaxprune.functional(model)
+  graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)), branches=True)
+  spec = epi.channel_leaves(graph)
+  names = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+  branch = next(g for g in spec.groups if g.name == "layer2.1.conv2:branch")
+  assert [names[s.leaf] for pair in branch.bn for s in pair] == [
+      "['layer2'][1]['bn2']['scale']", "['layer2'][1]['bn2']['bias']"]
+  assert [names[s.leaf] for s in branch.kernels] == ["['layer2'][1]['conv2']['kernel']"]
+  p = variables["params"]
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), p)
+  offsets = dict(zip([g.name for g in graph.groups], np.cumsum([0] + [g.size for g in graph.groups])))
+  got = np.asarray(epi.taylor_step(spec, p, grads))[offsets[branch.name]:][:branch.size]
+  bp, bg = p["layer2"][1]["bn2"], grads["layer2"][1]["bn2"]
+  np.testing.assert_allclose(got, np.abs(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"]),
+                             rtol=1e-5, atol=1e-6)
+
+  cfg = epi.Config(unit="macs")
+  sub = epi.dominant(epi.scores(cfg, spec, graph, variables), graph, cfg)
+  assert float(jaxprune.ratio(graph, sub.masks)) <= 0.5 + 1e-6
+  assert len(sub.counts) == len(graph.groups) and sub.counts.sum() == sub.flat.sum()
+  tx = optax.sgd(0.1, momentum=0.9)
+  graphdef, state = T.create_train_state(model, tx, rng=0)
+  step = T.make_train_step(T.nnx_apply(graphdef), tx, donate=False)
+  batch = {"image": input_((4, 32, 32, 3)), "label": jnp.arange(4)}
+  state, _ = step(state, batch)
+  small = epi.slim_state(state, graph, sub.masks)
+  v_small = {"params": small.params, "batch_stats": small.batch_stats, "other": small.other}
+  small_model = jaxprune.module(graphdef, v_small, jnp.zeros((1, 32, 32, 3)))
+  jax.tree.map(lambda m, q: np.testing.assert_equal(np.shape(m), np.shape(q)),
+               small.opt_state[0].trace["params"], small.params)
+  small, metrics = T.make_train_step(T.nnx_apply(nnx.graphdef(small_model)), tx)(small, batch)
+  assert np.isfinite(float(metrics["loss"])) and int(small.step) == 2
+
+
 def test_dominant_counts_budget_and_min_keep():
   _, variables, graph, _ = residual_setup()
   spec = epi.channel_leaves(graph)
