@@ -16,6 +16,7 @@ _METHODS = {
     "ftwt": "jaxprune.methods.ftwt",
     "chipnet": "jaxprune.methods.chipnet",
     "manidp": "jaxprune.methods.manidp",
+    "epi": "jaxprune.methods.epi",
 }
 
 

@@ -1,0 +1,689 @@
+"""EPI: when to prune, from the stability of the dominant sub-network.
+
+"When to Prune? A Policy towards Early Structural Pruning" (Shen, Molchanov,
+Yin, Alvarez, CVPR 2022). Train dense from scratch; after every epoch k rank
+all channels with a criterion and take the *dominant sub-network* A_k: per
+channel group, the number of channels a global selection at prune ratio p
+would keep now. When these architectures stop changing,
+
+    Psi(A_i, A_j) = 1 - mean_l |a_i^l - a_j^l| / (a_i^l + a_j^l)
+    EPI_k = mean_{j=1..r} Psi(A_k, A_{k-j}),
+
+prune once (EPI_k >= tau and EPI_k not below any of its last `window`
+values), slim, slice the optimizer state, and keep training the small network
+on the rest of the same lr schedule. No official code exists; every choice
+the paper does not pin down is a field of `Config` (see docs/epi.md).
+
+Criteria: magnitude (the L2 norm of each channel's filters, normalised per
+group so layers compare) or first-order Taylor on BatchNorm parameters,
+|sum_bn gamma dL/dgamma + beta dL/dbeta| over a coupled group, averaged over
+the epoch's steps from the gradients the train step already has
+(`taylor_accumulate`, or `taylor_transform` chained in front of the optimizer).
+
+Example:
+  >>> spec = epi.channel_leaves(graph)                          # once per graph
+  >>> cfg = epi.Config(criterion="magnitude", prune_ratio=0.5, unit="macs")
+  >>> tracker = epi.init([g.size for g in graph.groups], capacity=epochs + 1)
+  >>> for epoch in range(epochs + 1):                           # record 0: at init
+  ...   if epoch: state = train_one_epoch(state)
+  ...   scores = epi.scores(cfg, spec, graph, variables(state))
+  ...   sub = epi.dominant(scores, graph, cfg)
+  ...   tracker, fire = epi.update(tracker, sub.counts, sub.flat, cfg)
+  ...   if fire:
+  ...     state = epi.slim_state(state, graph, sub.masks)       # params, stats, momentum
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune
+from jaxprune import criteria, select
+from jaxprune.graph import ChannelGraph
+
+Pytree = Any
+
+# tau from the paper's stability figure (ResNet-34/50, ImageNet, 90 epochs).
+TAU = {"magnitude": 0.983, "taylor": 0.944}
+CRITERIA = ("magnitude", "taylor")
+SCORE_NORMS = ("rms", "group_mean", "raw")
+DISTANCE_NORMS = ("sum", "max", "width")
+INDICATORS = ("epi", "early_bird")
+# Backward ~ 2 forwards (gradients w.r.t. activations and w.r.t. weights).
+TRAIN_MACS_PER_FORWARD = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """EPI's settings; fields marked [unverified] are the paper's open choices.
+
+  criterion: "magnitude" or "taylor".
+  prune_ratio: p, the fraction of `unit` removed (paper: of neurons).
+  unit: a `jaxprune.cost` unit the selection budgets ("channels" = the
+    paper's neuron count; "macs" for a compute target).
+  min_keep: channels every group keeps [unverified; the usual safeguard].
+  score_norm: how scores compare across groups [unverified]. None: the
+    criterion's default. "group_mean" (magnitude's default): the core's
+    L2 criterion (`criteria.l2`), each group divided by its mean before the
+    global ranking (`global_topk(normalize=True)`); "rms": L2 of a channel's
+    output filters / sqrt(their number of weights), ranked raw (the paper's
+    Eq. (2) as cited; at He/LeCun init the RMS falls as 1/sqrt(fan), so it
+    empties the widest layers, see docs/epi.md); "raw": scores as they are
+    (taylor's default, as in HALP).
+  distance_norm: normaliser of |a_i - a_j| in Psi [unverified]: "sum"
+    (a_i + a_j), "max" (max(a_i, a_j)) or "width" (the group's size).
+  r: previous sub-networks EPI averages over [unverified; figure: ~5].
+  window: the trigger's "not lower than the last `window` EPI values".
+  strict: `>` instead of `>=` in both trigger comparisons [unverified].
+  full_window: the trigger waits until all `window` previous EPI values
+    exist (else at least one) [unverified].
+  tau: the trigger threshold; None: `TAU[criterion]` (ImageNet schedule;
+    recalibrate for others with `calibrate_tau`).
+  indicator: "epi", or "early_bird" (You et al. 2020: the normalised Hamming
+    distance of the current mask to each of the last `eb_keep - 1` masks
+    is at most `eb_eps`).
+  """
+  criterion: str = "magnitude"
+  prune_ratio: float = 0.5
+  unit: str = "channels"
+  min_keep: int = 1
+  score_norm: str | None = None
+  distance_norm: str = "sum"
+  r: int = 5
+  window: int = 5
+  strict: bool = False
+  full_window: bool = True
+  tau: float | None = None
+  indicator: str = "epi"
+  eb_keep: int = 5
+  eb_eps: float = 0.1
+
+  def __post_init__(self):
+    def check(ok, msg):
+      if not ok:
+        raise ValueError(f"epi.Config: {msg}")
+    check(self.criterion in CRITERIA, f"criterion {self.criterion!r}; choose one of {CRITERIA}")
+    check(0.0 <= self.prune_ratio < 1.0, f"prune_ratio is the fraction removed and must lie "
+          f"in [0, 1), got {self.prune_ratio!r}")
+    check(self.unit in jaxprune.UNITS, f"unit {self.unit!r}; choose one of {jaxprune.UNITS}")
+    check(self.score_norm is None or self.score_norm in SCORE_NORMS,
+          f"score_norm {self.score_norm!r}; choose one of {SCORE_NORMS} or None")
+    check(not (self.criterion == "taylor" and self.score_norm == "rms"),
+          "score_norm 'rms' is a magnitude normalisation; use 'raw' or 'group_mean' for taylor")
+    check(self.distance_norm in DISTANCE_NORMS,
+          f"distance_norm {self.distance_norm!r}; choose one of {DISTANCE_NORMS}")
+    check(self.indicator in INDICATORS, f"indicator {self.indicator!r}; choose one of {INDICATORS}")
+    for name in ("min_keep", "r", "window"):
+      check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    check(self.eb_keep >= 2, f"eb_keep must be >= 2 (it compares masks), got {self.eb_keep}")
+
+  @property
+  def threshold(self) -> float:
+    return TAU[self.criterion] if self.tau is None else float(self.tau)
+
+  @property
+  def norm(self) -> str:
+    if self.score_norm is not None:
+      return self.score_norm
+    return "group_mean" if self.criterion == "magnitude" else "raw"
+
+
+# ---------------------------------------------------------------------------
+# Where each group's channels live among the params (built once per graph).
+
+
+class Slices(NamedTuple):
+  """A group's channels in one params leaf: `leaf` (params flattening order), axis, indices."""
+  leaf: int
+  axis: int
+  index: np.ndarray
+  position: np.ndarray
+
+
+class GroupLeaves(NamedTuple):
+  name: str
+  size: int
+  bn: tuple[tuple[Slices, Slices | None], ...]  # (scale, bias) per normalisation layer
+  kernels: tuple[Slices, ...]                   # output-channel slices of conv/dense kernels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelLeaves:
+  """Per group, its BatchNorm parameters and output filters; hashed by identity (jit-static)."""
+  groups: tuple[GroupLeaves, ...]
+  treedef: Any
+  shapes: tuple[tuple[int, ...], ...]
+
+  @property
+  def num_channels(self) -> int:
+    return sum(g.size for g in self.groups)
+
+  def leaves(self, params: Pytree, what: str = "params") -> list:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if treedef != self.treedef:
+      raise ValueError(f"{what} do not have the structure of the params the graph was traced "
+                       "with; pass the params dict (variables['params'], or state.params).")
+    return leaves
+
+
+def channel_leaves(graph: ChannelGraph, collection: str | None = "params") -> ChannelLeaves:
+  """Index the graph's groups into the params pytree.
+
+  A normalisation layer is a pair of 1-D params `<layer>.scale` and
+  `<layer>.bias` in the group (flax's BatchNorm/LayerNorm/GroupNorm); an
+  output filter is a >= 2-D params leaf whose group axis is its last (flax's
+  HWIO conv and (in, out) dense kernels). `collection` names the params in
+  the traced variables (None: the graph was traced on the params alone).
+
+  >>> spec = epi.channel_leaves(graph)
+  """
+  n = len(graph.leaf_names)
+  index_tree = jax.tree_util.tree_unflatten(graph.treedef, list(range(n)))
+  if collection is not None:
+    if not isinstance(index_tree, Mapping) or collection not in index_tree:
+      raise ValueError(f"the graph was not traced on a dict with a {collection!r} collection; "
+                       "trace jaxprune.functional's variables or pass collection=None")
+    index_tree = index_tree[collection]
+  order, treedef = jax.tree_util.tree_flatten(index_tree)
+  to_param = {g: p for p, g in enumerate(order)}
+  out = []
+  for group in graph.groups:
+    mine = [m for m in group.members if graph.is_param[graph.leaf_names.index(m.leaf)]
+            and graph.leaf_names.index(m.leaf) in to_param]
+
+    def slices(m):
+      li = graph.leaf_names.index(m.leaf)
+      return Slices(to_param[li], m.axis, np.asarray(m.index, np.int32),
+                    np.asarray(m.position, np.int32))
+
+    ndim = lambda m: len(graph.leaf_shapes[graph.leaf_names.index(m.leaf)])
+    by_name = {m.leaf: m for m in mine if ndim(m) == 1}
+    bn = []
+    for name, m in by_name.items():
+      if name.rsplit(".", 1)[-1] != "scale":
+        continue
+      bias = by_name.get(name[:-len("scale")] + "bias")
+      same = bias is not None and np.array_equal(bias.index, m.index) and np.array_equal(
+          bias.position, m.position)
+      bn.append((slices(m), slices(bias) if same else None))
+    kernels = tuple(slices(m) for m in mine if ndim(m) >= 2 and m.axis == ndim(m) - 1)
+    out.append(GroupLeaves(group.name, group.size, tuple(bn), kernels))
+  shapes = tuple(graph.leaf_shapes[g] for g in order)
+  return ChannelLeaves(tuple(out), treedef, shapes)
+
+
+def _per_channel(x: jax.Array, s: Slices, size: int, reduce) -> jax.Array:
+  moved = jnp.moveaxis(x, s.axis, 0)[s.index]
+  return jax.ops.segment_sum(reduce(moved.reshape(moved.shape[0], -1)), s.position, size)
+
+
+# ---------------------------------------------------------------------------
+# Criteria.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def magnitude_rms(spec: ChannelLeaves, params: Pytree) -> dict[str, jax.Array]:
+  """Per channel, sqrt(sum of its output filters' squared weights / their count).
+
+  The paper's Eq. (2) as cited, ||W_n||_2 / sqrt(P) [unverified], over the
+  union of a coupled group's filters (`score_norm="rms"`). Meant to make
+  layers compare; at He/LeCun init it falls as 1/sqrt(fan) (docs/epi.md).
+  """
+  leaves = spec.leaves(params)
+  out = {}
+  for g in spec.groups:
+    if not g.kernels:
+      raise ValueError(f"group {g.name!r} has no conv/dense output filter on a kernel's last "
+                       "axis; use score_norm='group_mean' (the core's l2) for this model")
+    sq = sum(_per_channel(leaves[s.leaf], s, g.size, lambda w: (w ** 2).sum(1)) for s in g.kernels)
+    count = sum(_per_channel(jnp.ones(spec.shapes[s.leaf]), s, g.size, lambda w: w.sum(1))
+                for s in g.kernels)
+    out[g.name] = jnp.sqrt(sq / count)
+  return out
+
+
+class TaylorState(NamedTuple):
+  """Sum of per-step Taylor scores (flat, groups in graph order) and the steps counted."""
+  total: jax.Array
+  count: jax.Array
+
+
+def taylor_init(spec: ChannelLeaves) -> TaylorState:
+  return TaylorState(jnp.zeros(spec.num_channels, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def taylor_step(spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
+                square: bool = False) -> jax.Array:
+  """One step's Taylor score per channel (flat): |sum_bn gamma g_gamma + beta g_beta|.
+
+  Summed over the group's normalisation layers before the abs (HALP); a
+  group without one uses its kernels' output filters, |sum w g|. `square`
+  squares instead of the abs (Molchanov et al. 2019) [unverified which EPI used].
+  """
+  p, g = spec.leaves(params), spec.leaves(grads, "grads")
+  parts = []
+  for grp in spec.groups:
+    if grp.bn:
+      total = 0.0
+      for scale, bias in grp.bn:
+        for s in (scale, bias) if bias is not None else (scale,):
+          total = total + jax.ops.segment_sum(p[s.leaf][s.index] * g[s.leaf][s.index],
+                                              s.position, grp.size)
+    elif grp.kernels:
+      total = sum(_per_channel(p[s.leaf] * g[s.leaf], s, grp.size, lambda w: w.sum(1))
+                  for s in grp.kernels)
+    else:
+      raise ValueError(f"group {grp.name!r} has neither a normalisation layer nor an output "
+                       "filter among the params; Taylor cannot score it")
+    parts.append(jnp.broadcast_to(total, (grp.size,)))
+  c = jnp.concatenate(parts)
+  return c ** 2 if square else jnp.abs(c)
+
+
+def taylor_accumulate(acc: TaylorState, spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
+                      square: bool = False) -> TaylorState:
+  """Add one step's scores (call it in the train step on the gradients it has).
+
+  Steps with a non-finite score are skipped, as HALP does. Jit-able.
+
+  >>> acc = epi.taylor_accumulate(acc, spec, state.params, grads["params"])
+  """
+  c = taylor_step(spec, params, grads, square=square)
+  ok = jnp.all(jnp.isfinite(c))
+  return TaylorState(acc.total + jnp.where(ok, c, 0.0), acc.count + ok.astype(jnp.int32))
+
+
+def taylor_scores(acc: TaylorState, spec: ChannelLeaves) -> dict[str, jax.Array]:
+  """The mean score per channel over the accumulated steps, per group."""
+  if int(acc.count) == 0:
+    raise ValueError("no Taylor steps accumulated: call taylor_accumulate in the train step "
+                     "(or chain taylor_transform in front of the optimizer) before scoring")
+  mean = np.asarray(acc.total) / int(acc.count)
+  offsets = np.cumsum([0] + [g.size for g in spec.groups])
+  return {g.name: jnp.asarray(mean[a:b]) for g, a, b in zip(spec.groups, offsets, offsets[1:])}
+
+
+def taylor_transform(spec: ChannelLeaves, *, square: bool = False,
+                     select_params=lambda tree: tree["params"]) -> optax.GradientTransformation:
+  """An optax stage that accumulates Taylor scores and passes the gradients on.
+
+  Chain it first, `optax.chain(epi.taylor_transform(spec), tx)`, so that the
+  existing train step feeds it raw gradients; its state (`opt_state[0]`, a
+  `TaylorState`) is checkpointed with the train state. `select_params` picks
+  the model params out of what the optimizer updates (jaxprune.training
+  updates `{'params': ..., 'extra': ...}`). After pruning, keep the inner
+  optimizer and its state, `opt_state[1]`.
+  """
+  def init(params):
+    del params
+    return taylor_init(spec)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("taylor_transform needs params: call tx.update(grads, state, params)")
+    return updates, taylor_accumulate(state, spec, select_params(params),
+                                      select_params(updates), square=square)
+
+  return optax.GradientTransformation(init, update)
+
+
+def scores(config: Config, spec: ChannelLeaves, graph: ChannelGraph, variables: Mapping,
+           taylor: TaylorState | None = None, *, collection: str | None = "params"
+           ) -> dict[str, jax.Array]:
+  """The configured criterion's channel scores (`taylor`: this epoch's accumulator)."""
+  if config.criterion == "taylor":
+    if taylor is None:
+      raise ValueError("criterion 'taylor' scores from the epoch's TaylorState; pass taylor=")
+    return taylor_scores(taylor, spec)
+  if config.norm == "group_mean":
+    return criteria.l2(variables, graph)
+  return magnitude_rms(spec, variables[collection] if collection else variables)
+
+
+class Subnetwork(NamedTuple):
+  """The dominant sub-network: kept channels per group (graph order) and its masks."""
+  counts: np.ndarray
+  masks: dict[str, jax.Array]
+  flat: np.ndarray
+
+
+def dominant(scores: Mapping[str, jax.Array], graph: ChannelGraph, config: Config) -> Subnetwork:
+  """What the core's global selection keeps at ratio p now (host side, once per epoch).
+
+  >>> sub = epi.dominant(scores, graph, cfg); sub.counts   # int32[groups]
+  """
+  masks = select.global_topk(scores, graph, budget=1.0 - config.prune_ratio, unit=config.unit,
+                             min_channels=config.min_keep, normalize=config.norm == "group_mean")
+  flat = np.concatenate([np.asarray(masks[g.name]) for g in graph.groups]) > 0
+  counts = np.array([int(np.asarray(masks[g.name]).sum()) for g in graph.groups], np.int32)
+  return Subnetwork(counts, masks, flat)
+
+
+# ---------------------------------------------------------------------------
+# Similarity, indicators and the trigger (pure jnp; jit-able).
+
+
+def psi(a: jax.Array, b: jax.Array, norm: str = "sum", widths: jax.Array | None = None
+        ) -> jax.Array:
+  """Structural similarity of two architectures given as kept counts per group.
+
+  1 - mean_l |a_l - b_l| / n_l with n_l = a_l + b_l ("sum"), max(a_l, b_l)
+  ("max") or the group width ("width"); a term whose normaliser is 0 is 0.
+  Leading axes broadcast.
+
+  >>> float(epi.psi(jnp.array([4, 2]), jnp.array([2, 2])))   # 1 - (2/6 + 0) / 2
+  0.8333...
+  """
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  if norm == "sum":
+    n = a + b
+  elif norm == "max":
+    n = jnp.maximum(a, b)
+  elif norm == "width":
+    if widths is None:
+      raise ValueError("distance_norm 'width' needs the group widths")
+    n = jnp.broadcast_to(jnp.asarray(widths, jnp.float32), a.shape)
+  else:
+    raise ValueError(f"norm {norm!r}; choose one of {DISTANCE_NORMS}")
+  d = jnp.where(n > 0, jnp.abs(a - b) / jnp.where(n > 0, n, 1.0), 0.0)
+  return 1.0 - d.mean(-1)
+
+
+def _shifted(x: jax.Array, lags: int, fill) -> jax.Array:
+  """[lags, T]: row j-1 holds x[t - j] (fill where t - j < 0)."""
+  t = jnp.arange(x.shape[0])
+  rows = [jnp.where((t - j >= 0).reshape((-1,) + (1,) * (x.ndim - 1)), jnp.roll(x, j, 0), fill)
+          for j in range(1, lags + 1)]
+  return jnp.stack(rows)
+
+
+def epi_series(counts: jax.Array, r: int = 5, norm: str = "sum",
+               widths: jax.Array | None = None) -> jax.Array:
+  """EPI_t = mean_{j=1..r} Psi(A_t, A_{t-j}) for a history [T, groups]; NaN for t < r."""
+  counts = jnp.asarray(counts, jnp.float32)
+  prev = _shifted(counts, r, 0.0)                       # [r, T, L]
+  sims = psi(counts[None], prev, norm, widths)          # [r, T]
+  return jnp.where(jnp.arange(counts.shape[0]) >= r, sims.mean(0), jnp.nan)
+
+
+def hamming_series(masks: jax.Array, keep: int = 5) -> jax.Array:
+  """Early-Bird distance: max over j < keep of the fraction of mask entries that
+  differ between records t and t - j; NaN for t < keep - 1."""
+  masks = jnp.asarray(masks, bool)
+  prev = _shifted(masks, keep - 1, False)               # [keep-1, T, N]
+  dist = (prev != masks[None]).mean(-1).max(0)
+  return jnp.where(jnp.arange(masks.shape[0]) >= keep - 1, dist, jnp.nan)
+
+
+def epi_triggers(epi: jax.Array, tau: float, window: int = 5, *, strict: bool = False,
+                 full_window: bool = True) -> jax.Array:
+  """bool[T]: EPI_t >= tau and EPI_t >= each of EPI_{t-1..t-window} (`>` if strict).
+
+  Undefined (NaN) values never trigger; `full_window` needs all `window`
+  previous values defined, otherwise at least one.
+  """
+  epi = jnp.asarray(epi, jnp.float32)
+  prev = _shifted(epi, window, jnp.nan)
+  defined = ~jnp.isnan(prev)
+  ge = epi[None] > prev if strict else epi[None] >= prev
+  ok = jnp.all(jnp.where(defined, ge, not full_window), 0) & defined.any(0)
+  above = epi > tau if strict else epi >= tau
+  return above & ok & ~jnp.isnan(epi)
+
+
+def first(triggers) -> int:
+  """The index of the first True, or -1."""
+  t = np.asarray(triggers, bool)
+  return int(np.argmax(t)) if t.any() else -1
+
+
+# ---------------------------------------------------------------------------
+# The per-epoch tracker: (init, update), plain arrays, checkpointable.
+
+
+class State(NamedTuple):
+  """Records of the dominant sub-network, one row per `update` (capacity rows).
+
+  counts: int32[capacity, groups] A_k; masks: bool[capacity, channels] its
+  flat masks; epi / eb: float32[capacity] EPI and the Early-Bird distance
+  (NaN where undefined or unwritten); widths: int32[groups]; size: records
+  written; fired: the record the trigger fired at (-1: not yet);
+  first_epoch: the epoch of record 0 (0 when recording from initialisation).
+  """
+  counts: jax.Array
+  masks: jax.Array
+  epi: jax.Array
+  eb: jax.Array
+  widths: jax.Array
+  size: jax.Array
+  fired: jax.Array
+  first_epoch: jax.Array
+
+
+def init(widths: Sequence[int], capacity: int, first_epoch: int = 0) -> State:
+  """An empty tracker for groups of `widths` and up to `capacity` records.
+
+  >>> tracker = epi.init([g.size for g in graph.groups], capacity=epochs + 1)
+  """
+  widths = np.asarray(widths, np.int32)
+  if widths.ndim != 1 or capacity < 1:
+    raise ValueError("init takes a 1-D sequence of group widths and a capacity >= 1")
+  nan = jnp.full((capacity,), jnp.nan, jnp.float32)
+  return State(jnp.zeros((capacity, widths.size), jnp.int32),
+               jnp.zeros((capacity, int(widths.sum())), bool), nan, nan, jnp.asarray(widths),
+               jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
+               jnp.asarray(first_epoch, jnp.int32))
+
+
+def update(state: State, counts: jax.Array, mask: jax.Array, config: Config
+           ) -> tuple[State, jax.Array]:
+  """Record one sub-network; returns the new state and whether to prune now.
+
+  `fire` is True only at the first record that meets the configured
+  indicator's rule. Jit-able with `config` static:
+  `jax.jit(epi.update, static_argnames="config")`.
+  """
+  capacity = state.counts.shape[0]
+  if not isinstance(state.size, jax.core.Tracer) and int(state.size) >= capacity:
+    raise ValueError(f"the tracker is full ({capacity} records); init it with a capacity of "
+                     "at least the number of epochs recorded (epochs + 1 from initialisation)")
+  counts = jnp.asarray(counts, jnp.int32)
+  mask = jnp.asarray(mask) > 0
+  if counts.shape != state.counts.shape[1:] or mask.shape != state.masks.shape[1:]:
+    raise ValueError(f"counts {counts.shape} / mask {mask.shape} do not match the tracker's "
+                     f"{state.counts.shape[1:]} / {state.masks.shape[1:]}")
+  k = state.size
+  hist = state.counts.at[k].set(counts)
+  masks = state.masks.at[k].set(mask)
+  epi = state.epi.at[k].set(epi_series(hist, config.r, config.distance_norm, state.widths)[k])
+  eb = state.eb.at[k].set(hamming_series(masks, config.eb_keep)[k])
+  if config.indicator == "epi":
+    hit = epi_triggers(epi, config.threshold, config.window, strict=config.strict,
+                       full_window=config.full_window)[k]
+  else:
+    hit = (eb <= config.eb_eps)[k]
+  fire = hit & (state.fired < 0)
+  new = State(hist, masks, epi, eb, state.widths, k + 1, jnp.where(fire, k, state.fired),
+              state.first_epoch)
+  return new, fire
+
+
+def fire_epoch(state: State) -> int | None:
+  """The epoch the trigger fired at, or None."""
+  f = int(state.fired)
+  return None if f < 0 else int(state.first_epoch) + f
+
+
+def history(state: State) -> dict[str, np.ndarray]:
+  """The written records as numpy: epoch, counts, epi, eb."""
+  n = int(state.size)
+  return {"epoch": int(state.first_epoch) + np.arange(n), "counts": np.asarray(state.counts[:n]),
+          "epi": np.asarray(state.epi[:n]), "eb": np.asarray(state.eb[:n])}
+
+
+class Calibration(NamedTuple):
+  """tau from an oracle sweep: any tau in (low, high] fires at `fire_epoch`."""
+  tau: float
+  low: float
+  high: float
+  target_epoch: int
+  fire_epoch: int
+
+
+def calibrate_tau(epi: Sequence[float], sweep_epochs: Sequence[int],
+                  sweep_accuracy: Sequence[float], *, tolerance: float, config: Config = Config(),
+                  first_epoch: int = 0) -> Calibration:
+  """tau for a new schedule, from its EPI curve and an oracle prune-epoch sweep.
+
+  `epi[i]` is EPI at epoch `first_epoch + i` of a dense run; the sweep pruned
+  at `sweep_epochs` and reached `sweep_accuracy` (same units as `tolerance`).
+  The target is the earliest sweep epoch within `tolerance` of the best;
+  tau is chosen so the trigger (the config's window and strictness) fires at
+  the first plateau epoch at or after it: the midpoint of the interval of
+  such taus, or its top when nothing fires earlier at any tau.
+
+  >>> cal = epi.calibrate_tau(curve, [0, 2, 4, 8], [0.61, 0.66, 0.70, 0.70], tolerance=0.005)
+  """
+  epi = np.asarray(epi, np.float64)
+  acc = np.asarray(sweep_accuracy, np.float64)
+  ep = np.asarray(sweep_epochs)
+  if acc.shape != ep.shape or acc.size == 0:
+    raise ValueError("sweep_epochs and sweep_accuracy must be non-empty and of equal length")
+  target = int(ep[acc >= acc.max() - tolerance].min())
+  epochs = first_epoch + np.arange(epi.size)
+  plateau = np.asarray(epi_triggers(epi, -np.inf, config.window, strict=config.strict,
+                                    full_window=config.full_window))
+  before = epi[plateau & (epochs < target)]
+  low = float(before.max()) if before.size else -np.inf
+  after = np.nonzero(plateau & (epochs >= target) & (epi > low))[0]
+  if after.size == 0:
+    raise ValueError(f"the EPI curve has no plateau at or after epoch {target} above the "
+                     f"earlier plateaus ({low:.4f}); record more epochs or shorten the window")
+  k = int(after[0])
+  high = float(epi[k])
+  if np.isfinite(low):
+    tau = (low + high) / 2
+  else:
+    tau = float(np.nextafter(high, -np.inf)) if config.strict else high
+  return Calibration(tau, low, high, target, int(epochs[k]))
+
+
+# ---------------------------------------------------------------------------
+# Pruning mid-training: slim the params and the optimizer state together.
+
+
+def slim_opt_state(opt_state: Pytree, variables: Mapping, graph: ChannelGraph,
+                   masks: Mapping[str, jax.Array], *, collection: str = "params") -> Pytree:
+  """The optimizer state with the pruned channels removed, like the params.
+
+  Every leaf whose key path ends with a params leaf's path and has its shape
+  (momentum, Adam moments, ...) is sliced by `jaxprune.slim`, by slimming
+  the variables with that leaf in place of the param: kept channels keep
+  their values exactly. Other leaves (step counts, a TaylorState) are left
+  alone. Host side, once per prune.
+
+  >>> opt_state = epi.slim_opt_state(state.opt_state, variables, graph, masks)
+  """
+  params = variables[collection]
+  p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+  by_path = {tuple(path): (i, np.shape(x)) for i, (path, x) in enumerate(p_paths)}
+  p_leaves = [x for _, x in p_paths]
+  o_paths, o_def = jax.tree_util.tree_flatten_with_path(opt_state)
+  found: dict[tuple, dict[int, int]] = {}  # prefix -> {params leaf: opt leaf}
+  for j, (path, x) in enumerate(o_paths):
+    path = tuple(path)
+    for n in range(len(path)):  # longest suffix first
+      hit = by_path.get(path[n:])
+      if hit is not None and np.shape(x) == hit[1]:
+        found.setdefault(path[:n], {})[hit[0]] = j
+        break
+  out = [x for _, x in o_paths]
+  for where in found.values():
+    leaves = list(p_leaves)
+    for i, j in where.items():
+      leaves[i] = out[j]
+    stand_in = {**variables, collection: jax.tree_util.tree_unflatten(p_def, leaves)}
+    small = jax.tree_util.tree_leaves(jaxprune.slim(stand_in, graph, masks)[collection])
+    for i, j in where.items():
+      out[j] = small[i]
+  return jax.tree_util.tree_unflatten(o_def, out)
+
+
+def slim_state(state: Any, graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> Any:
+  """A train state (fields params, batch_stats, other, opt_state) with the
+  masked channels removed from the model and from the optimizer state.
+
+  The step count and the optimizer's schedule counters are kept, so training
+  continues on the same lr schedule. Rebuild the model from the new
+  variables with `jaxprune.module` and re-jit the step. Drop a
+  `taylor_transform` stage first (`opt_state[1]` of its chain): its
+  accumulator is sized for the dense network.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
+  small = jaxprune.slim(variables, graph, masks)
+  opt_state = slim_opt_state(state.opt_state, variables, graph, masks)
+  return state._replace(params=small["params"], batch_stats=small["batch_stats"],
+                        other=small["other"], opt_state=opt_state)
+
+
+# ---------------------------------------------------------------------------
+# Training compute: forward + backward = TRAIN_MACS_PER_FORWARD x forward MACs.
+
+
+def train_macs_per_sample(graph: ChannelGraph, masks: Mapping | None = None, *,
+                          unit: str = "macs", mode: str = "exact") -> float:
+  """Training MACs (or another cost unit) per sample: 3 x the forward count."""
+  return TRAIN_MACS_PER_FORWARD * float(getattr(jaxprune.cost(graph, masks, mode=mode), unit))
+
+
+def training_macs(forward_per_epoch: Sequence[float], samples_per_epoch: int) -> float:
+  """Sum over epochs of 3 x forward MACs per sample x samples (eval passes not counted)."""
+  return float(TRAIN_MACS_PER_FORWARD * samples_per_epoch * np.sum(forward_per_epoch))
+
+
+class Compute(NamedTuple):
+  """Training MACs of the schedules EPI is compared with."""
+  pat: float                  # dense to prune_epoch, pruned to `epochs` (same schedule)
+  at_init: float              # pruned from epoch 0
+  train_prune_finetune: float  # dense for `epochs`, then `finetune_epochs` pruned
+  dense: float                # dense for `epochs`
+
+  @property
+  def saving(self) -> float:
+    """How many times less than train -> prune -> finetune PaT costs."""
+    return self.train_prune_finetune / self.pat
+
+
+def compare_compute(dense_forward: float, pruned_forward: float, *, epochs: int,
+                    prune_epoch: int, samples_per_epoch: int, finetune_epochs: int = 0
+                    ) -> Compute:
+  """Training compute of pruning at `prune_epoch` vs at 0 vs after training.
+
+  `dense_forward` / `pruned_forward`: forward MACs per sample
+  (`jaxprune.cost(graph).macs`, `jaxprune.cost(graph, masks).macs`).
+
+  >>> c = epi.compare_compute(40.6e6, 20.3e6, epochs=30, prune_epoch=8,
+  ...                         samples_per_epoch=5085, finetune_epochs=30)
+  """
+  if not 0 <= prune_epoch <= epochs:
+    raise ValueError(f"prune_epoch must lie in [0, epochs={epochs}], got {prune_epoch}")
+  m = lambda dense_epochs, pruned_epochs: training_macs(
+      [dense_forward] * dense_epochs + [pruned_forward] * pruned_epochs, samples_per_epoch)
+  return Compute(m(prune_epoch, epochs - prune_epoch), m(0, epochs),
+                 m(epochs, finetune_epochs), m(epochs, 0))
+
+
+__all__ = [
+    "CRITERIA", "Calibration", "ChannelLeaves", "Compute", "Config", "State", "Subnetwork",
+    "TAU", "TRAIN_MACS_PER_FORWARD", "TaylorState", "calibrate_tau", "channel_leaves",
+    "compare_compute", "dominant", "epi_series", "epi_triggers", "fire_epoch", "first",
+    "hamming_series", "history", "init", "magnitude_rms", "psi", "scores", "slim_opt_state",
+    "slim_state", "taylor_accumulate", "taylor_init", "taylor_scores", "taylor_step",
+    "taylor_transform", "train_macs_per_sample", "training_macs", "update",
+]
