@@ -244,7 +244,20 @@ def check_masks(graph: ChannelGraph, masks: Masks) -> None:
         "Start from graph.ones() and change values, not keys.")
   batch = None
   for g in graph.groups:
-    shape = jnp.shape(masks[g.name])
+    m = masks[g.name]
+    dtype = getattr(m, "dtype", None) or np.asarray(m).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.bool_)):
+      raise TypeError(f"mask for group {g.name!r} has dtype {dtype}; masks are real numbers "
+                      "in [0, 1] (float, int or bool arrays).")
+    if not isinstance(m, jax.core.Tracer):
+      v = np.asarray(m, np.float64)
+      if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
+        raise ValueError(
+            f"mask for group {g.name!r} has values outside [0, 1] (min {np.nanmin(v):.4g}, "
+            f"max {np.nanmax(v):.4g}{', non-finite' if not np.isfinite(v).all() else ''}); "
+            "a mask is the kept fraction of each channel: 1 keeps it, 0 removes it.")
+    shape = jnp.shape(m)
     if len(shape) == 0 or shape[-1] != g.size:
       raise ValueError(
           f"mask for group {g.name!r} has shape {shape}; expected (..., {g.size}): "

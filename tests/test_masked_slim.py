@@ -317,3 +317,17 @@ def test_static_channel_pad_on_a_residual_shortcut():
   assert small["conv"].shape == (3, 3, 5, 9) and small["fc"].shape == (9, 5)
   assert_close(jax.jit(f)(small, x), jax.jit(jaxprune.masked(f, graph))(p, masks, x))
   assert float(jaxprune.cost(graph, masks).params) == sum(np.size(v) for v in jax.tree.leaves(small))
+
+
+def test_mask_values_and_dtypes_are_checked():
+  setup = custom_setup()
+  graph = setup.graph
+  g0 = graph.groups[0]
+  for bad, msg in ((1.5, "outside"), (-0.1, "outside"), (np.nan, "non-finite")):
+    masks = {**graph.ones(), g0.name: jnp.ones(g0.size).at[0].set(bad)}
+    with pytest.raises(ValueError, match=msg):
+      jaxprune.cost(graph, masks)
+  with pytest.raises(TypeError, match="dtype"):
+    jaxprune.cost(graph, {**graph.ones(), g0.name: np.array(["a"] * g0.size)})
+  ok = {**graph.ones(), g0.name: np.ones(g0.size, bool)}
+  assert float(jaxprune.cost(graph, ok).macs) == float(jaxprune.cost(graph).macs)

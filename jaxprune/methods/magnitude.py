@@ -54,15 +54,21 @@ def scores(variables: Any, graph: ChannelGraph, criterion: str, *, key: jax.Arra
 
 def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget: float,
           unit: str = "macs", scope: str = "global", min_channels: int = 1, round_to: int = 1,
-          reference: float | None = None, **score_kw) -> dict[str, jax.Array]:
+          reference: float | None = None, whole: tuple[str, ...] | None = None,
+          **score_kw) -> dict[str, jax.Array]:
   """Hard masks keeping `budget` of the cost (of `reference`, default this network).
 
   `reference` is the dense network's cost in `unit`, for iterative pruning of
   an already slimmed network to a budget stated against the original one.
+  `whole`: groups kept entirely; by default the residual streams of a graph
+  traced with branch groups (the units the seed methods prune are the
+  branches, so the baseline prunes the same ones).
   """
   s = scores(variables, graph, criterion, **score_kw)
+  whole = tuple(graph.streams()) if whole is None else tuple(whole)
   if scope == "local":
-    return select.local(s, graph, keep=budget, min_channels=min_channels, round_to=round_to)
+    return select.local(s, graph, keep=budget, min_channels=min_channels, round_to=round_to,
+                        whole=whole)
   if scope != "global":
     raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
   current = float(getattr(cost(graph), unit))
@@ -70,4 +76,4 @@ def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget:
   if rel >= 1.0:
     return {g.name: jax.numpy.ones(g.size) for g in graph.groups}
   return select.global_topk(s, graph, budget=rel, unit=unit, min_channels=min_channels,
-                            round_to=round_to)
+                            round_to=round_to, whole=whole)
