@@ -7,6 +7,9 @@ name                   source
 ``mnist_subset``       shipped real MNIST subset (4,000 / 1,000), 28x28x1
 ``mnist_subset_32x3``  the same digits zero-padded to 32x32 and repeated to 3
                        channels, for CIFAR-shaped models (mask transfer)
+``multimnist``         two shipped MNIST digits overlaid in 36x36x1, labels
+                       ``[N, 2]`` (left, right digit); see ``multimnist``
+``multimnist3``        the same with a third task, the digit sum (19 classes)
 ``cifar10``            ``data_dir/cifar-10-batches-bin`` (official binary), else
                        tfds ``cifar10`` prepared in ``data_dir``
 ``cifar100``           ``data_dir/cifar-100-binary`` (fine labels), else tfds
@@ -25,7 +28,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from jaxprune.data import assets, cifar_binary, mnist_idx
+from jaxprune.data import assets, cifar_binary, mnist_idx, multimnist
 from jaxprune.data.errors import DataNotFoundError
 
 Split = Literal["train", "test"]
@@ -39,6 +42,9 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
+# The multimnist train split (seed 0, max_shift 2): two digits per 36x36 canvas.
+MULTIMNIST_MEAN = (0.1464,)
+MULTIMNIST_STD = (0.3245,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -306,6 +312,20 @@ register(
                 description="mnist_subset zero-padded to 32x32, grey repeated "
                 "to RGB, for CIFAR-shaped models (shipped)"),
     _mnist_subset_32x3, "shift4",
+)
+register(
+    DatasetInfo("multimnist", 10, (36, 36, 1), 4000, 1000, MULTIMNIST_MEAN,
+                MULTIMNIST_STD, shipped=True,
+                description="mnist_subset digits overlaid in pairs (left, right), "
+                "labels [N, 2]; num_classes is per task (shipped)"),
+    multimnist.loader(("left", "right")), "none",
+)
+register(
+    DatasetInfo("multimnist3", 10, (36, 36, 1), 4000, 1000, MULTIMNIST_MEAN,
+                MULTIMNIST_STD, shipped=True,
+                description="multimnist with a third task, the digit sum (19 "
+                "classes), labels [N, 3] (shipped)"),
+    multimnist.loader(("left", "right", "sum")), "none",
 )
 register(
     DatasetInfo("cifar10", 10, (32, 32, 3), 50000, 10000, CIFAR10_MEAN,
