@@ -17,6 +17,7 @@ _METHODS = {
     "chipnet": "jaxprune.methods.chipnet",
     "manidp": "jaxprune.methods.manidp",
     "epi": "jaxprune.methods.epi",
+    "pagcp": "jaxprune.methods.pagcp",
 }
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxprune.models.layers import ConvBN, DepthwiseConv, ZeroPad
 from jaxprune.models.mobilenet import DepthwiseSeparable, MobileNetV1
+from jaxprune.models.multitask import MultitaskNet, multitask_resnet
 from jaxprune.models.resnet_cifar import BasicBlockA, CifarResNet, cifar_resnet, wide_resnet
 from jaxprune.models.resnet_imagenet import BasicBlock, Bottleneck, ImageNetResNet, imagenet_resnet
 from jaxprune.models.vgg import VGG, vgg
@@ -42,6 +43,7 @@ __all__ = [
     "DepthwiseSeparable",
     "ImageNetResNet",
     "MobileNetV1",
+    "MultitaskNet",
     "ZeroPad",
     "available",
     "count_params",
@@ -65,6 +67,7 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "resnet50": functools.partial(imagenet_resnet, 50),
     "mobilenet_v1": functools.partial(MobileNetV1, cifar=False),
     "mobilenet_v1_cifar": functools.partial(MobileNetV1, cifar=True),
+    "multitask_resnet": multitask_resnet,  # num_classes={task: n}; returns {task: logits}
 }
 
 

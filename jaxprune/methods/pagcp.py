@@ -1,0 +1,794 @@
+"""PAGCP: performance-aware greedy global channel pruning of multitask CNNs.
+
+Ye et al., "Performance-aware Approximation of Global Channel Pruning for
+Multitask CNNs" (TPAMI 2023), after the official code (HankYe/PAGCP,
+`prune/sensitivity.py`), for any multitask network given as one loss
+function per task on shared variables.
+
+A round:
+  1. Units: the core's channel groups of the shared part (the heads are
+     left whole). Each unit's *FLOPs contribution* is the cost removed when
+     30% of its channels alone are pruned (`jaxprune.cost`).
+  2. Tolerance schedule: λ solves Π_{i<L} (1 + δ0 λ^i) = T (L units); units
+     are scanned largest contribution first when λ <= 1 (smallest first
+     when λ > 1, as the official sort does), and δ <- δ λ after every
+     pruned unit.
+  3. Greedy scan, unit by unit, on the network with the units before it
+     already pruned: candidates prune floor(r n) (at most n - 1) of the
+     unit's n channels, lowest per-filter L1 (or L2) first, for r in
+     0.05, 0.10, ..., 0.95. The first r where some task's validation loss
+     exceeds (1 + δ) times its base loss stops the scan; that task is the
+     unit's most sensitive; the unit is pruned at the previous r, and each
+     base loss becomes max(base, its loss there).
+  4. Top-k filter: of the pruned units, the int(L topk) with the smallest
+     loss rise per FLOP removed keep their ratios, which are re-applied in
+     scan order with the scores recomputed on the current network.
+Rounds of prune -> finetune (a callback of the caller) repeat this.
+
+The oracle is batched: all candidate ratios of a unit are masks stacked on a
+leading axis and evaluated in one `jax.vmap` over `jaxprune.masked`
+(`shard_map`-ed over the candidates when there are several devices), where
+the official code runs one validation pass per candidate.
+
+Beyond the official code: an explicit cost target (`Config.target`, a
+fraction of the dense FLOPs or params) that stops pruning as soon as it is
+met, within one channel. Quirks of the official scan and what is done here
+(`Config.official_quirks=True` reproduces the official behaviour):
+  * No ratio breaks the tolerance: the official code leaves the greedy
+    network unpruned for that unit yet later applies ratio 0.90 to it (the
+    second-to-last ratio). Here the unit is pruned at 0.95, the largest ratio
+    that was checked and passed, in the greedy network as in the result.
+  * The first ratio already breaks it: the unit stays whole, δ and the base
+    losses do not change, and it takes no part in the top-k ranking (as in
+    the official code; both modes).
+
+Example:
+  >>> from jaxprune.methods import pagcp
+  >>> oracle = pagcp.make_oracle(fn, graph, pagcp.cross_entropy_losses(("left", "right")),
+  ...                            {"image": x_val, "label": y_val})
+  >>> result = pagcp.prune(variables, graph, oracle, rounds=2, finetune=finetune,
+  ...                      config=pagcp.Config(total=1.5))
+  >>> small = jaxprune.slim(result.variables, graph, result.masks)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from scipy import optimize
+
+import jaxprune
+from jaxprune.graph import ChannelGraph
+
+Masks = dict[str, np.ndarray]
+RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # np.linspace(.05, .95, 19)
+NORMS = ("l1", "l2")
+
+
+class Config(NamedTuple):
+  """PAGCP's settings (official defaults unless noted).
+
+  delta0: δ0, the tolerated relative loss rise of the first unit (official 0.05).
+  total: T, the product of all (1 + δ_i) of a round; the official default 5
+    (README 6) is for YOLOv5's ~69 units, 1.5-2 suits nets of a few units.
+  ratios: candidate pruning ratios, scanned in order.
+  topk: fraction of the units whose ratios survive the top-k filter (official
+    default 1.0, README 0.8).
+  criterion: "l1" or "l2" per-filter norm.
+  probe: ratio pruned to measure a unit's FLOPs contribution.
+  unit, mode: cost unit and `jaxprune.cost` mode of the FLOPs contribution and
+    of the top-k loss rise per cost ("flops", "paper": 2 x conv/dense MACs,
+    what the official model.info reports).
+  target: None (tolerance-driven) or the fraction of the dense network's
+    `target_unit` cost to keep; pruning stops when it is met.
+  target_unit: "flops", "macs" or "params" (with `mode`).
+  batched: evaluate all candidate ratios of a unit at once (vmap); False
+    evaluates them one by one and stops at the first that breaks the
+    tolerance, as the official code does. Same decisions either way.
+  official_quirks: reproduce the official handling of a unit where no ratio
+    breaks the tolerance (see the module docstring).
+  """
+  delta0: float = 0.05
+  total: float = 1.5
+  ratios: tuple[float, ...] = RATIOS
+  topk: float = 0.8
+  criterion: str = "l1"
+  probe: float = 0.3
+  unit: str = "flops"
+  mode: str = "paper"
+  target: float | None = None
+  target_unit: str = "flops"
+  batched: bool = True
+  official_quirks: bool = False
+
+
+def check_config(config: Config) -> None:
+  """Raises a ValueError that names a setting out of range."""
+  if not (isinstance(config.delta0, (int, float)) and 0.0 < config.delta0 <= 1.0):
+    raise ValueError(f"delta0 (δ0) must be in (0, 1], the first unit's tolerated relative loss "
+                     f"rise; got {config.delta0!r}")
+  if not (isinstance(config.total, (int, float)) and config.total > 1.0 + config.delta0):
+    raise ValueError(f"total (T) must exceed 1 + delta0 = {1 + config.delta0}: the first unit "
+                     f"alone may raise the loss by that factor; got {config.total!r}")
+  r = np.asarray(config.ratios, float)
+  if r.ndim != 1 or r.size < 1 or not np.all((r > 0) & (r < 1)) or np.any(np.diff(r) <= 0):
+    raise ValueError(f"ratios must increase strictly within (0, 1), got {config.ratios!r}")
+  if not 0.0 < config.topk <= 1.0:
+    raise ValueError(f"topk must be in (0, 1], got {config.topk!r}")
+  if not 0.0 < config.probe < 1.0:
+    raise ValueError(f"probe must be in (0, 1), got {config.probe!r}")
+  if config.criterion not in NORMS:
+    raise ValueError(f"criterion must be one of {NORMS}, got {config.criterion!r}")
+  for u in (config.unit, config.target_unit):
+    if u not in jaxprune.UNITS:
+      raise ValueError(f"unknown cost unit {u!r}; choose one of {jaxprune.UNITS}")
+  if config.target is not None and not 0.0 < config.target <= 1.0:
+    raise ValueError(f"target must be None or a fraction in (0, 1] of the dense cost, got "
+                     f"{config.target!r}")
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def tolerance_decay(delta0: float, num_units: int, total: float) -> float:
+  """λ with Π_{i<L} (1 + δ0 λ^i) = T, the official `ratio_compute` (fsolve there).
+
+  The left side grows with λ from 1 + δ0 (λ = 0) to infinity, so the root is
+  unique when T > 1 + δ0; it is bracketed and found with Brent's method. One
+  unit has no later tolerance to schedule: λ = 1.
+
+  Example:
+    >>> round(tolerance_decay(0.05, 69, 5.0), 3)   # YOLOv5m
+    0.972
+  """
+  check_config(Config(delta0=delta0, total=total))
+  if num_units < 1:
+    raise ValueError(f"num_units must be >= 1, got {num_units}")
+  if num_units == 1:
+    return 1.0
+  powers = np.arange(num_units)
+
+  def f(lam: float) -> float:
+    return float(np.sum(np.log1p(delta0 * lam ** powers)) - math.log(total))
+
+  hi = 1.0
+  while f(hi) < 0:
+    hi *= 2.0
+  return float(optimize.brentq(f, 0.0, hi, xtol=1e-15, rtol=1e-13))
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _producer(graph: ChannelGraph, member) -> bool:
+  """A kernel whose last axis holds the group: the channels are its output filters."""
+  i = graph.leaf_names.index(member.leaf)
+  shape = graph.leaf_shapes[i]
+  return graph.is_param[i] and len(shape) >= 2 and member.axis == len(shape) - 1
+
+
+def _filter_scores(variables: Any, masks: Mapping[str, jax.Array], graph: ChannelGraph,
+                   norm: str) -> dict[str, jax.Array]:
+  leaves = jax.tree_util.tree_leaves(variables)
+  keep = jax.tree_util.tree_leaves(jaxprune.expand(graph, masks))
+  named = {n: (x, m) for n, x, m in zip(graph.leaf_names, leaves, keep)}
+  fallback = None
+  out = {}
+  for g in graph.groups:
+    total = jnp.zeros(g.size)
+    producers = [mem for mem in g.members if _producer(graph, mem)]
+    for mem in producers:
+      x, m = named[mem.leaf]
+      w = jnp.moveaxis(x * m, mem.axis, 0)[mem.index].reshape(mem.index.size, -1)
+      alive = jnp.maximum(jnp.moveaxis(m, mem.axis, 0)[mem.index].reshape(mem.index.size, -1)
+                          .sum(1), 1.0)
+      # Mean over the filter's live weights: the filter as the slimmed network has it.
+      s = jnp.abs(w).sum(1) / alive if norm == "l1" else jnp.sqrt((w * w).sum(1) / alive)
+      total = total + jax.ops.segment_sum(s, jnp.asarray(mem.position), g.size)
+    if not producers:  # no kernel produces these channels: the core's criterion
+      if fallback is None:
+        weighted = jax.tree_util.tree_map(lambda x, m: x * m, variables,
+                                          jaxprune.expand(graph, masks))
+        fallback = getattr(jaxprune.criteria, norm)(weighted, graph)
+      total = fallback[g.name]
+    out[g.name] = total
+  return out
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_scores(graph: ChannelGraph, norm: str):
+  return jax.jit(lambda v, m: _filter_scores(v, m, graph, norm))
+
+
+def filter_scores(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] | None = None,
+                  *, norm: str = "l1", jit: bool = True) -> dict[str, jax.Array]:
+  """Per-filter norm of every group's channels in the network under `masks`.
+
+  A channel's score is the mean |w| ("l1") or root mean square ("l2") of its
+  output filter in each kernel that produces it, over the weights that are
+  still there (inputs of pruned channels do not count), summed over the
+  producers: torch_pruning's L1/L2 strategy for one conv (same ranking), and
+  the official `group_l1prune` (sum of per-filter mean |W|) for coupled
+  convs. Groups that no kernel produces fall back to `jaxprune.criteria`.
+
+  Example:
+    >>> scores = pagcp.filter_scores(variables, graph, masks)   # {group: [size]}
+  """
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+  masks = graph.ones() if masks is None else {k: jnp.asarray(v, jnp.float32)
+                                              for k, v in masks.items()}
+  jaxprune.check_masks(graph, masks)
+  if jit:
+    return _jitted_scores(graph, norm)(variables, masks)
+  return _filter_scores(variables, masks, graph, norm)
+
+
+# --------------------------------------------------------------------------- units
+
+
+class Unit(NamedTuple):
+  """A prunable unit: one channel group of the shared part of the network."""
+  name: str
+  size: int             # live channels at the start of the round
+  contribution: float   # cost removed when `probe` of them alone are pruned
+
+
+def _np_masks(graph: ChannelGraph, masks: Mapping[str, Any] | None) -> Masks:
+  if masks is None:
+    return {g.name: np.ones(g.size, np.float32) for g in graph.groups}
+  jaxprune.check_masks(graph, masks)
+  out = {k: np.asarray(v, np.float32) for k, v in masks.items()}
+  if any(not np.all((m == 0) | (m == 1)) for m in out.values()):
+    raise ValueError("PAGCP prunes hard masks (0 or 1); threshold soft masks first")
+  return out
+
+
+def prune_count(ratio: float, live: int) -> int:
+  """Channels a ratio removes from `live` ones: floor(r n), keeping >= 1.
+
+  The official `int(r * n)`; a tolerance of 1e-9 keeps 0.15 * 20 at 3
+  whatever the float rounding of the ratio.
+
+  >>> prune_count(0.3, 10), prune_count(0.95, 3), prune_count(0.05, 10)
+  (3, 2, 0)
+  """
+  return int(min(math.floor(ratio * live + 1e-9), max(live - 1, 0)))
+
+
+def remove_lowest(masks: Masks, name: str, scores: Mapping[str, Any], count: int) -> Masks:
+  """`masks` with the `count` lowest-scoring live channels of group `name` removed."""
+  m = masks[name].copy()
+  live = np.nonzero(m > 0)[0]
+  order = live[np.argsort(np.asarray(scores[name])[live], kind="stable")]
+  m[order[:count]] = 0.0
+  return {**masks, name: m}
+
+
+def _cost(graph: ChannelGraph, masks: Masks, unit: str, mode: str) -> float:
+  return float(jaxprune.ratio(graph, masks, unit, mode=mode))
+
+
+def shared_units(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] | None = None, *,
+                 groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
+                 config: Config = Config()) -> tuple[Unit, ...]:
+  """The units of a round in trace order, with their FLOPs contribution.
+
+  `groups` names them; by default every group whose name starts with
+  `prefix` (the zoo's multitask model: its encoder, so heads stay whole).
+  Groups with a single live channel cannot lose one and are left out.
+
+  Raises:
+    ValueError: an unknown group name, or no unit to prune.
+  """
+  check_config(config)
+  m = _np_masks(graph, masks)
+  names = [g.name for g in graph.groups]
+  if groups is not None:
+    unknown = [n for n in groups if n not in names]
+    if unknown:
+      raise ValueError(f"unknown groups {unknown}; the graph's groups are {names}")
+    chosen = [n for n in names if n in set(groups)]
+  else:
+    chosen = [n for n in names if prefix is None or n.startswith(prefix)]
+  chosen = [n for n in chosen if m[n].sum() >= 2]
+  if not chosen:
+    raise ValueError(
+        f"no unit to prune: no group with >= 2 live channels among "
+        f"{list(groups) if groups is not None else f'names starting with {prefix!r}'}. "
+        f"Pass groups= (the graph's groups: {names}).")
+  scores = filter_scores(variables, graph, m, norm=config.criterion)
+  base = _cost(graph, m, config.unit, config.mode)
+  out = []
+  for n in chosen:
+    live = int(m[n].sum())
+    probed = remove_lowest(m, n, scores, prune_count(config.probe, live))
+    out.append(Unit(n, live, base - _cost(graph, probed, config.unit, config.mode)))
+  return tuple(out)
+
+
+def scan_order(units: Sequence[Unit], lam: float) -> tuple[Unit, ...]:
+  """Largest FLOPs contribution first when λ <= 1 (tolerances shrink), smallest
+  first when λ > 1: the official `sorted(..., reverse=exp <= 1)` (stable)."""
+  return tuple(sorted(units, key=lambda u: u.contribution, reverse=lam <= 1))
+
+
+def check_target(graph: ChannelGraph, masks: Masks, units: Sequence[Unit], config: Config) -> None:
+  """A ValueError when the target is below what one live channel per unit allows."""
+  if config.target is None:
+    return
+  floor = dict(masks)
+  for u in units:
+    m = floor[u.name].copy()
+    m[np.nonzero(m > 0)[0][1:]] = 0.0
+    floor[u.name] = m
+  least = _cost(graph, floor, config.target_unit, config.mode)
+  if config.target < least:
+    raise ValueError(
+        f"target {config.target} of the dense {config.target_unit} cannot be met: keeping one "
+        f"channel in each of the {len(units)} units already costs {least:.4f}. Raise the "
+        "target or prune more groups (groups=).")
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+class Oracle(NamedTuple):
+  """Per-task validation losses of the network when one unit's mask varies.
+
+  `evaluate(variables, masks, group, candidates)` runs the network under
+  `masks` with group `group`'s mask replaced by each row of `candidates`
+  (`[K, size]`) and returns float64 `[K, num_tasks]`: each task's loss summed
+  over the validation set, per candidate. One `jax.vmap` over the candidates:
+  what comes before the group's first consumer is computed once for all.
+  `losses` is the pure function it jits,
+  `losses(variables, masks, candidates, batches, weights, group=...)`.
+  """
+  tasks: tuple[str, ...]
+  evaluate: Callable[[Any, Mapping[str, Any], str, Any], np.ndarray]
+  losses: Callable
+  batches: Any
+  weights: jax.Array
+
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+
+
+def cross_entropy_losses(tasks: Sequence[str], label_key: str = "label") -> dict[str, LossFn]:
+  """Per-sample softmax cross-entropy of each task: `outputs[task]` against
+  column t of `batch[label_key]` (the MultiMNIST layout, labels `[B, T]`).
+
+  >>> losses = cross_entropy_losses(("left", "right"))
+  """
+  def make(t: int, name: str) -> LossFn:
+    def loss(outputs, batch):
+      logp = jax.nn.log_softmax(outputs[name])
+      label = batch[label_key][:, t]
+      return -jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0]
+    return loss
+  return {name: make(t, name) for t, name in enumerate(tasks)}
+
+
+def _batches(data: Any, batch_size: int) -> tuple[Any, jax.Array, int]:
+  """Leaves `[nb, B, ...]` (the last batch zero-padded) and weights `[nb, B]` (0 = pad)."""
+  paths = jax.tree_util.tree_flatten_with_path(data)[0]
+  if not paths:
+    raise ValueError("the validation data is empty")
+  sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in paths}
+  if len(set(sizes.values())) != 1 or None in sizes.values():
+    raise ValueError(
+        "the validation data's arrays must share their first (sample) axis, one row per "
+        f"sample for every task; got leading sizes {sizes}")
+  n = next(iter(sizes.values()))
+  if n == 0:
+    raise ValueError("the validation data has no samples")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  b = min(batch_size, n)
+  nb = -(-n // b)
+
+  def split(x):
+    x = np.asarray(x)
+    x = np.concatenate([x, np.zeros((nb * b - n, *x.shape[1:]), x.dtype)])
+    return jnp.asarray(x.reshape(nb, b, *x.shape[1:]))
+
+  weights = (np.arange(nb * b) < n).astype(np.float32).reshape(nb, b)
+  return jax.tree_util.tree_map(split, data), jnp.asarray(weights), b
+
+
+def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, LossFn], data: Any,
+                *, inputs: Callable[[Any], tuple] | None = None, batch_size: int = 128,
+                chunk: int | None = None, devices: Sequence[jax.Device] | None = None) -> Oracle:
+  """The batched per-task oracle of a network on a validation set.
+
+  Args:
+    fn: `fn(variables, *inputs) -> outputs` in eval mode (the traced function).
+    graph: its channel graph.
+    task_losses: `{task: loss(outputs, batch) -> per-sample losses [B]}`
+      (e.g. `cross_entropy_losses`).
+    data: the validation set, a pytree of arrays with one row per sample
+      (`{"image": [N, ...], "label": [N, T]}`); every task reads the same rows.
+    inputs: `batch -> args of fn` (default `(batch["image"],)`).
+    batch_size: samples per step of the scan over the validation set (each
+      step runs all candidates on them).
+    chunk: at most this many candidates per compiled call (memory), None: all.
+    devices: devices to shard the candidates over (default all local ones).
+
+  Raises:
+    ValueError: no task, data arrays of different lengths, or (at the first
+      evaluation) a task loss whose per-sample shape does not match the batch.
+  """
+  if not task_losses:
+    raise ValueError("task_losses is empty: give one loss function per task")
+  if chunk is not None and chunk < 1:
+    raise ValueError(f"chunk must be None or >= 1, got {chunk}")
+  tasks = tuple(task_losses)
+  inputs = (lambda bt: (bt["image"],)) if inputs is None else inputs
+  batches, weights, b = _batches(data, batch_size)
+  loss_fns = [task_losses[t] for t in tasks]
+
+  def losses(variables, masks, candidates, batches, weights, *, group):
+    # The greedy network's masks zero their channels' slices in every leaf
+    # (`jaxprune.expand`; at hard masks that is `masked`, as no kernel reads a
+    # removed channel), once for all candidates; the candidates go through
+    # `masked` on the unit's group alone, so only activations downstream of
+    # the group's consumers carry the candidate axis.
+    keep = jaxprune.expand(graph, masks)
+    variables = jax.tree_util.tree_map(lambda x, m: x * m.astype(x.dtype), variables, keep)
+    g_unit = jaxprune.masked(fn, unit_graph(graph, group))
+
+    def one(batch, w, candidate):
+      out = g_unit(variables, {group: candidate}, *inputs(batch))
+      return jnp.stack([jnp.sum(w * loss(out, batch)) for loss in loss_fns])
+
+    per_candidate = jax.vmap(one, in_axes=(None, None, 0))
+
+    def body(acc, xs):
+      return acc + per_candidate(*xs, candidates), None
+
+    init = jnp.zeros((candidates.shape[0], len(tasks)), jnp.float32)
+    return jax.lax.scan(body, init, (batches, weights))[0]
+
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = None
+  if len(devices) > 1:
+    mesh = jax.make_mesh((len(devices),), ("candidates",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+  @functools.lru_cache(maxsize=None)
+  def compiled(group: str):  # one program per unit: its prefix is shared differently
+    run = functools.partial(losses, group=group)
+    if mesh is not None:
+      run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), P("candidates"), P(), P()),
+                          out_specs=P("candidates"), check_vma=False)
+    return jax.jit(run)
+
+  checked: list[bool] = []
+
+  def evaluate(variables, masks, group, candidates):
+    masks = {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()}
+    jaxprune.check_masks(graph, masks)
+    candidates = jnp.asarray(candidates, jnp.float32)
+    size = graph.group(group).size
+    if candidates.ndim != 2 or candidates.shape[1] != size or candidates.shape[0] < 1:
+      raise ValueError(f"candidates for group {group!r} must have shape [K >= 1, {size}], got "
+                       f"{candidates.shape}")
+    if not checked:
+      _check_task_shapes(fn, variables, tasks, loss_fns, inputs,
+                         jax.tree_util.tree_map(lambda x: x[0], batches), b)
+      checked.append(True)
+    k = candidates.shape[0]
+    step = k if chunk is None else min(chunk, k)
+    step = -(-step // len(devices)) * len(devices)
+    outs = []
+    for start in range(0, k, step):
+      part = candidates[start:start + step]
+      short = step - part.shape[0]
+      if short:  # one compiled shape for every chunk: repeat the last candidate
+        part = jnp.concatenate([part, jnp.repeat(part[-1:], short, 0)])
+      out = compiled(group)(variables, masks, part, batches, weights)
+      outs.append(np.asarray(out, np.float64)[:step - short])
+    return np.concatenate(outs)
+
+  return Oracle(tasks, evaluate, losses, batches, weights)
+
+
+def unit_graph(graph: ChannelGraph, group: str) -> ChannelGraph:
+  """The graph with `group` as its only group: `masked(fn, unit_graph(graph, g))`
+  masks that group's channels and no other.
+
+  Built from the graph's documented layout: every leaf axis maps its positions
+  to entries of the flat mask vector (0 = always kept); entries of other
+  groups become 0 here. Cost terms are dropped (use `graph` for cost).
+  """
+  target = graph.group(group)
+  start = graph.offsets[group]
+  axes = []
+  for per_leaf in graph.leaf_axes:
+    kept = {}
+    for ax, f in per_leaf.items():
+      inside = (f >= start) & (f < start + target.size)
+      if inside.any():
+        kept[ax] = np.where(inside, f - start + 1, 0).astype(f.dtype)
+    axes.append(kept)
+  return dataclasses.replace(graph, groups=(target,), leaf_axes=tuple(axes), terms=())
+
+
+def _check_task_shapes(fn, variables, tasks, loss_fns, inputs, batch, b: int) -> None:
+  outputs = jax.eval_shape(lambda v, bt: fn(v, *inputs(bt)), variables, batch)
+  for t, loss in zip(tasks, loss_fns):
+    shape = jax.eval_shape(loss, outputs, batch).shape
+    if shape != (b,):
+      raise ValueError(
+          f"task {t!r}: its loss returns shape {shape} for a batch of {b} samples; a task loss "
+          "must return one loss per sample of the shared batch (does it read labels or "
+          "outputs with another number of rows?)")
+
+
+# --------------------------------------------------------------------------- greedy scan
+
+
+class UnitScan(NamedTuple):
+  """What the greedy scan found for one unit.
+
+  losses: `[R, T]` per-task validation loss at each candidate ratio (NaN where
+    a one-by-one scan stopped before it).
+  fail: index of the first ratio that broke the tolerance, -1 if none did.
+  sensitive: the task with the largest relative rise there (None if none).
+  ratio: the ratio the unit keeps for the top-k filter (0: left whole).
+  pruned: channels the greedy network lost at this unit.
+  loss_total: summed task losses at `ratio` (the top-k filter's loss rise is
+    loss_total - base_total).
+  """
+  name: str
+  size: int
+  contribution: float
+  counts: tuple[int, ...]
+  losses: np.ndarray
+  base: np.ndarray
+  base_total: float
+  delta: float
+  fail: int
+  sensitive: str | None
+  ratio: float
+  pruned: int
+  loss_total: float
+
+
+class State(NamedTuple):
+  """The greedy scan of one round: the network so far and the schedule.
+
+  masks: the greedy network (hard masks on the traced graph).
+  base, base_total: per-task and summed base losses the next unit compares with.
+  delta: the next unit's tolerance δ.
+  lam: λ of the schedule.
+  units: the units in scan order.
+  scans: the units scanned so far.
+  """
+  masks: Masks
+  base: np.ndarray
+  base_total: float
+  delta: float
+  lam: float
+  units: tuple[Unit, ...]
+  scans: tuple[UnitScan, ...]
+
+  @property
+  def done(self) -> bool:
+    return len(self.scans) == len(self.units)
+
+
+def init(variables: Any, graph: ChannelGraph, oracle: Oracle, masks: Mapping[str, Any] | None = None,
+         *, groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
+         config: Config = Config()) -> State:
+  """Units in scan order, λ, and the base losses of the network under `masks`.
+
+  Raises:
+    ValueError: bad settings, no unit, a target below one channel per unit, or
+      a task whose base loss is not positive (relative tolerance undefined).
+  """
+  check_config(config)
+  m = _np_masks(graph, masks)
+  units = shared_units(variables, graph, m, groups=groups, prefix=prefix, config=config)
+  check_target(graph, m, units, config)
+  lam = tolerance_decay(config.delta0, len(units), config.total)
+  base = oracle.evaluate(variables, m, units[0].name, m[units[0].name][None])[0]
+  if not np.all(np.isfinite(base) & (base > 0)):
+    raise ValueError(f"base losses {dict(zip(oracle.tasks, base))} must be finite and > 0: PAGCP "
+                     "compares each task's loss with its base loss relatively")
+  return State(m, base, float(base.sum()), float(config.delta0), lam, scan_order(units, lam), ())
+
+
+def first_break(losses: np.ndarray, base: np.ndarray, delta: float) -> tuple[int, int]:
+  """(index of the first candidate where max_t L_t / base_t > 1 + δ, its argmax
+  task), or (-1, -1). Rows of NaN (not evaluated) never break.
+
+  >>> first_break(np.array([[1.0, 1.0], [1.02, 1.2], [2.0, 2.0]]), np.ones(2), 0.1)
+  (1, 1)
+  """
+  rel = np.asarray(losses, np.float64) / np.asarray(base, np.float64)
+  broken = np.nan_to_num(rel, nan=0.0).max(axis=1) > 1.0 + delta
+  if not broken.any():
+    return -1, -1
+  i = int(np.argmax(broken))
+  return i, int(np.argmax(rel[i]))
+
+
+def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
+           config: Config = Config()) -> State:
+  """Scans the next unit: evaluates its candidate ratios on the greedy network
+  and prunes it at the last ratio before the tolerance breaks."""
+  if state.done:
+    raise ValueError("every unit of this round is scanned; start a new round with init()")
+  unit = state.units[len(state.scans)]
+  scores = filter_scores(variables, graph, state.masks, norm=config.criterion)
+  live = int(state.masks[unit.name].sum())
+  counts = tuple(prune_count(r, live) for r in config.ratios)
+  candidates = np.stack([remove_lowest(state.masks, unit.name, scores, c)[unit.name]
+                         for c in counts])
+  if config.batched:
+    losses = oracle.evaluate(variables, state.masks, unit.name, candidates)
+  else:
+    losses = np.full((len(counts), len(oracle.tasks)), np.nan)
+    for i in range(len(counts)):
+      losses[i] = oracle.evaluate(variables, state.masks, unit.name, candidates[i:i + 1])[0]
+      if first_break(losses[i:i + 1], state.base, state.delta)[0] == 0:
+        break
+  fail, task = first_break(losses, state.base, state.delta)
+  last = len(counts) - 1
+  if fail == -1:  # no ratio broke the tolerance
+    accepted = last - 1 if config.official_quirks and last >= 1 else last
+    prune_greedy = not config.official_quirks
+  else:
+    accepted, prune_greedy = fail - 1, fail >= 1
+  prune_greedy = prune_greedy and counts[accepted] > 0
+  masks, base, base_total, delta = state.masks, state.base, state.base_total, state.delta
+  if prune_greedy:
+    masks = {**masks, unit.name: candidates[accepted]}
+    base = np.maximum(base, losses[accepted])
+    base_total = max(base_total, float(losses[accepted].sum()))
+    delta = delta * state.lam
+  ratio = float(config.ratios[accepted]) if accepted >= 0 and counts[accepted] > 0 else 0.0
+  scan = UnitScan(
+      unit.name, live, unit.contribution, counts, losses, state.base, state.base_total,
+      state.delta, fail, oracle.tasks[task] if fail >= 0 else None, ratio,
+      counts[accepted] if prune_greedy else 0,
+      float(losses[accepted].sum()) if ratio > 0 else state.base_total)
+  return state._replace(masks=masks, base=base, base_total=base_total, delta=delta,
+                        scans=state.scans + (scan,))
+
+
+# --------------------------------------------------------------------------- top-k, re-application
+
+
+def topk_ratios(state: State, variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
+                config: Config = Config()) -> dict[str, float]:
+  """The official `get_ratio`: the int(L topk) pruned units with the smallest
+  loss rise per cost removed keep their ratio, in scan order.
+
+  The cost each unit removes is measured by applying the pruned units' ratios
+  in scan order from `masks` (the round's start), scores recomputed each time.
+  """
+  m = _np_masks(graph, masks)
+  pruned = [s for s in state.scans if s.ratio > 0]
+  value = {}
+  for s in pruned:
+    before = _cost(graph, m, config.unit, config.mode)
+    scores = filter_scores(variables, graph, m, norm=config.criterion)
+    m = remove_lowest(m, s.name, scores, prune_count(s.ratio, int(m[s.name].sum())))
+    removed = before - _cost(graph, m, config.unit, config.mode)
+    value[s.name] = (s.loss_total - s.base_total) / (removed + 1e-20)
+  keep = set(sorted(value, key=value.__getitem__)[:int(len(state.units) * config.topk)])
+  return {s.name: s.ratio for s in pruned if s.name in keep}
+
+
+def apply_ratios(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
+                 ratios: Mapping[str, float], config: Config = Config()) -> tuple[Masks, bool]:
+  """Prunes each unit at its ratio, in order, scores recomputed on the current
+  network; returns the masks and whether the cost target is met.
+
+  With a target, pruning stops as soon as the cost is at most the target: the
+  unit that crosses it loses only as many channels as needed, so one channel
+  fewer would miss it.
+  """
+  m = _np_masks(graph, masks)
+
+  def reached(mm: Masks) -> bool:
+    return (config.target is not None
+            and _cost(graph, mm, config.target_unit, config.mode) <= config.target * (1 + 1e-9))
+
+  if reached(m):
+    return m, True
+  for name, r in ratios.items():
+    scores = filter_scores(variables, graph, m, norm=config.criterion)
+    count = prune_count(r, int(m[name].sum()))
+    if reached(remove_lowest(m, name, scores, count)):
+      lo, hi = 0, count  # smallest count that meets the target: bisection
+      while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(remove_lowest(m, name, scores, mid)) else (mid, hi)
+      return remove_lowest(m, name, scores, hi), True
+    m = remove_lowest(m, name, scores, count)
+  return m, config.target is None
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+class Round(NamedTuple):
+  """One round: the greedy scan, the ratios kept by the top-k filter, the masks
+  after re-applying them, and the cost left (fraction of the dense `target_unit`)."""
+  state: State
+  ratios: dict[str, float]
+  masks: Masks
+  cost: float
+
+
+class Result(NamedTuple):
+  """masks: final hard masks on the traced graph (slim with them);
+  variables: after the last finetune; reached: whether the target is met (None
+  without a target)."""
+  masks: Masks
+  variables: Any
+  rounds: tuple[Round, ...]
+  reached: bool | None
+
+
+Finetune = Callable[[Any, Masks, int], Any]
+
+
+def prune_round(variables: Any, graph: ChannelGraph, oracle: Oracle,
+                masks: Mapping[str, Any] | None = None, *, groups: Sequence[str] | None = None,
+                prefix: str | None = "encoder.", config: Config = Config(),
+                on_unit: Callable[[UnitScan], None] | None = None) -> tuple[Round, bool]:
+  """Greedy scan of every unit, top-k filter, re-application (one round, no finetune)."""
+  start = _np_masks(graph, masks)
+  state = init(variables, graph, oracle, start, groups=groups, prefix=prefix, config=config)
+  while not state.done:
+    state = update(state, variables, graph, oracle, config)
+    if on_unit is not None:
+      on_unit(state.scans[-1])
+  ratios = topk_ratios(state, variables, graph, start, config)
+  out, reached = apply_ratios(variables, graph, start, ratios, config)
+  return Round(state, ratios, out, _cost(graph, out, config.target_unit, config.mode)), reached
+
+
+def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 1,
+          finetune: Finetune | None = None, masks: Mapping[str, Any] | None = None,
+          groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
+          config: Config = Config(), on_unit: Callable[[UnitScan], None] | None = None) -> Result:
+  """Rounds of PAGCP, each followed by `finetune(variables, masks, round)`.
+
+  `finetune` trains the network under the round's masks (e.g. through
+  `jaxprune.masked`) and returns its variables; the next round scores and
+  evaluates those. Tolerance-driven: exactly `rounds` rounds. With
+  `config.target`: at most `rounds`, stopping when the target is met.
+
+  Example:
+    >>> result = pagcp.prune(variables, graph, oracle, rounds=2, finetune=finetune,
+    ...                      config=pagcp.Config(target=0.5))
+    >>> result.reached, [r.cost for r in result.rounds]
+  """
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1, got {rounds}")
+  check_config(config)
+  current = _np_masks(graph, masks)
+  done: list[Round] = []
+  reached = False
+  for r in range(rounds):
+    result, reached = prune_round(variables, graph, oracle, current, groups=groups, prefix=prefix,
+                                  config=config, on_unit=on_unit)
+    done.append(result)
+    current = result.masks
+    if finetune is not None:
+      variables = finetune(variables, current, r)
+    if config.target is not None and reached:
+      break
+  return Result(current, variables, tuple(done), reached if config.target is not None else None)
