@@ -537,6 +537,10 @@ def test_rounds_call_finetune_and_stop_at_the_target(net):
   # Tolerance-driven: exactly `rounds` rounds.
   result = pagcp.prune(v, graph, oracle, rounds=2, config=pagcp.Config(total=1.5))
   assert len(result.rounds) == 2 and result.reached is None
+  # Nothing passes the tolerance and nothing is finetuned: a second round would repeat the first.
+  stuck = synthetic_oracle(graph, {u: (50.0, 50.0) for u in units})
+  result = pagcp.prune(v, graph, stuck, rounds=3, config=pagcp.Config(total=1.5))
+  assert len(result.rounds) == 1 and all(m.all() for m in result.masks.values())
   with pytest.raises(ValueError, match="rounds"):
     pagcp.prune(v, graph, oracle, rounds=0)
 

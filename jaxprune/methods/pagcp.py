@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -110,10 +111,10 @@ class Config(NamedTuple):
 
 def check_config(config: Config) -> None:
   """Raises a ValueError that names a setting out of range."""
-  if not (isinstance(config.delta0, (int, float)) and 0.0 < config.delta0 <= 1.0):
+  if not (isinstance(config.delta0, numbers.Real) and 0.0 < config.delta0 <= 1.0):
     raise ValueError(f"delta0 (δ0) must be in (0, 1], the first unit's tolerated relative loss "
                      f"rise; got {config.delta0!r}")
-  if not (isinstance(config.total, (int, float)) and config.total > 1.0 + config.delta0):
+  if not (isinstance(config.total, numbers.Real) and config.total > 1.0 + config.delta0):
     raise ValueError(f"total (T) must exceed 1 + delta0 = {1 + config.delta0}: the first unit "
                      f"alone may raise the loss by that factor; got {config.total!r}")
   r = np.asarray(config.ratios, float)
@@ -435,14 +436,19 @@ def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
   scores = filter_scores(variables, graph, state.masks, norm=config.criterion)
   live = int(state.masks[unit.name].sum())
   counts = tuple(prune_count(r, live) for r in config.ratios)
+  # Ratios that prune as many channels give the same network: evaluated once
+  # (the official code re-evaluates them; the decisions are the same).
+  distinct, row = np.unique(counts, return_inverse=True)
   candidates = np.stack([remove_lowest(state.masks, unit.name, scores, c)[unit.name]
-                         for c in counts])
+                         for c in distinct])
   if config.batched:
-    losses = oracle.evaluate(variables, state.masks, unit.name, candidates)
+    losses = oracle.evaluate(variables, state.masks, unit.name, candidates)[row]
   else:
     losses = np.full((len(counts), len(oracle.tasks)), np.nan)
-    for i in range(len(counts)):
-      losses[i] = oracle.evaluate(variables, state.masks, unit.name, candidates[i:i + 1])[0]
+    for i, k in enumerate(row):
+      same = np.nonzero(row[:i] == k)[0]
+      losses[i] = (losses[same[0]] if same.size else
+                   oracle.evaluate(variables, state.masks, unit.name, candidates[k:k + 1])[0])
       if first_break(losses[i:i + 1], state.base, state.delta)[0] == 0:
         break
   fail, task = first_break(losses, state.base, state.delta)
@@ -455,7 +461,7 @@ def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
   prune_greedy = prune_greedy and counts[accepted] > 0
   masks, base, base_total, delta = state.masks, state.base, state.base_total, state.delta
   if prune_greedy:
-    masks = {**masks, unit.name: candidates[accepted]}
+    masks = {**masks, unit.name: candidates[row[accepted]]}
     base = np.maximum(base, losses[accepted])
     base_total = max(base_total, float(losses[accepted].sum()))
     delta = delta * state.lam
@@ -572,8 +578,9 @@ def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 
 
   `finetune` trains the network under the round's masks (e.g. through
   `jaxprune.masked`) and returns its variables; the next round scores and
-  evaluates those. Tolerance-driven: exactly `rounds` rounds. With
-  `config.target`: at most `rounds`, stopping when the target is met.
+  evaluates those. Tolerance-driven: `rounds` rounds. With `config.target`:
+  at most `rounds`, stopping when the target is met. Without `finetune`, a
+  round that removes nothing ends the run (the next would repeat it).
 
   Example:
     >>> result = pagcp.prune(variables, graph, oracle, rounds=2, finetune=finetune,
@@ -590,9 +597,10 @@ def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 
     result, reached = prune_round(variables, graph, oracle, current, groups=groups, prefix=prefix,
                                   config=config, on_unit=on_unit)
     done.append(result)
+    stalled = all(np.array_equal(result.masks[k], current[k]) for k in current)
     current = result.masks
     if finetune is not None:
       variables = finetune(variables, current, r)
-    if config.target is not None and reached:
-      break
+    if (config.target is not None and reached) or (stalled and finetune is None):
+      break  # met, or the same network would be scanned again to the same end
   return Result(current, variables, tuple(done), reached if config.target is not None else None)
