@@ -14,7 +14,7 @@ interleaved medians, compilation excluded except for `slimmed`, where it is
 what a new shape costs. Goal: batched >= 5x faster than one-by-one.
 
   python -m benchmarks.pagcp_oracle
-  python -m benchmarks.pagcp_oracle --images 512 --batch 16 --single-batch 64 --reps 3
+  python -m benchmarks.pagcp_oracle --images 512 --batch 8 --single-batch 64 --reps 3
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--images", type=int, default=256, help="validation images (multimnist test)")
-  p.add_argument("--batch", type=int, default=16, help="images per scan step, batched oracle")
+  p.add_argument("--batch", type=int, default=4, help="images per scan step, batched oracle")
   p.add_argument("--single-batch", type=int, default=64, help="images per step, one-by-one")
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--slim-units", type=int, default=1, help="units timed the slimmed way")
+  p.add_argument("--slim-units", type=int, default=2, help="units timed the slimmed way")
   args = p.parse_args()
   print("machine:", machine())
 

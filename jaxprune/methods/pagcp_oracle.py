@@ -94,7 +94,7 @@ def _batches(data: Any, batch_size: int) -> tuple[Any, jax.Array, int]:
 
 
 def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, LossFn], data: Any,
-                *, inputs: Callable[[Any], tuple] | None = None, batch_size: int = 128,
+                *, inputs: Callable[[Any], tuple] | None = None, batch_size: int = 16,
                 chunk: int | None = None, devices: Sequence[jax.Device] | None = None) -> Oracle:
   """The batched per-task oracle of a network on a validation set.
 
@@ -106,8 +106,9 @@ def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, Los
     data: the validation set, a pytree of arrays with one row per sample
       (`{"image": [N, ...], "label": [N, T]}`); every task reads the same rows.
     inputs: `batch -> args of fn` (default `(batch["image"],)`).
-    batch_size: samples per step of the scan over the validation set (each
-      step runs all candidates on them).
+    batch_size: samples per step of the scan over the validation set; each
+      step runs K candidates x batch_size samples downstream of the unit (on
+      CPU, K x batch_size of ~100-300 was fastest; an accelerator wants more).
     chunk: at most this many candidates per compiled call (memory), None: all.
     devices: devices to shard the candidates over (default all local ones).
 
