@@ -604,3 +604,11 @@ def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 
     if (config.target is not None and reached) or (stalled and finetune is None):
       break  # met, or the same network would be scanned again to the same end
   return Result(current, variables, tuple(done), reached if config.target is not None else None)
+
+
+__all__ = [
+    "Config", "Oracle", "RATIOS", "Result", "Round", "State", "Unit", "UnitScan", "apply_ratios",
+    "check_config", "check_target", "cross_entropy_losses", "filter_scores", "first_break", "init",
+    "make_oracle", "prune", "prune_count", "prune_round", "remove_lowest", "scan_order",
+    "shared_units", "tolerance_decay", "topk_ratios", "unit_graph", "update",
+]
