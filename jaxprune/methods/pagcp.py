@@ -26,8 +26,9 @@ A round:
 Rounds of prune -> finetune (a callback of the caller) repeat this.
 
 The oracle is batched: all candidate ratios of a unit are masks stacked on a
-leading axis and evaluated in one `jax.vmap` over `jaxprune.masked`
-(`shard_map`-ed over the candidates when there are several devices), where
+leading axis and evaluated in one `jax.vmap` (`jaxprune.gated` sets the
+unit's mask just before its producer, so the network up to there runs once;
+`shard_map`-ed over the candidates when there are several devices), where
 the official code runs one validation pass per candidate.
 
 Beyond the official code: an explicit cost target (`Config.target`, a
@@ -65,7 +66,7 @@ from scipy import optimize
 
 import jaxprune
 from jaxprune.graph import ChannelGraph
-from jaxprune.methods.pagcp_oracle import Oracle, cross_entropy_losses, make_oracle, unit_graph
+from jaxprune.methods.pagcp_oracle import Oracle, cross_entropy_losses, make_oracle
 
 Masks = dict[str, np.ndarray]
 RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # np.linspace(.05, .95, 19)
@@ -194,8 +195,9 @@ def _filter_scores(variables: Any, masks: Mapping[str, jax.Array], graph: Channe
       total = total + jax.ops.segment_sum(s, jnp.asarray(mem.position), g.size)
     if not producers:  # no kernel produces these channels: the core's criterion
       if fallback is None:
-        weighted = jax.tree_util.tree_map(lambda x, m: x * m, variables,
-                                          jaxprune.expand(graph, masks))
+        weighted = jax.tree_util.tree_map(
+            lambda x, m: x * m if jnp.issubdtype(x.dtype, jnp.floating) else x, variables,
+            jaxprune.expand(graph, masks))
         fallback = getattr(jaxprune.criteria, norm)(weighted, graph)
       total = fallback[g.name]
     out[g.name] = total
@@ -281,8 +283,8 @@ def shared_units(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] |
                  config: Config = Config()) -> tuple[Unit, ...]:
   """The units of a round in trace order, with their FLOPs contribution.
 
-  `groups` names them; by default every group whose name starts with
-  `prefix` (the zoo's multitask model: its encoder, so heads stay whole).
+  `groups` names them; by default every channel group whose name starts
+  with `prefix` (the zoo's multitask model: its encoder, so heads stay whole).
   Groups with a single live channel cannot lose one and are left out.
 
   Raises:
@@ -297,7 +299,8 @@ def shared_units(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] |
       raise ValueError(f"unknown groups {unknown}; the graph's groups are {names}")
     chosen = [n for n in names if n in set(groups)]
   else:
-    chosen = [n for n in names if prefix is None or n.startswith(prefix)]
+    chosen = [g.name for g in graph.groups if g.kind == "channel"
+              and (prefix is None or g.name.startswith(prefix))]
   chosen = [n for n in chosen if m[n].sum() >= 2]
   if not chosen:
     raise ValueError(
@@ -610,5 +613,5 @@ __all__ = [
     "Config", "Oracle", "RATIOS", "Result", "Round", "State", "Unit", "UnitScan", "apply_ratios",
     "check_config", "check_target", "cross_entropy_losses", "filter_scores", "first_break", "init",
     "make_oracle", "prune", "prune_count", "prune_round", "remove_lowest", "scan_order",
-    "shared_units", "tolerance_decay", "topk_ratios", "unit_graph", "update",
+    "shared_units", "tolerance_decay", "topk_ratios", "update",
 ]

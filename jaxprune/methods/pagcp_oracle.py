@@ -5,8 +5,9 @@ a validation set. The official code prunes a copy of the network and runs
 one validation pass per candidate. Here the candidates of a unit are masks
 stacked on a leading axis and evaluated in one `jax.vmap` over
 `jaxprune.masked` (`shard_map`-ed over the candidate axis when there are
-several devices): the network up to the unit's first consumer runs once for
-all candidates, and one compiled program serves every mask value.
+several devices): through `jaxprune.gated`, the unit's candidate mask is set
+just before the unit's producer runs, so the network up to that point runs
+once for all candidates, and one compiled program serves every mask value.
 
 Example:
   >>> from jaxprune.methods import pagcp_oracle
@@ -17,7 +18,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -125,18 +125,16 @@ def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, Los
   batches, weights, b = _batches(data, batch_size)
   loss_fns = [task_losses[t] for t in tasks]
 
+  def gate(inp, candidate):
+    # The unit's mask, set just before its producer runs: activations before
+    # that point do not depend on the candidate, so vmap computes them once.
+    return jnp.broadcast_to(candidate, (inp.x.shape[0], candidate.shape[-1])), None
+
   def losses(variables, masks, candidates, batches, weights, *, group):
-    # The greedy network's masks zero their channels' slices in every leaf
-    # (`jaxprune.expand`; at hard masks that is `masked`, as no kernel reads a
-    # removed channel), once for all candidates; the candidates go through
-    # `masked` on the unit's group alone, so only activations downstream of
-    # the group's consumers carry the candidate axis.
-    keep = jaxprune.expand(graph, masks)
-    variables = jax.tree_util.tree_map(lambda x, m: x * m.astype(x.dtype), variables, keep)
-    g_unit = jaxprune.masked(fn, unit_graph(graph, group))
+    g = jaxprune.gated(fn, graph, gate, [group])
 
     def one(batch, w, candidate):
-      out = g_unit(variables, {group: candidate}, *inputs(batch))
+      out, _ = g(variables, {group: candidate}, *inputs(batch), masks=masks)
       return jnp.stack([jnp.sum(w * loss(out, batch)) for loss in loss_fns])
 
     per_candidate = jax.vmap(one, in_axes=(None, None, 0))
@@ -189,27 +187,6 @@ def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, Los
     return np.concatenate(outs)
 
   return Oracle(tasks, evaluate, losses, batches, weights)
-
-
-def unit_graph(graph: ChannelGraph, group: str) -> ChannelGraph:
-  """The graph with `group` as its only group: `masked(fn, unit_graph(graph, g))`
-  masks that group's channels and no other.
-
-  Built from the graph's documented layout: every leaf axis maps its positions
-  to entries of the flat mask vector (0 = always kept); entries of other
-  groups become 0 here. Cost terms are dropped (use `graph` for cost).
-  """
-  target = graph.group(group)
-  start = graph.offsets[group]
-  axes = []
-  for per_leaf in graph.leaf_axes:
-    kept = {}
-    for ax, f in per_leaf.items():
-      inside = (f >= start) & (f < start + target.size)
-      if inside.any():
-        kept[ax] = np.where(inside, f - start + 1, 0).astype(f.dtype)
-    axes.append(kept)
-  return dataclasses.replace(graph, groups=(target,), leaf_axes=tuple(axes), terms=())
 
 
 def _check_task_shapes(fn, variables, tasks, loss_fns, inputs, batch, b: int) -> None:

@@ -11,6 +11,9 @@ Structure (attribute paths as they appear in ``nnx.split`` state)::
     encoder.stem.conv/bn                          stem
     encoder.stages[s][i].conv1/bn1/conv2/bn2      BasicBlock i of stage s
     encoder.stages[s][0].downsample.conv/bn       projection (stages s > 0)
+    encoder.stem_index, encoder.out_index         ChannelIndex vectors (as the
+                                                  zoo's ResNets: branch-slimmed
+                                                  networks run)
     heads[task].hidden, heads[task].out           per-task head
 
 Channel groups come from ``jaxprune.trace`` like for any model; the encoder's
@@ -36,7 +39,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from flax import nnx
 
-from jaxprune.models.layers import ConvBN, global_avg_pool, linear
+from jaxprune.models.layers import (ConvBN, channel_index, expand_channels, gather_channels,
+                                    global_avg_pool, linear)
 from jaxprune.models.resnet_imagenet import BasicBlock
 
 __all__ = ["MultitaskEncoder", "MultitaskHead", "MultitaskNet", "multitask_resnet"]
@@ -66,13 +70,15 @@ class MultitaskEncoder(nnx.Module):
                 in_planes = planes
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
+        self.stem_index = channel_index(widths[0])
+        self.out_index = channel_index(in_planes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(self.stem(x))
+        x = expand_channels(nnx.relu(self.stem(x)), self.stem_index)
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        return global_avg_pool(x)
+        return gather_channels(global_avg_pool(x), self.out_index)
 
 
 class MultitaskHead(nnx.Module):
