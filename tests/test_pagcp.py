@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import jaxprune
@@ -352,6 +352,9 @@ def expected_scan(size, slope, delta, ratios=pagcp.RATIOS):
 @settings(max_examples=20, deadline=None)
 @given(a=st.floats(0.0, 3.0), b=st.floats(0.0, 3.0))
 def test_greedy_step_on_a_synthetic_loss_with_a_known_answer(net, a, b):
+  # Ties (between the tasks, or with the tolerance) are settled by float rounding: skip them.
+  assume(abs(a - b) > 1e-6)
+  assume(all(abs(s * c / 8 - 0.05) > 1e-9 for s in (a, b) for c in range(8)))
   graph, v = net["graph"], net["variables"]
   unit = "encoder.stages.1.0.conv1"                       # 8 channels
   oracle = synthetic_oracle(graph, {unit: (a, b)})

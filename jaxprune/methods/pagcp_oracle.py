@@ -30,14 +30,15 @@ from jax.sharding import PartitionSpec as P
 import jaxprune
 from jaxprune.graph import ChannelGraph
 
+
 class Oracle(NamedTuple):
   """Per-task validation losses of the network when one unit's mask varies.
 
   `evaluate(variables, masks, group, candidates)` runs the network under
-  `masks` with group `group`'s mask replaced by each row of `candidates`
+  hard `masks` with group `group`'s mask replaced by each row of `candidates`
   (`[K, size]`) and returns float64 `[K, num_tasks]`: each task's loss summed
   over the validation set, per candidate. One `jax.vmap` over the candidates:
-  what comes before the group's first consumer is computed once for all.
+  what comes before the group's producer is computed once for all of them.
   `losses` is the pure function it jits,
   `losses(variables, masks, candidates, batches, weights, group=...)`.
   """
