@@ -142,6 +142,7 @@ def train(
   extra: Any = None,
   seed_offset: int = 0,
   continue_schedule: bool = False,
+  stop_at: int | None = None,
 ) -> PhaseResult:
   """Trains one phase in ``workdir/<phase>``; resumes it if it was cut short.
 
@@ -153,6 +154,9 @@ def train(
   train config's schedule, reading the data from where a single phase would
   be at that step (e.g. after slimming the network and its optimizer state
   in the middle of training).
+
+  ``stop_at`` ends the phase (as finished) after that many steps of its
+  schedule, e.g. to prune at an epoch and continue with ``continue_schedule``.
 
   ``overrides`` replace ``config.train`` keys for this phase (e.g. ``{'epochs':
   5, 'lr': 0.01}`` for a finetune); ``extra`` is the method's trainable pytree
@@ -205,7 +209,7 @@ def train(
     on_epoch_end=step.on_epoch_end,
   )
   plan = T.Plan(
-    num_steps=max(total - begin, 0),
+    num_steps=max((total if stop_at is None else min(stop_at, total)) - begin, 0),
     steps_per_epoch=spe,
     eval_every_epochs=train_cfg.get('eval_every_epochs', 1),
     log_every=train_cfg.get('log_every', 10),

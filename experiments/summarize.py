@@ -59,7 +59,7 @@ COLUMNS: dict[str, Column] = {
   'speedup': Column('measured speedup', 'speedup.speedup', lambda x: f'{x:.2f}x'),
   'macs_per_image': Column(
     'MACs / image (± over images)',
-    'dynamic.macs_mean',
+    'macs',  # for a dynamic method the mean over the test images
     lambda x: f'{x:.2f}M',
     scale=lambda v: v / 1e6,
     aside='dynamic.macs_std',
@@ -70,7 +70,7 @@ COLUMNS: dict[str, Column] = {
   ),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
-DEFAULT_COLUMNS = ('acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
+DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
 
 
 def find_runs(paths: Sequence[str]) -> list[str]:
@@ -116,8 +116,8 @@ def _label(v: Any) -> str:
 
 
 def group(runs: list[dict], by: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
-  """Runs grouped by the values of the ``by`` keys, in a stable order (by-values, budgets
-  from large to small)."""
+  """Runs grouped by the values of the ``by`` keys; rows ordered by those values, numbers
+  from large to small (budgets: the least pruned first), then text."""
   groups: dict[tuple, list[dict]] = {}
   for r in runs:
     groups.setdefault(tuple(results.get(r, k) for k in by), []).append(r)
