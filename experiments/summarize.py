@@ -142,34 +142,33 @@ def table(runs: list[dict], by: Sequence[str], columns: Sequence[str] = DEFAULT_
   return '\n'.join(lines)
 
 
-def plot(
-  runs: list[dict], by: Sequence[str], path: str, *, x: str = 'ratios.macs', series: Sequence[str] = ('method',)
-):
-  """Test accuracy (mean ± std over runs) against ``x``, one line per ``series`` value."""
+def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = ('ratios.macs',),
+         series: Sequence[str] = ('method',)) -> None:  # fmt: skip
+  """Test accuracy (mean ± std over a group's runs) against each of the ``x`` keys (one
+  panel each), one line per value of the ``series`` keys; the dense accuracy dashed."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  lines: dict[tuple, list] = {}
-  for _, rs in group(runs, by):
-    xs = [results.get(r, x) for r in rs]
-    acc = [100 * r['test_accuracy'] for r in rs if r.get('test_accuracy') is not None]
-    if None in xs or not acc:
-      continue
-    key = tuple(results.get(rs[0], k) for k in series)
-    lines.setdefault(key, []).append((float(np.mean(xs)), float(np.mean(acc)), float(np.std(acc))))
-  for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
-    pts.sort()
-    ax.errorbar(*zip(*pts, strict=True), marker='o', capsize=3, label=' '.join(map(_label, key)))
-  dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
-  if dense:
-    ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense (mean)')
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel(x)
-  ax.set_ylabel('test accuracy (%)')
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, len(x), figsize=(5.5 * len(x), 4), squeeze=False, sharey=True)
+  for ax, xkey in zip(axes[0], x):
+    lines: dict[tuple, list] = {}
+    for _, rs in group(runs, by):
+      xs, acc = [results.get(r, xkey) for r in rs], [100 * r['test_accuracy'] for r in rs]
+      if None not in xs:
+        key = tuple(results.get(rs[0], k) for k in series)
+        lines.setdefault(key, []).append((float(np.mean(xs)), float(np.mean(acc)), float(np.std(acc))))
+    for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+      xs, ys, err = zip(*sorted(pts))
+      ax.errorbar(xs, ys, yerr=err, marker='o', capsize=3, label=' '.join(map(_label, key)))
+    dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
+    if dense:
+      ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel(xkey)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel('test accuracy (%)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -181,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   p.add_argument('--by', default='method,unit,budget', help='comma-separated dotted keys that define a row')
   p.add_argument('--columns', default=','.join(DEFAULT_COLUMNS), help=f'from: seeds, {", ".join(COLUMNS)}')
   p.add_argument('--plot', help='also write accuracy vs --x to this image')
-  p.add_argument('--x', default='ratios.macs', help='the plot x axis (a dotted key)')
+  p.add_argument('--x', default='ratios.macs', help='the plot x axis (dotted keys; several: one panel each)')
   p.add_argument('--series', default='method', help='keys that tell the plot lines apart')
   p.add_argument('--out', help='also write the table to this file')
   a = p.parse_args(argv)
@@ -192,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     with open(a.out, 'w') as f:
       f.write(md + '\n')
   if a.plot:
-    plot(runs, by, a.plot, x=a.x, series=a.series.split(','))
+    plot(runs, by, a.plot, x=a.x.split(','), series=a.series.split(','))
   print(md)
   return md
 
