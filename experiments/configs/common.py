@@ -21,7 +21,7 @@ Layout (methods add their own keys under ``config.method``)::
   train.stop_after_steps     debug: stop a phase after this many steps
                              without a final checkpoint (tests resumption)
   checkpoint.every_steps, checkpoint.keep
-  method.name          'dense' (see experiments.train.METHODS)
+  method.name          'dense' or a method of jaxprune.methods.available(); its keys: configs/defaults.py
   progress             tqdm progress bar (only on a TTY)
   distributed          call jax.distributed.initialize() (multi-host)
 """
