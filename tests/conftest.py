@@ -19,6 +19,8 @@ SLOW = (
   'tests/test_chipnet.py::test_quick_run_meets_budget_after_slimming_and_beats_chance',
   'tests/test_chipnet.py::test_transfer_masks_to_mnist',
   'tests/test_ftwt.py::test_pipeline_end_to_end',
+  'tests/test_ftwt.py::test_gated_equals_each_samples_slimmed_network[vgg16]',
+  'tests/test_ftwt.py::test_gated_equals_each_samples_slimmed_network[mobilenet_v1_cifar]',
   'tests/test_magnitude.py::test_pipeline_end_to_end',
   'tests/test_colabs.py::',
   'tests/test_training.py::test_one_vs_four_devices_same_loss',
