@@ -14,7 +14,8 @@ from jaxprune import compilation_cache
 # run, and by the next run (``JAXPRUNE_CACHE_DIR`` moves the cache or turns it off).
 compilation_cache.enable()
 
-# End-to-end tests in files that do not mark them themselves (node-id prefixes).
+# End-to-end tests in files that do not mark them themselves (node-id prefixes), and the
+# larger-model cases of a test whose ResNet-20 case stays in the quick loop.
 SLOW = (
   'tests/test_chipnet.py::test_quick_run_meets_budget_after_slimming_and_beats_chance',
   'tests/test_chipnet.py::test_transfer_masks_to_mnist',
