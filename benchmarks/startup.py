@@ -37,6 +37,7 @@ FIRST_STEP = ['--config.train.stop_after_steps=1', '--config.progress=False']
 
 def checkout(rev: str, into: str) -> str:
   """The files of git revision ``rev`` under ``into``."""
+  os.makedirs(into)
   archive = subprocess.run(['git', 'archive', rev], cwd=REPO, capture_output=True, check=True).stdout
   subprocess.run(['tar', '-x', '-C', into], input=archive, check=True)
   return into
