@@ -349,7 +349,7 @@ def test_two_processes_match_one_device():
 _FIT_PARTS = {}
 
 
-def _fit(workdir, stop_after_steps=None, train_iter=None):
+def _fit(workdir, stop_after_steps=None, train_iter=None, on_epoch_end=None):
   # The jitted steps are built once and shared by every run (same structure),
   # so the five runs below compile once.
   if not _FIT_PARTS:
@@ -360,7 +360,9 @@ def _fit(workdir, stop_after_steps=None, train_iter=None):
   p = _FIT_PARTS
   _, state = T.create_train_state(tiny(), p['tx'], rng=0)
   eval_data = [fake_batch(99, n=12)]
-  hooks = T.Hooks(p['step'], eval_fn=lambda s: T.evaluate(p['eval_step'], s, eval_data, batch_size=16))
+  hooks = T.Hooks(
+    p['step'], eval_fn=lambda s: T.evaluate(p['eval_step'], s, eval_data, batch_size=16), on_epoch_end=on_epoch_end
+  )
   plan = T.Plan(
     num_steps=10, steps_per_epoch=4, checkpoint_every=3, keep=2, log_every=2, stop_after_steps=stop_after_steps
   )
@@ -415,6 +417,19 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   again = _fit(run)
   assert again.resumed_from == 10 and allclose_trees(again.state, ref.state)
   assert T.Checkpointer(os.path.join(run, 'checkpoints')).all_steps() == [9, 10]
+
+
+def test_epoch_end_hook_sees_each_epoch_and_its_state_is_kept(tmp_path):
+  seen = []
+
+  def hook(step, state):
+    seen.append((step, int(state.step)))
+    return state._replace(rng=state.rng + 1) if step == 4 else None  # e.g. a method's new mask
+
+  plain, hooked = _fit(str(tmp_path / 'plain')), _fit(str(tmp_path / 'hooked'), on_epoch_end=hook)
+  assert seen == [(4, 4), (8, 8), (10, 10)]  # epochs of 4 steps; the last one ends early
+  np.testing.assert_array_equal(hooked.state.rng, plain.state.rng + 1)  # the hook's state went on
+  assert [r['split'] for r in hooked.history].count('test') == 3
 
 
 def test_checkpoint_ignores_unfinished_tmp_dir(tmp_path):
