@@ -26,7 +26,8 @@ setup(
         "absl-py>=2.5",
     ],
     extras_require={
-        "test": ["pytest>=9.2", "hypothesis>=6.170", "nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "nbmake>=1.5.5"],
+        "test": ["pytest>=9.2", "hypothesis>=6.170", "nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "nbmake>=1.5.5",
+                 "ruff>=0.17.5"],
         "torch": ["torch==2.13.0"],
     },
 )

@@ -24,7 +24,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import models
 from jaxprune.methods import ftwt
-from jaxprune.timing import interleaved, machine
+from experiments.timing import interleaved, machine
 
 
 def run(name: str, r: float, samples: int, reps: int) -> list[dict]:

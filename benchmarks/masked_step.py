@@ -17,7 +17,7 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import models
-from jaxprune.timing import interleaved, machine
+from experiments.timing import interleaved, machine
 
 
 def main():

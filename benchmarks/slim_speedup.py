@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import jaxprune
-from jaxprune.timing import interleaved, machine
+from experiments.timing import interleaved, machine
 from jaxprune import models
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 import jaxprune
-from jaxprune.timing import machine
+from experiments.timing import machine
 from jaxprune import models
 
 

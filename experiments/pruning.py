@@ -1,8 +1,16 @@
-"""Glue between the training state and the pruning core, shared by method pipelines."""
+"""The pruning steps every method shares: dense start, trace and count, slim, time, finetune.
+
+The model travels as ``(graphdef, TrainState)``; the core sees it through
+the one NNX bridge (:mod:`jaxprune.nnx_bridge`) as a pure function of
+``{"params", "batch_stats", "other"}`` (:func:`core_view`).
+"""
+
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,105 +18,228 @@ import numpy as np
 from flax import nnx
 
 import jaxprune
+from experiments import phases, timing
+from experiments.recipe import Dense, Experiment, Outcome
+from jaxprune import nnx_bridge
 from jaxprune import training as T
-from jaxprune.timing import interleaved
-from experiments.train import build_model, make_eval_fn, run_phase
 
 
-def core_variables(state: T.TrainState) -> dict[str, Any]:
-  """The core's view of a train state's variables: {"params", "batch_stats", "other"}.
+class Slimmed(NamedTuple):
+  """A physically smaller network and what was measured on it before finetuning."""
 
-  Works on a TrainState or anything with those attributes.
-  """
-  return {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
+  state: T.TrainState
+  cost: dict[str, float]  # `count` of the slimmed network
+  accuracy: float | None  # test accuracy before finetuning
+  speedup: dict[str, Any]  # `measure_speedup` against the dense network
 
 
 def core_fns(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
-  """(train_fn, eval_fn) over `core_variables`; train_fn also returns the new BN stats."""
-  def train_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.train()
-    logits = model(x)
-    return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-
-  def eval_fn(v, x):
-    model = nnx.merge(graphdef, v["params"], v["batch_stats"], v["other"], copy=True)
-    model.eval()
-    return model(x)
-  return train_fn, eval_fn
+  """(train_fn, eval_fn) over ``T.core_variables``; train_fn also returns the new BN stats."""
+  return nnx_bridge.apply_fn(graphdef, train=True), nnx_bridge.apply_fn(graphdef)
 
 
 def core_view(graphdef: nnx.GraphDef, state: T.TrainState) -> tuple[Callable, dict[str, Any]]:
-  """`(fn, variables)` for the core: the eval-mode forward over the model's collections.
+  """``(fn, variables)`` for the core: the eval-mode forward over the model's collections.
 
-  Only `variables["params"]` count as parameters in `jaxprune.cost`.
+  Only ``variables["params"]`` count as parameters in ``jaxprune.cost``.
   """
-  return core_fns(graphdef)[1], core_variables(state)
+  return nnx_bridge.apply_fn(graphdef), T.core_variables(state)
 
 
 def with_variables(state: T.TrainState, v: dict[str, Any]) -> T.TrainState:
   """The train state holding (slimmed) variables; optimizer state is reset by the next phase."""
-  return state._replace(params=v["params"], batch_stats=v["batch_stats"], other=v["other"])
+  return state._replace(params=v['params'], batch_stats=v['batch_stats'], other=v['other'])
+
+
+def trace(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState) -> jaxprune.ChannelGraph:
+  return trace_state(graphdef, state, exp.info.image_shape)
+
+
+def trace_state(graphdef: nnx.GraphDef, state: T.TrainState, image_shape) -> jaxprune.ChannelGraph:
+  fn, v = core_view(graphdef, state)
+  return jaxprune.trace(fn, v, np.zeros((1, *image_shape), np.float32))
+
+
+def masked_apply(graphdef: nnx.GraphDef, graph: jaxprune.ChannelGraph, masks_fn: Callable) -> T.steps.ApplyFn:
+  """An ``apply_fn`` running the network with every channel group scaled by
+  ``masks_fn(variables, hparams)`` (soft, hard or per sample), through ``jaxprune.masked``,
+  which scales a channel at every op that consumes it."""
+  train_fn, eval_fn = (jaxprune.masked(f, graph) for f in core_fns(graphdef))
+
+  def apply_fn(v, images, *, train, rng=None, hparams=None):
+    masks = masks_fn(v, hparams)
+    if train:
+      return T.Forward(*train_fn(T.core_variables(v), masks, images))
+    return T.Forward(eval_fn(T.core_variables(v), masks, images), v.batch_stats)
+
+  return apply_fn
 
 
 def count(graph: jaxprune.ChannelGraph, masks=None) -> dict[str, float]:
+  """The network's cost per image in every unit: exact (``macs``, ``flops``,
+  ``params``, ``channels``, ``volume``) and the papers' ``flops_paper``."""
   c = jaxprune.cost(graph, masks)
-  paper = jaxprune.cost(graph, masks, mode="paper")
-  return {"macs": float(c.macs), "flops": float(c.flops), "flops_paper": float(paper.flops),
-          "params": float(c.params), "channels": float(c.channels), "volume": float(c.volume)}
+  paper = jaxprune.cost(graph, masks, mode='paper')
+  return {
+    'macs': float(c.macs),
+    'flops': float(c.flops),
+    'flops_paper': float(paper.flops),
+    'params': float(c.params),
+    'channels': float(c.channels),
+    'volume': float(c.volume),
+  }
 
 
-def measure_speedup(graphdef: nnx.GraphDef, dense: T.TrainState, small: T.TrainState,
-                    image_shape: tuple[int, ...], batch: int = 128, reps: int = 5) -> dict[str, float]:
+def ratios(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+  """``count`` of a pruned network over the dense one's, per unit."""
+  return {k: pruned[k] / dense[k] for k in dense if k in pruned}
+
+
+def measure_speedup(
+  graphdef: nnx.GraphDef,
+  dense: T.TrainState,
+  small: T.TrainState,
+  image_shape: tuple[int, ...],
+  batch: int = 128,
+  reps: int = 5,
+) -> dict[str, Any]:
   """Inference time of the dense and the slimmed network, measured side by side."""
-  fn, _ = core_view(graphdef, dense)
+  fn, vd = core_view(graphdef, dense)
   f = jax.jit(fn)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *image_shape)), jnp.float32)
-  vd, vs = core_view(graphdef, dense)[1], core_view(graphdef, small)[1]
-  t = interleaved({"dense": lambda: f(vd, x), "slim": lambda: f(vs, x)}, reps=reps)
-  return {"dense_ms": 1e3 * t["dense"], "slim_ms": 1e3 * t["slim"],
-          "speedup": t["dense"] / t["slim"], "batch": batch, "device": jax.devices()[0].device_kind}
+  vs = T.core_variables(small)
+  t = timing.interleaved({'dense': lambda: f(vd, x), 'slim': lambda: f(vs, x)}, reps=reps)
+  return {
+    'dense_ms': 1e3 * t['dense'],
+    'slim_ms': 1e3 * t['slim'],
+    'speedup': t['dense'] / t['slim'],
+    'batch': batch,
+    'device': jax.devices()[0].device_kind,
+    'machine': timing.machine(),
+  }
 
 
 def load_dense(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState]:
-  """The dense state of another run (its `pretrain` or dense `train` phase), read-only.
+  """The dense state of another run (its ``pretrain`` or dense ``train`` phase), read-only.
 
-  Used by `method.pretrained=<workdir>` to share one dense training between runs.
+  Used by ``method.pretrained=<workdir>`` to share one dense training between runs.
   """
-  for phase in ("pretrain", "train"):
-    d = os.path.join(workdir, phase, "checkpoints")
+  for phase in ('pretrain', 'train'):
+    d = os.path.join(workdir, phase, 'checkpoints')
     if os.path.isdir(d):
       break
   else:
-    raise FileNotFoundError(f"method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints")
+    raise FileNotFoundError(f'method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints')
   tx, _ = T.optim_from_config(dict(config.train), 1)
-  graphdef, template = T.create_train_state(build_model(config), tx, config.seed)
+  graphdef, template = T.create_train_state(phases.build_model(config), tx, config.seed)
   ckpt = T.Checkpointer(d)
   try:
     state, _ = ckpt.restore(template)
   except Exception as e:  # a structure mismatch: another model or optimizer
-    raise ValueError(f"cannot restore {d} into this config's model and optimizer "
-                     f"({config.model.name}, {config.train.optimizer}): {e}") from e
+    raise ValueError(
+      f"cannot restore {d} into this config's model and optimizer ({config.model.name}, {config.train.optimizer}): {e}"
+    ) from e
   finally:
     ckpt.close()
   return graphdef, state
 
 
-def dense_start(config, workdir: str, pretrained: str | None = None
-                ) -> tuple[nnx.GraphDef, T.TrainState, dict[str, float]]:
+def counted(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState, metrics: dict) -> Dense:
+  """``Dense`` of a network: traced, counted, with its test metrics."""
+  graph = trace(exp, graphdef, state)
+  return Dense(graphdef, state, graph, count(graph), metrics)
+
+
+def dense_start(exp: Experiment, *, phase: str = 'pretrain') -> Dense:
   """The dense network a method starts from and its test metrics: another run's
-  (`pretrained`, read-only) or this run's `pretrain` phase (resumable)."""
+  (``method.pretrained``, read-only) or this run's ``phase`` (trained, resumable)."""
+  pretrained = exp.config.method.get('pretrained')
   if pretrained:
-    graphdef, state = load_dense(config, pretrained)
+    graphdef, state = load_dense(exp.config, pretrained)
     metrics = {}
   else:
-    pre = run_phase(config, workdir, phase="pretrain")
+    pre = phases.train(exp, phase, phases.build_model(exp.config))
     graphdef, state, metrics = pre.graphdef, pre.state, pre.eval
   if not metrics:  # a loaded run, or a phase with no eval to report (0 steps)
-    metrics = make_eval_fn(config, T.nnx_apply(graphdef), mesh=T.make_mesh())(state)
-  return graphdef, state, metrics
+    metrics = phases.evaluate(exp, graphdef, state)
+  return counted(exp, graphdef, state, metrics)
 
 
-def ratios(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
-  """`count` of a pruned network over the dense one's, per unit."""
-  return {k: pruned[k] / dense[k] for k in dense}
+def slim(exp: Experiment, dense: Dense, out: Outcome) -> Slimmed:
+  """Slims ``out.variables`` (default: the dense network) by ``out.masks``; counts,
+  evaluates and times it against the dense network."""
+  variables = T.core_variables(dense.state) if out.variables is None else out.variables
+  graph = dense.graph if out.graph is None else out.graph
+  small = with_variables(dense.state, jaxprune.slim(variables, graph, out.masks))._replace(extra={})
+  cost = count(trace(exp, dense.graphdef, small))
+  accuracy = phases.evaluate(exp, dense.graphdef, small).get('accuracy')
+  # Speed depends on shapes only, so the slimmed net is timed before finetuning.
+  speed = measure_speedup(dense.graphdef, dense.state, small, exp.info.image_shape)
+  return Slimmed(small, cost, accuracy, speed)
+
+
+def finetune(
+  exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState, overrides=None, *, phase: str = 'finetune'
+) -> phases.PhaseResult:
+  """Trains a slimmed network with ``overrides`` of ``config.train`` (default
+  ``config.method.finetune``), as a fresh phase."""
+  overrides = exp.config.method.finetune if overrides is None else overrides
+  return phases.train(exp, phase, (graphdef, state), overrides=dict(overrides), extra={})
+
+
+def kept_per_group(masks: dict[str, Any]) -> dict[str, int]:
+  return {k: int(np.asarray(v).sum()) for k, v in masks.items()}
+
+
+def per_sample(
+  exp: Experiment, forward: Callable, graph: jaxprune.ChannelGraph, extra: Callable | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A dynamic network over the test split: per image, ``correct``, ``label``, the
+  core's cost of its masks (``macs``, ``flops``, ``channels``, ``volume``, the papers'
+  ``flops_paper``) and ``extra(masks)``'s arrays; and a summary (accuracy, count,
+  mean/std/min/max of the per-image MACs). ``forward(images) -> (logits, masks)``, the
+  masks with a leading batch axis."""
+
+  def costs(m):
+    c, paper = (jax.vmap(lambda mi, mode=mode: jaxprune.cost(graph, mi, mode=mode))(m) for mode in ('exact', 'paper'))
+    out = dict(macs=c.macs, flops=c.flops, channels=c.channels, volume=c.volume, flops_paper=paper.flops)
+    return {**out, **(extra(m) if extra else {})}
+
+  cost_fn, per = jax.jit(costs), {}
+  for b in phases.eval_slice(exp.config, 'test'):
+    logits, masks = forward(jnp.asarray(b['image']))
+    hits = {'correct': np.asarray(logits).argmax(-1) == b['label'], 'label': b['label']}
+    for k, x in {**cost_fn(masks), **hits}.items():
+      per.setdefault(k, []).append(np.asarray(x))
+  per = {k: np.concatenate(x) for k, x in per.items()}
+  summary = {'accuracy': float(per['correct'].mean()), 'count': int(per['macs'].size)}
+  summary.update({f'macs_{k}': float(getattr(per['macs'], k)()) for k in ('mean', 'std', 'min', 'max')})
+  return per, summary
+
+
+def host_copy(tree):
+  """A numpy copy (a train step donates, i.e. deletes, the device arrays of its input)."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def save_masks(path: str, masks: dict[str, Any], **meta: Any) -> None:
+  """Hard masks as JSON (0/1 lists per group) with ``meta`` (budget, model, data, ...)."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump({**meta, 'masks': {k: [int(x) for x in np.asarray(m)] for k, m in masks.items()}}, f)
+    os.replace(path + '.tmp', path)
+
+
+def load_masks(path: str, graph: jaxprune.ChannelGraph) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """Masks saved by :func:`save_masks`, checked against ``graph``; and their meta."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no masks at {path} (run the method there first)')
+  with open(path) as f:
+    meta = json.load(f)
+  masks = {k: jnp.asarray(v, jnp.float32) for k, v in meta.pop('masks').items()}
+  try:
+    jaxprune.check_masks(graph, masks)
+  except ValueError as e:
+    raise ValueError(f'masks from {path} (model {meta.get("model")}) do not fit this model: {e}') from e
+  return masks, meta

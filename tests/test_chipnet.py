@@ -270,7 +270,7 @@ def test_transfer_masks_to_mnist(quick_run, tmp_path):
 
 
 def test_pipeline_rejects_bad_config_before_training(tmp_path):
-  from experiments import chipnet as E
+  from experiments import train as E
   for kw, match in [({"budget": 0.0}, r"\(0, 1\]"), ({"budget_type": "energy"}, "budget type"),
                     ({"budget": 1e-4}, "per group"), ({"select_on": "val"}, "select_on")]:
     with pytest.raises(ValueError, match=match):

@@ -1,21 +1,35 @@
-"""Tests of the experiments CLI, configs and validation."""
+"""The experiments package: configs, CLI, registry, the shared phases, the import structure,
+and a method added from this file alone, run end to end through the CLI."""
+
+import ast
 import glob
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import flags
-from ml_collections import config_flags
+from flax import nnx
+from ml_collections import config_dict, config_flags
 
+import jaxprune
+from experiments import phases, pruning, registry, results
 from experiments import train as train_lib
+from experiments.recipe import Outcome, Recipe
+from jaxprune import training as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'experiments', 'configs', '*.py'))
-                 if 'def get_config' in open(p).read())
-R20 = os.path.join(REPO, 'experiments', 'configs', 'dense_cifar10_subset_resnet20.py')
+EXPERIMENTS = os.path.join(REPO, 'experiments')
+CONFIGS = sorted(
+  p for p in glob.glob(os.path.join(EXPERIMENTS, 'configs', '*.py')) if 'def get_config' in open(p).read()
+)
+R20 = os.path.join(EXPERIMENTS, 'configs', 'dense_cifar10_subset_resnet20.py')
 
 
 def load_config(path, arg=None):
@@ -29,15 +43,21 @@ def parse_flags(*args):
   argv = ['prog', *args]
   fv = flags.FlagValues()
   # sys_argv: the override flags are declared from the argv being parsed.
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True, sys_argv=argv)
   fv(argv)
   return fv.config
 
 
+# ------------------------------------------------------------ configs, registry
+
+
 def test_config_overrides_and_misspelled_key():
-  c = parse_flags(f'--config={R20}:quick', '--config.train.epochs=3',
-                  '--config.train.max_steps_per_epoch=5', '--config.data.data_dir=/x')
+  c = parse_flags(
+    f'--config={R20}:quick',
+    '--config.train.epochs=3',
+    '--config.train.max_steps_per_epoch=5',
+    '--config.data.data_dir=/x',
+  )
   assert c.train.epochs == 3 and c.train.max_steps_per_epoch == 5 and c.data.data_dir == '/x'
   with pytest.raises(Exception, match='epochz'):
     parse_flags(f'--config={R20}', '--config.train.epochz=3')
@@ -49,17 +69,20 @@ def test_config_overrides_and_misspelled_key():
 def test_every_config_validates(path):
   c = load_config(path)
   train_lib.validate(c)
-  assert callable(train_lib._pipeline(c.method.name))
+  assert isinstance(registry.get(c.method.name), Recipe)
   assert 'python -m experiments.main' in open(path).read()  # launch command documented
 
 
-@pytest.mark.parametrize('section,key,bad,valid', [
+@pytest.mark.parametrize(
+  'section,key,bad,valid',
+  [
     ('model', 'name', 'resnet21', 'resnet20'),
     ('data', 'name', 'cifar11', 'cifar10_subset'),
     ('method', 'name', 'magic', 'dense'),
     ('train', 'optimizer', 'lamb', 'adamw'),
     ('train', 'schedule', 'linear', 'cosine'),
-])
+  ],
+)
 def test_unknown_names_list_valid_choices(tmp_path, section, key, bad, valid):
   c = load_config(R20, 'quick')
   c[section][key] = bad
@@ -69,89 +92,246 @@ def test_unknown_names_list_valid_choices(tmp_path, section, key, bad, valid):
   assert not os.listdir(tmp_path)  # failed before any work
 
 
-def test_unknown_key_in_config_file_fails():
+def test_unknown_keys_fail_with_the_valid_ones():
   c = load_config(R20)
   with c.unlocked():
     c.train.epochz = 3
   with pytest.raises(ValueError, match='epochz'):
     train_lib.validate(c)
+  c = load_config(os.path.join(EXPERIMENTS, 'configs', 'magnitude_cifar10_subset_resnet20.py'))
+  with c.unlocked():
+    c.method.budgte = 0.3
+  with pytest.raises(ValueError, match=r"budgte.*'budget'"):
+    train_lib.validate(c)
 
 
-def _cli(workdir, *overrides, cache_dir=None):
-  # A persistent XLA cache shared by the two runs: the restart skips compiling
-  # (model init alone compiles ~40 small programs on CPU).
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir or os.path.join(workdir, '..', 'xla'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  cmd = [sys.executable, '-m', 'experiments.main', f'--config={R20}:quick',
-         f'--workdir={workdir}', '--config.train.epochs=1',
-         '--config.train.max_steps_per_epoch=4', '--config.checkpoint.every_steps=1',
-         '--config.data.batch_size=32', '--config.train.log_every=1', *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_one_registry_for_library_and_cli():
+  assert registry.available() == ['dense', *jaxprune.methods.available()]
+  for name in jaxprune.methods.available():
+    assert registry.get(name).defaults().name == name
 
 
+# ------------------------------------------------------------ structure
+
+
+def _imports(path):
+  """experiments.* modules a file imports, also inside functions."""
+  out = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+  return {m for m in out if m.startswith('experiments.') and _module_path(m)}
+
+
+def _module_path(module):
+  path = os.path.join(REPO, *module.split('.'))
+  return path + '.py' if os.path.exists(path + '.py') else None
+
+
+def _graph():
+  files = glob.glob(os.path.join(EXPERIMENTS, '**', '*.py'), recursive=True)
+  name = lambda f: os.path.relpath(f, REPO)[:-3].replace(os.sep, '.')
+  return {name(f): _imports(f) for f in files if not f.endswith('__init__.py')}
+
+
+def test_no_import_cycle_in_experiments():
+  graph, state = _graph(), {}
+
+  def visit(m, stack):
+    if state.get(m) == 'done':
+      return
+    assert state.get(m) != 'open', f'import cycle: {" -> ".join(stack + [m])}'
+    state[m] = 'open'
+    for dep in graph.get(m, ()):
+      visit(dep, stack + [m])
+    state[m] = 'done'
+
+  for m in graph:
+    visit(m, [])
+
+
+def test_configs_import_no_pipeline_code():
+  for module, deps in _graph().items():
+    if module.startswith('experiments.configs.'):
+      assert all(d.startswith('experiments.configs.') for d in deps), (module, deps)
+
+
+@pytest.mark.parametrize('name', jaxprune.methods.available())
+def test_method_recipes_are_small(name):
+  lines = open(os.path.join(EXPERIMENTS, f'{name}.py')).read().count('\n')
+  assert lines < 150, f'experiments/{name}.py has {lines} lines: move what is not {name}-specific to the shared pieces'
+
+
+# ------------------------------------------------------------ phases
+
+
+class Small(nnx.Module):  # a tiny stand-in for a zoo model: fast to build and run
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), strides=4, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.fc = nnx.Linear(8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+def _small_config():
+  c = load_config(R20, 'quick')
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 1024  # one eval batch, one compilation
+  c.train.epochs = 2
+  c.train.max_steps_per_epoch = 3
+  c.progress = False
+  return c
+
+
+def test_phases_chain_restart_schedules_and_resume(tmp_path):
+  exp = phases.experiment(_small_config(), str(tmp_path))
+  pre = phases.train(exp, 'pretrain', Small(nnx.Rngs(0)))
+  fine = phases.train(exp, 'finetune', (pre.graphdef, pre.state), overrides={'lr': 0.01, 'epochs': 1})
+  assert int(pre.state.step) == 6 and int(fine.state.step) == 3  # a fresh step count and schedule
+  assert 0 <= fine.eval['accuracy'] <= 1 and fine.eval['count'] == 1017
+  assert sorted(os.listdir(tmp_path)) == ['finetune', 'metrics.jsonl', 'pretrain']
+  assert {r['phase'] for r in T.read_jsonl(str(tmp_path / 'metrics.jsonl'))} == {'pretrain', 'finetune'}
+  # Rerunning a finished phase restores it instead of training again.
+  again = phases.train(exp, 'pretrain', Small(nnx.Rngs(1)))
+  np.testing.assert_array_equal(again.state.params['fc']['kernel'], pre.state.params['fc']['kernel'])
+
+
+def test_continued_schedule_equals_one_uninterrupted_phase(tmp_path):
+  """Stop a phase after an epoch, continue it in a new phase (optimizer state, step, rng
+  and data position kept, as after slicing a network mid-training): the same weights."""
+  exp = phases.experiment(_small_config(), str(tmp_path))
+  whole = phases.train(exp, 'whole', Small(nnx.Rngs(0)))
+  first = phases.train(exp, 'first', Small(nnx.Rngs(0)), stop_at=3)
+  assert int(first.state.step) == 3
+  rest = phases.train(exp, 'rest', (first.graphdef, first.state), continue_schedule=True)
+  assert int(rest.state.step) == 6
+  for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(rest.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------ the CLI
+
+
+def _cli(workdir, config, *overrides, env=None):
+  cmd = [sys.executable, '-m', 'experiments.main', f'--config={config}', f'--workdir={workdir}', *overrides]
+  env = dict(os.environ, **(env or {}))
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
 def test_cli_quick_run_stop_resume_and_outputs(tmp_path):
   workdir = str(tmp_path / 'run')
-  p = _cli(workdir, '--config.train.stop_after_steps=2')
+  args = ['--config.train.epochs=1', '--config.train.max_steps_per_epoch=4', '--config.checkpoint.every_steps=1']
+  args += ['--config.data.batch_size=32', '--config.train.log_every=1', '--config.progress=False']
+  p = _cli(workdir, f'{R20}:quick', *args, '--config.train.stop_after_steps=2')
   assert p.returncode == 0, p.stderr[-3000:]
   assert json.loads(p.stdout.strip().splitlines()[-1])['stopped_early']
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  p = _cli(workdir)
+  p = _cli(workdir, f'{R20}:quick', *args)
   assert p.returncode == 0, p.stderr[-3000:]
 
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  train_steps = [r['step'] for r in records if r['split'] == 'train']
-  assert train_steps == [1, 2, 3, 4]  # resumed at 2: no duplicates, no gaps
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4]  # resumed at 2: no gaps
   for r in records:
     assert {'step', 'epoch', 'split', 'loss', 'accuracy', 'time', 'phase'} <= set(r)
-  assert any(r['split'] == 'test' for r in records)
-  assert 'lr' in records[0]
+  assert any(r['split'] == 'test' for r in records) and 'lr' in records[0]
 
-  results = json.load(open(os.path.join(workdir, 'results.json')))
-  assert 0.0 <= results['test_accuracy'] <= 1.0
-  assert results['params'] == 269722  # ResNet-20, 10 classes
-  assert results['macs'] == 40_551_040  # conv + fc MACs of ResNet-20 (option A)
-  assert results['wall_time_s'] > 0
-  assert results['config']['model']['name'] == 'resnet20'
-  assert results['config']['train']['epochs'] == 1
+  r = results.load(workdir)
+  assert r['method'] == 'dense' and r['dataset'] == 'cifar10_subset' and r['model'] == 'resnet20'
+  assert 0.0 <= r['test_accuracy'] <= 1.0 and r['test_accuracy'] == r['dense_accuracy']
+  assert r['params'] == 269722  # ResNet-20, 10 classes
+  assert r['macs'] == 40_551_040  # conv + fc MACs of ResNet-20 (option A)
+  assert r['dense']['flops_paper'] == 2 * r['macs'] and r['ratios']['macs'] == 1.0
+  assert r['wall_time_s'] > 0 and set(r['phase_times_s']) == {'dense_start'}
+  assert r['config']['train']['epochs'] == 1
 
 
+# A method registered from this file alone: random channel selection to a MAC budget.
+TOY = 'random_channels_test'
 
-def test_two_phase_pipeline_with_mask(tmp_path):
-  """How a method chains phases: pretrain, then finetune from it under a mask."""
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-  from jaxprune import training as T
 
-  class Small(nnx.Module):  # tiny stand-in for a zoo model: fast to build and run
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(3, 8, (3, 3), strides=4, rngs=rngs)
-      self.bn = nnx.BatchNorm(8, rngs=rngs)
-      self.fc = nnx.Linear(8, 10, rngs=rngs)
+def toy_defaults():
+  return config_dict.ConfigDict(
+    {
+      'name': TOY,
+      'budget': 0.5,
+      'key': 0,
+      'finetune': {'epochs': 1, 'lr': 0.01},
+      'pretrained': config_dict.placeholder(str),
+    }
+  )
 
-    def __call__(self, x):
-      return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
 
-  c = load_config(R20, 'quick')
-  c.data.batch_size = 32
-  c.train.epochs = 1
-  c.train.max_steps_per_epoch = 3
+def toy_run(exp, dense):
+  m = exp.config.method
+  scores = jaxprune.criteria.random(jax.random.key(m.key), dense.graph)
+  masks = jaxprune.select.global_topk(scores, dense.graph, budget=m.budget, unit='macs')
+  return Outcome(masks=masks, budget=m.budget, unit='macs', details={'scores': 'uniform random'})
+
+
+recipe = Recipe(defaults=toy_defaults, run=toy_run)
+
+TOY_CONFIG = '''
+"""A toy method from tests/test_experiments.py.
+
+  python -m experiments.main --config THIS_FILE --workdir DIR
+"""
+import jaxprune.methods
+from experiments.configs import common
+
+jaxprune.methods.register({toy!r}, 'test_experiments')  # its recipe: test_experiments.recipe
+
+
+def get_config():
+  import test_experiments
+
+  c = common.base()
+  c.model.kwargs.widths = (4, 8, 16)  # ResNet-20's structure, less arithmetic
+  c.data.batch_size, c.data.eval_batch_size, c.data.augment = 32, 1024, False
+  c.train.epochs, c.train.max_steps_per_epoch = 1, 2
+  c.method = test_experiments.toy_defaults()
   c.progress = False
-  workdir = str(tmp_path)
-  pre = train_lib.run_phase(c, workdir, phase='pretrain', model=Small(nnx.Rngs(0)))
-  keep = jnp.array([1., 1., 0., 1., 0., 1., 1., 1.])
-  mask = {'conv': {'kernel': keep, 'bias': keep}}
-  fine = train_lib.run_phase(c, workdir, phase='finetune', init=(pre.graphdef, pre.state),
-                             mask=mask, train_overrides={'lr': 0.01, 'epochs': 2})
-  assert int(fine.state.step) == 6  # fresh step count and schedule for the phase
-  k = np.asarray(fine.state.params['conv']['kernel'])
-  assert np.all(k[..., [2, 4]] == 0) and np.any(k[..., [0, 1]] != 0)
-  assert 0 <= fine.eval['accuracy'] <= 1 and fine.eval['count'] == 1017
-  assert sorted(os.listdir(workdir)) == ['finetune', 'metrics.jsonl', 'pretrain']
-  phases = {r['phase'] for r in T.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))}
-  assert phases == {'pretrain', 'finetune'}
-  # Rerunning a finished phase restores it instead of training again.
-  again = train_lib.run_phase(c, workdir, phase='pretrain', model=Small(nnx.Rngs(1)))
-  np.testing.assert_array_equal(again.state.params['fc']['kernel'],
-                                pre.state.params['fc']['kernel'])
+  return c
+'''
+
+
+@pytest.mark.slow
+def test_a_method_added_from_a_test_file_runs_end_to_end_through_the_cli(tmp_path):
+  config = tmp_path / 'toy_config.py'
+  config.write_text(textwrap.dedent(TOY_CONFIG.format(toy=TOY)))
+  workdir = tmp_path / 'run'
+  env = {'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')])}
+  p = _cli(str(workdir), str(config), '--config.method.budget=0.4', env=env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = results.load(str(workdir))
+  assert r['method'] == TOY and r['details'] == {'scores': 'uniform random'}
+  assert r['budget'] == 0.4 and r['unit'] == 'macs' and r['achieved'] == r['ratios']['macs']
+  assert 0.3 < r['ratios']['macs'] <= 0.4 + 1e-6  # within a channel's worth of the budget
+  assert r['pruned']['params'] < r['dense']['params'] and sum(r['kept_per_group'].values()) == r['pruned']['channels']
+  assert r['speedup']['speedup'] > 0 and r['speedup']['machine']
+  assert set(r['phase_times_s']) == {'dense_start', 'method', 'slim', 'finetune'}
+  phases_run = {rec['phase'] for rec in T.read_jsonl(str(workdir / 'metrics.jsonl'))}
+  assert phases_run == {'pretrain', 'finetune'}
+  from experiments import summarize
+
+  assert f'| {TOY} | macs | 0.4 | 1 |' in summarize.main([str(workdir)])
+
+
+def test_slim_and_count_against_a_hand_count(tmp_path):
+  """pruning.slim on a one-conv network: MACs and params after slimming by hand."""
+  exp = phases.experiment(_small_config(), str(tmp_path))
+  graphdef, state = T.create_train_state(Small(nnx.Rngs(0)), T.optim.make_optimizer('sgd', 0.1), 0)
+  dense = pruning.counted(exp, graphdef, state, {'accuracy': 0.5})
+  masks = dense.graph.ones()
+  (name,) = [g.name for g in dense.graph.groups]
+  masks[name] = jnp.asarray([1.0, 0, 1, 0, 1, 0, 1, 0])
+  small = pruning.slim(exp, dense, Outcome(masks=masks))
+  # conv 3x3x3 -> 8 channels on an 8x8 map (32 / stride 4), fc 8 -> 10; half the channels kept
+  assert dense.cost['macs'] == 8 * 8 * 27 * 8 + 8 * 10
+  assert small.cost['macs'] == 8 * 8 * 27 * 4 + 4 * 10
+  assert small.cost['params'] == (27 + 1 + 2) * 4 + 4 * 10 + 10  # conv w+b, BN scale+bias, fc
+  assert small.speedup['speedup'] > 0 and small.state.params['fc']['kernel'].shape == (4, 10)

@@ -1,4 +1,5 @@
 """Tests of jaxprune.training: optimizers, steps and hooks, sharding, resume."""
+
 import json
 import os
 import subprocess
@@ -53,8 +54,7 @@ def tiny(seed=0, width=8):
 
 def fake_batch(seed=0, n=8, hw=16):
   r = np.random.RandomState(seed)
-  return {'image': r.randn(n, hw, hw, 3).astype(np.float32),
-          'label': r.randint(0, 10, n).astype(np.int32)}
+  return {'image': r.randn(n, hw, hw, 3).astype(np.float32), 'label': r.randint(0, 10, n).astype(np.int32)}
 
 
 class FakeIterator:
@@ -76,17 +76,18 @@ class FakeIterator:
 
 
 def allclose_trees(a, b, atol=0.0):
-  return all(jax.tree.leaves(jax.tree.map(
-      lambda x, y: bool(np.allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)), a, b)))
+  return all(
+    jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)), a, b))
+  )
 
 
 # ------------------------------------------------------------ optim/schedules
 
+
 @pytest.mark.parametrize('warmup_epochs', [0.0, 2.0])
 def test_cosine_schedule_matches_formula(warmup_epochs):
   spe, epochs, lr = 10, 20, 0.1
-  s = optim.make_schedule('cosine', lr=lr, total_steps=epochs * spe, steps_per_epoch=spe,
-                          warmup_epochs=warmup_epochs)
+  s = optim.make_schedule('cosine', lr=lr, total_steps=epochs * spe, steps_per_epoch=spe, warmup_epochs=warmup_epochs)
   w = int(warmup_epochs * spe)
   for t in [0, 1, 5, 19, 20, 57, 100, 150, 199, 200]:
     expected = optim.cosine_reference(t, lr=lr, total_steps=epochs * spe, warmup_steps=w)
@@ -95,14 +96,11 @@ def test_cosine_schedule_matches_formula(warmup_epochs):
 
 
 def test_step_schedule():
-  s = optim.make_schedule('step', lr=0.1, total_steps=100, steps_per_epoch=10,
-                          decay_epochs=(3, 6), decay_factor=0.1)
+  s = optim.make_schedule('step', lr=0.1, total_steps=100, steps_per_epoch=10, decay_epochs=(3, 6), decay_factor=0.1)
   got = [float(s(t)) for t in (0, 29, 30, 59, 60, 99)]
   np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
-  s = optim.make_schedule('step', lr=0.1, total_steps=100, steps_per_epoch=10,
-                          decay_epochs=(3,), warmup_epochs=1)
-  np.testing.assert_allclose([float(s(t)) for t in (0, 5, 10, 29, 30)],
-                             [0.0, 0.05, 0.1, 0.1, 0.01], rtol=1e-6)
+  s = optim.make_schedule('step', lr=0.1, total_steps=100, steps_per_epoch=10, decay_epochs=(3,), warmup_epochs=1)
+  np.testing.assert_allclose([float(s(t)) for t in (0, 5, 10, 29, 30)], [0.0, 0.05, 0.1, 0.1, 0.01], rtol=1e-6)
   with pytest.raises(ValueError, match='cosine'):
     optim.make_schedule('linear', lr=0.1, total_steps=10, steps_per_epoch=1)
 
@@ -123,6 +121,7 @@ def test_sgd_coupled_weight_decay_and_adamw():
 
 
 # ----------------------------------------------------------------- the steps
+
 
 def _setup(tx=None, width=8, extra=None):
   tx = tx or optax.sgd(0.05, momentum=0.9)
@@ -154,7 +153,7 @@ def test_mask_keeps_pruned_weights_zero():
   # momentum would move pruned weights.
   tx = optim.make_optimizer('sgd', 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
   graphdef, state, _ = _setup(tx)
-  keep = jnp.array([1., 0., 1., 1., 0., 1., 1., 1.])
+  keep = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
   # Partial mask: only conv1's output channels (broadcast over the kernel) and
   # bn1's scale/bias; all other params are unmasked.
   mask = {'conv1': {'kernel': keep}, 'bn1': {'scale': keep, 'bias': keep}}
@@ -173,7 +172,7 @@ def test_extra_loss_adds_expected_gradient():
   tx = optax.sgd(lr)  # plain SGD: update = -lr * grad
 
   def l2(v, batch, fwd, *, rng, hparams):
-    sq = sum(jnp.sum(x ** 2) for x in jax.tree.leaves(v.params))
+    sq = sum(jnp.sum(x**2) for x in jax.tree.leaves(v.params))
     return c * sq, {'l2': sq}
 
   graphdef, state, _ = _setup(tx)
@@ -186,8 +185,7 @@ def test_extra_loss_adds_expected_gradient():
   # d/dp (c * |p|^2) = 2 c p  ->  extra update -lr * 2c * p
   expected = jax.tree.map(lambda a, p: a - lr * 2 * c * p, s_plain.params, state.params)
   assert allclose_trees(s_l2.params, expected, atol=1e-6)
-  assert float(m_l2['loss']) == pytest.approx(float(m_plain['ce']) + float(m_l2['extra_loss']),
-                                              rel=1e-6)
+  assert float(m_l2['loss']) == pytest.approx(float(m_plain['ce']) + float(m_l2['extra_loss']), rel=1e-6)
   assert float(m_l2['l2']) > 0
 
 
@@ -204,7 +202,8 @@ def test_mask_and_hparams_values_do_not_recompile():
   step = T.make_train_step(apply_fn, tx)
   mask = jax.tree.map(jnp.ones_like, state.params)
   for i in range(3):
-    mask = jax.tree.map(lambda m: m * (0.5 if i else 1.0), mask)
+    factor = 0.5 if i else 1.0
+    mask = jax.tree.map(lambda m, f=factor: m * f, mask)
     state, _ = step(state, fake_batch(i), mask, {'temperature': 1.0 + i})
   assert len(traces) == 1
   assert step._cache_size() == 1
@@ -266,13 +265,13 @@ MULTI_DEVICE_SCRIPT = TINY_NET_SRC + textwrap.dedent('''
 
 
 def test_one_vs_four_devices_same_loss():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  p = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], env=env, cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  p = subprocess.run(
+    [sys.executable, '-c', MULTI_DEVICE_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   line = [l for l in p.stdout.splitlines() if l.startswith('RESULT')][0]
-  out = json.loads(line[len('RESULT '):])
+  out = json.loads(line[len('RESULT ') :])
   one, four = out['1'], out['4']
   assert four['shards'] == 4  # params replicated on all 4 devices
   np.testing.assert_allclose(one['losses'], four['losses'], rtol=1e-5, atol=1e-6)
@@ -310,19 +309,27 @@ MULTI_PROCESS_SCRIPT = TINY_NET_SRC + textwrap.dedent('''
 def test_two_processes_match_one_device():
   """Multi-host data parallelism for real: 2 processes (jax.distributed, gloo)."""
   import socket
+
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, '-c', MULTI_PROCESS_SCRIPT, str(i), str(port)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', MULTI_PROCESS_SCRIPT, str(i), str(port)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  results = [json.loads([l for l in out.splitlines() if l.startswith('RESULT')][0][7:])
-             for out, _ in outs]
+  results = [json.loads([l for l in out.splitlines() if l.startswith('RESULT')][0][7:]) for out, _ in outs]
   # The same run on this process's single device.
   tx = optax.sgd(0.1, momentum=0.9)
   graphdef, state = T.create_train_state(tiny(), tx, rng=0)
@@ -330,8 +337,7 @@ def test_two_processes_match_one_device():
   r = np.random.RandomState(0)
   ref = []
   for _ in range(3):
-    b = {'image': r.randn(16, 16, 16, 3).astype(np.float32),
-         'label': r.randint(0, 10, 16).astype(np.int32)}
+    b = {'image': r.randn(16, 16, 16, 3).astype(np.float32), 'label': r.randint(0, 10, 16).astype(np.int32)}
     state, m = step(state, b)
     ref.append(float(m['loss']))
   np.testing.assert_allclose(results[0], ref, rtol=1e-5)
@@ -343,22 +349,37 @@ def test_two_processes_match_one_device():
 _FIT_PARTS = {}
 
 
-def _fit(workdir, **kw):
+def _fit(workdir, stop_after_steps=None, train_iter=None, on_epoch_end=None):
   # The jitted steps are built once and shared by every run (same structure),
   # so the five runs below compile once.
   if not _FIT_PARTS:
     tx = optim.make_optimizer('sgd', 0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     graphdef, _ = T.create_train_state(tiny(), tx, rng=0)
     apply_fn = T.nnx_apply(graphdef)
-    _FIT_PARTS.update(tx=tx, step=T.make_train_step(apply_fn, tx),
-                      eval_step=T.make_eval_step(apply_fn))
+    _FIT_PARTS.update(tx=tx, step=T.make_train_step(apply_fn, tx), eval_step=T.make_eval_step(apply_fn))
   p = _FIT_PARTS
   _, state = T.create_train_state(tiny(), p['tx'], rng=0)
   eval_data = [fake_batch(99, n=12)]
-  return T.fit(state, p['step'], FakeIterator(), num_steps=10,
-               steps_per_epoch=4, workdir=workdir, checkpoint_every=3, keep=2,
-               log_every=2, progress=False,
-               eval_fn=lambda s: T.evaluate(p['eval_step'], s, eval_data, batch_size=16), **kw)
+  hooks = T.Hooks(
+    p['step'], eval_fn=lambda s: T.evaluate(p['eval_step'], s, eval_data, batch_size=16), on_epoch_end=on_epoch_end
+  )
+  plan = T.Plan(
+    num_steps=10, steps_per_epoch=4, checkpoint_every=3, keep=2, log_every=2, stop_after_steps=stop_after_steps
+  )
+  return T.fit(state, train_iter or FakeIterator(), hooks, plan, workdir=workdir, progress=False)
+
+
+class KilledIterator(FakeIterator):
+  """Raises (as a kill would) when asked for batch `at` (0-based)."""
+
+  def __init__(self, at):
+    super().__init__()
+    self.at = at
+
+  def __next__(self):
+    if self.i == self.at:
+      raise KeyboardInterrupt('simulated kill')
+    return super().__next__()
 
 
 TIMING = ('time', 'steps_per_s')
@@ -381,18 +402,12 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert allclose_trees(resumed.state, ref.state)  # bit-identical
   strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING} for r in h]
   assert strip(resumed.history) == strip(ref.history)
-  assert _records(os.path.join(run, 'metrics.jsonl')) == _records(
-      str(tmp_path / 'ref' / 'metrics.jsonl'))
+  assert _records(os.path.join(run, 'metrics.jsonl')) == _records(str(tmp_path / 'ref' / 'metrics.jsonl'))
 
-  # 2) an exception raised inside the loop (as a kill would) after step 5
+  # 2) a kill inside the loop (the 6th batch is never delivered)
   run2 = str(tmp_path / 'run2')
-
-  def kill_at_5(step, state, metrics, epoch_end):
-    if step == 5:
-      raise KeyboardInterrupt('simulated kill')
-
   with pytest.raises(KeyboardInterrupt):
-    _fit(run2, callbacks=[kill_at_5])
+    _fit(run2, train_iter=KilledIterator(at=5))
   resumed = _fit(run2)
   assert resumed.resumed_from == 4  # the epoch-end checkpoint
   assert allclose_trees(resumed.state, ref.state)
@@ -402,6 +417,19 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   again = _fit(run)
   assert again.resumed_from == 10 and allclose_trees(again.state, ref.state)
   assert T.Checkpointer(os.path.join(run, 'checkpoints')).all_steps() == [9, 10]
+
+
+def test_epoch_end_hook_sees_each_epoch_and_its_state_is_kept(tmp_path):
+  seen = []
+
+  def hook(step, state):
+    seen.append((step, int(state.step)))
+    return state._replace(rng=state.rng + 1) if step == 4 else None  # e.g. a method's new mask
+
+  plain, hooked = _fit(str(tmp_path / 'plain')), _fit(str(tmp_path / 'hooked'), on_epoch_end=hook)
+  assert seen == [(4, 4), (8, 8), (10, 10)]  # epochs of 4 steps; the last one ends early
+  np.testing.assert_array_equal(hooked.state.rng, plain.state.rng + 1)  # the hook's state went on
+  assert [r['split'] for r in hooked.history].count('test') == 3
 
 
 def test_checkpoint_ignores_unfinished_tmp_dir(tmp_path):
@@ -419,38 +447,34 @@ def test_checkpoint_ignores_unfinished_tmp_dir(tmp_path):
 
 # ------------------------------------------------------------------ learning
 
+
 def test_learns_on_shipped_cifar_subset(tmp_path):
   # TinyNet (16-32-64 channels, ~2 MMACs/image), 4 epochs of the shipped
   # 5,085 images without augmentation: ~46% test accuracy (model seeds 0-2: 45.6-47.1%)
   # in ~6 s; chance is 10%.
   from jaxprune import data
+
   bs, epochs = 64, 4
   spe = data.steps_per_epoch('cifar10_subset', bs, shard_count=1)
-  tx, sched = T.optim_from_config(dict(epochs=epochs, lr=0.1, momentum=0.9, nesterov=True,
-                                       weight_decay=5e-4, warmup_epochs=0.3), spe)
+  tx, sched = T.optim_from_config(
+    dict(epochs=epochs, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_epochs=0.3), spe
+  )
   graphdef, state = T.create_train_state(TinyNet(nnx.Rngs(0), width=16), tx, rng=0)  # noqa: F821
   apply_fn = T.nnx_apply(graphdef)
   eval_step = T.make_eval_step(apply_fn)
-  eval_fn = lambda s: T.evaluate(eval_step, s, data.eval_batches('cifar10_subset',
-                                                                 batch_size=512),
-                                 batch_size=512)
-  it = data.train_iterator('cifar10_subset', batch_size=bs, seed=0, shard_index=0,
-                           shard_count=1, augment=False)
-  res = T.fit(state, T.make_train_step(apply_fn, tx, schedule=sched), it,
-              num_steps=epochs * spe, steps_per_epoch=spe, workdir=str(tmp_path),
-              eval_fn=eval_fn, progress=False, log_every=20)
+  eval_fn = lambda s: T.evaluate(eval_step, s, data.eval_batches('cifar10_subset', batch_size=512), batch_size=512)
+  it = data.train_iterator('cifar10_subset', batch_size=bs, seed=0, shard_index=0, shard_count=1, augment=False)
+  hooks = T.Hooks(T.make_train_step(apply_fn, tx, schedule=sched), eval_fn=eval_fn)
+  res = T.fit(
+    state,
+    it,
+    hooks,
+    T.Plan(num_steps=epochs * spe, steps_per_epoch=spe, log_every=20),
+    workdir=str(tmp_path),
+    progress=False,
+  )
   test = [r for r in res.history if r['split'] == 'test']
   assert len(test) == epochs and test[-1]['count'] == 1017
   assert test[-1]['accuracy'] > 0.35, test
   recs = T.read_jsonl(str(tmp_path / 'metrics.jsonl'))
   assert {'step', 'epoch', 'split', 'loss', 'accuracy', 'lr', 'time'} <= set(recs[0])
-
-
-def test_conv_dense_macs():
-  graphdef, state, _ = _setup()
-  apply_fn = T.nnx_apply(graphdef)
-  x = np.zeros((1, 16, 16, 3), np.float32)
-  macs = T.conv_dense_macs(lambda x: apply_fn(T.variables(state), x, train=False).logits, x)
-  # conv1 16->8 spatial, 3x3x3 -> 8; conv2 8->4, 3x3x8 -> 16; conv3 4->2, 3x3x16 -> 32; fc 32x10
-  expected = 8 * 8 * 8 * 27 + 4 * 4 * 16 * 72 + 2 * 2 * 32 * 144 + 32 * 10
-  assert macs == expected

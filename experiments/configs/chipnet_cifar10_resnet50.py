@@ -17,6 +17,7 @@ stride-1 stem (16x16 at layer1). Accuracies and the MAC split differ from
 the paper's accordingly; the pruning procedure is the same. WRN-26-12 (the
 paper's main CIFAR network): chipnet_cifar10_wrn26_12.py.
 """
+
 from experiments.configs import chipnet_cifar10_resnet56, dense_cifar10_resnet56
 
 

@@ -19,10 +19,10 @@ of the training set (the data layer has no held-out split; the paper holds
 out 10%), and the zoo's ResNet-56 has option-A (zero-pad) shortcuts where
 the official code uses projections.
 """
+
 from ml_collections import config_dict
 
-from experiments.chipnet import DEFAULTS
-from experiments.configs import dense_cifar10_resnet56
+from experiments.configs import defaults, dense_cifar10_resnet56
 
 HALVE_EVERY_30 = tuple(range(30, 300, 30))
 
@@ -36,14 +36,23 @@ def paper_recipe(c):
   c.train.schedule = "step"
   c.train.decay_epochs = tuple(e for e in HALVE_EVERY_30 if e < 200)
   c.train.decay_factor = 0.5
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.chipnet()
   c.method.budget_type = "volume"
   c.method.budget = 0.5
   c.method.soft.epochs = 20
   c.method.select_size = 5000
-  c.method.finetune = config_dict.ConfigDict({
-      "epochs": 300, "lr": 0.05, "optimizer": "sgd", "weight_decay": 1e-3, "nesterov": False,
-      "schedule": "step", "decay_epochs": HALVE_EVERY_30, "decay_factor": 0.5})
+  c.method.finetune = config_dict.ConfigDict(
+    {
+      "epochs": 300,
+      "lr": 0.05,
+      "optimizer": "sgd",
+      "weight_decay": 1e-3,
+      "nesterov": False,
+      "schedule": "step",
+      "decay_epochs": HALVE_EVERY_30,
+      "decay_factor": 0.5,
+    }
+  )
   return c
 
 

@@ -28,17 +28,15 @@ optimizer step; to fit a CPU they are compressed 11.25x here
 schedule epoch). The paper's setting is schedule_steps_per_epoch=1406.25,
 soft.zeta_lr=1e-3 (see chipnet_cifar10_resnet56.py).
 """
-from ml_collections import config_dict
 
-from experiments.chipnet import DEFAULTS
-from experiments.configs import dense_cifar10_subset_resnet20
+from experiments.configs import defaults, dense_cifar10_subset_resnet20
 
 COMPRESS = 11.25
 
 
 def set_cpu_schedule(method, quick: bool = False):
   """The CPU-sized soft-pruning schedule (shared by the subset configs)."""
-  method.schedule_steps_per_epoch = DEFAULTS["schedule_steps_per_epoch"] / COMPRESS
+  method.schedule_steps_per_epoch = defaults.chipnet().schedule_steps_per_epoch / COMPRESS
   method.soft.zeta_lr = 1e-3 * COMPRESS
   method.soft.epochs = 16
   method.finetune.epochs = 4
@@ -52,7 +50,7 @@ def set_cpu_schedule(method, quick: bool = False):
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_resnet20.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.chipnet()
   c.method.budget = 0.5
   c.method.budget_type = "volume"
   set_cpu_schedule(c.method, quick=arg == "quick")

@@ -7,16 +7,14 @@
 
 Same compressed schedule as chipnet_cifar10_subset_resnet20.py (see there).
 """
-from ml_collections import config_dict
 
-from experiments.chipnet import DEFAULTS
 from experiments.configs import chipnet_cifar10_subset_resnet20 as r20
-from experiments.configs import dense_cifar10_subset_resnet56
+from experiments.configs import defaults, dense_cifar10_subset_resnet56
 
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_resnet56.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.chipnet()
   r20.set_cpu_schedule(c.method, quick=arg == "quick")
   if arg == "quick":
     c.train.max_steps_per_epoch = 10

@@ -9,15 +9,13 @@ The dense VGG config trains one epoch only (XLA on CPU is slow for VGG);
 pass --config.train.epochs=... on a faster machine. Schedule as in
 chipnet_cifar10_subset_resnet20.py.
 """
-from ml_collections import config_dict
 
-from experiments.chipnet import DEFAULTS
 from experiments.configs import chipnet_cifar10_subset_resnet20 as r20
-from experiments.configs import dense_cifar10_subset_vgg16
+from experiments.configs import defaults, dense_cifar10_subset_vgg16
 
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_vgg16.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.chipnet()
   r20.set_cpu_schedule(c.method, quick=arg == "quick")
   return c

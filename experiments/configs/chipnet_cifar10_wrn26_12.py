@@ -16,6 +16,7 @@ in data_dir:
       --config.method.pretrained=runs/chipnet_c10_wrn
   # CIFAR-100: add --config.data.name=cifar100
 """
+
 from experiments.configs import chipnet_cifar10_resnet56, dense_cifar10_resnet56
 
 

@@ -6,6 +6,7 @@ for transfer to CIFAR-10 (chipnet_transfer_mnist_to_cifar10_subset_resnet20.py).
 
 4,000 training images; same compressed schedule as chipnet_cifar10_subset_resnet20.py.
 """
+
 from experiments.configs import chipnet_cifar10_subset_resnet20 as r20
 
 

@@ -12,6 +12,7 @@ trained from scratch on the MNIST subset (32x32x3), as the official code does.
 
 The pruned network trains for config.train.epochs (6, as the dense config).
 """
+
 from experiments.configs import chipnet_cifar10_subset_resnet20 as r20
 
 

@@ -7,6 +7,7 @@ ResNet-20 trained from scratch on the CIFAR-10 subset.
       --config experiments/configs/chipnet_transfer_mnist_to_cifar10_subset_resnet20.py \
       --workdir runs/transfer_mnist_to_c10 --config.method.transfer_from=runs/chipnet_mnist_r20
 """
+
 from experiments.configs import chipnet_cifar10_subset_resnet20 as r20
 
 

@@ -21,10 +21,11 @@ Layout (methods add their own keys under ``config.method``)::
   train.stop_after_steps     debug: stop a phase after this many steps
                              without a final checkpoint (tests resumption)
   checkpoint.every_steps, checkpoint.keep
-  method.name          'dense' (see experiments.train.METHODS)
+  method.name          'dense' or a method of jaxprune.methods.available(); its keys: configs/defaults.py
   progress             tqdm progress bar (only on a TTY)
   distributed          call jax.distributed.initialize() (multi-host)
 """
+
 from ml_collections import config_dict
 
 
@@ -32,15 +33,18 @@ def base() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
   c.model = config_dict.ConfigDict({'name': 'resnet20', 'kwargs': config_dict.ConfigDict()})
-  c.data = config_dict.ConfigDict({
+  c.data = config_dict.ConfigDict(
+    {
       'name': 'cifar10_subset',
       'data_dir': config_dict.placeholder(str),
       'batch_size': 128,
       'eval_batch_size': 256,
       'augment': True,
       'scale_batch_with_devices': False,
-  })
-  c.train = config_dict.ConfigDict({
+    }
+  )
+  c.train = config_dict.ConfigDict(
+    {
       'epochs': 10,
       'optimizer': 'sgd',
       'lr': 0.1,
@@ -58,7 +62,8 @@ def base() -> config_dict.ConfigDict:
       'eval_every_epochs': 1,
       'max_steps_per_epoch': config_dict.placeholder(int),
       'stop_after_steps': config_dict.placeholder(int),
-  })
+    }
+  )
   c.checkpoint = config_dict.ConfigDict({'every_steps': 200, 'keep': 2})
   c.method = config_dict.ConfigDict({'name': 'dense'})
   c.progress = True

@@ -8,6 +8,7 @@ Needs CIFAR-10 in ``data_dir`` (official binary ``cifar-10-batches-bin`` or tfds
   python -m experiments.main --config experiments/configs/dense_cifar10_resnet56.py:he2016 \
       --workdir runs/dense_cifar10_r56_he --config.data.data_dir=/data
 """
+
 from experiments.configs import common
 
 

@@ -8,6 +8,7 @@
 
 Sized for 2 CPU cores: about 40 s per epoch (train + eval).
 """
+
 from experiments.configs import common
 
 

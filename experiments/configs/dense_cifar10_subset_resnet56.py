@@ -7,6 +7,7 @@
 
 ResNet-56 is about 3x ResNet-20 per step: about 2 min per epoch on 2 CPU cores.
 """
+
 from experiments.configs import common
 
 

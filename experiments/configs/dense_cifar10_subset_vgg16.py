@@ -8,6 +8,7 @@
 VGG-16 is slow on CPU with XLA (see benchmarks/train_step.py): the default is
 one epoch; ``:quick`` runs 10 steps.
 """
+
 from experiments.configs import common
 
 

@@ -9,6 +9,7 @@ For accelerators; on a multi-host TPU pod add ``--config.distributed``:
   # the classic step schedule (decay x0.1 at 30, 60, 80):
   python -m experiments.main --config experiments/configs/dense_imagenet_resnet50.py:step ...
 """
+
 from experiments.configs import common
 
 
@@ -16,8 +17,8 @@ def get_config(arg: str | None = None):
   c = common.base()
   c.model.name = 'resnet50'
   c.data.name = 'imagenet2012'
-  c.data.batch_size = 256          # per device (scale_batch_with_devices)
-  c.data.eval_batch_size = 256     # per device
+  c.data.batch_size = 256  # per device (scale_batch_with_devices)
+  c.data.eval_batch_size = 256  # per device
   c.data.scale_batch_with_devices = True
   c.train.epochs = 90
   c.train.lr = 0.1

@@ -15,15 +15,13 @@ test accuracy and per-sample MACs (mean / spread, exact and paper counts).
   python -m experiments.main \
       --config experiments/configs/ftwt_cifar10_subset_resnet20.py:quick --workdir runs/ftwt_quick
 """
-from ml_collections import config_dict
 
-from experiments.configs import dense_cifar10_subset_resnet20
-from experiments.ftwt import DEFAULTS
+from experiments.configs import defaults, dense_cifar10_subset_resnet20
 
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_resnet20.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.ftwt()
   if arg == "quick":
     c.method.epochs = 1
   return c

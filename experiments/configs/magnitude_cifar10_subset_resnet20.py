@@ -13,15 +13,13 @@ Train (6 epochs) -> global L1 channel scores -> keep 50% of the MACs -> slim
   python -m experiments.main \
       --config experiments/configs/magnitude_cifar10_subset_resnet20.py:quick --workdir runs/mag_quick
 """
-from ml_collections import config_dict
 
-from experiments.configs import dense_cifar10_subset_resnet20
-from experiments.magnitude import DEFAULTS
+from experiments.configs import defaults, dense_cifar10_subset_resnet20
 
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_resnet20.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.magnitude()
   if arg == "quick":
     c.method.finetune.epochs = 1
   return c

@@ -5,15 +5,13 @@
   python -m experiments.main \
       --config experiments/configs/magnitude_cifar10_subset_resnet56.py:quick --workdir runs/mag_resnet56_quick
 """
-from ml_collections import config_dict
 
-from experiments.configs import dense_cifar10_subset_resnet56
-from experiments.magnitude import DEFAULTS
+from experiments.configs import defaults, dense_cifar10_subset_resnet56
 
 
 def get_config(arg: str | None = None):
   c = dense_cifar10_subset_resnet56.get_config(arg)
-  c.method = config_dict.ConfigDict(DEFAULTS)
+  c.method = defaults.magnitude()
   if arg == "quick":
     c.method.finetune.epochs = 1
   return c

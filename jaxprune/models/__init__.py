@@ -100,7 +100,13 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> nnx
         builder = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available())}") from None
-    return builder(num_classes=num_classes, rngs=rngs, **kwargs)
+    from jaxprune import compilation_cache
+    from jaxprune.models import initialise
+
+    compilation_cache.enable()
+    # The same values as `builder(...)` run eagerly, drawn in a few programs instead
+    # of one compiled program per kernel shape (see initialise.py).
+    return initialise.create(lambda r: builder(num_classes=num_classes, rngs=r, **kwargs), rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -11,6 +11,7 @@ renames it to ``<step>`` only when every item is written
 a killed save leaves a tmp directory that ``latest_step`` ignores and the next
 manager cleans up. The last ``keep`` checkpoints are kept.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,10 +56,8 @@ class Checkpointer:
     # Synchronous by default: the train step donates the state's buffers, so a
     # background writer must not keep reading them after save() returns.
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=('state', 'meta'))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -66,25 +65,25 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state: TrainState, meta: dict[str, Any] | None = None,
-           *, force: bool = True) -> bool:
+  def save(self, step: int, state: TrainState, meta: dict[str, Any] | None = None, *, force: bool = True) -> bool:
     """Writes step ``step``; returns False when it already exists."""
     if step in self._mngr.all_steps():
       return False
     meta = {k: _jsonable(v) for k, v in (meta or {}).items()}
-    return self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    return self._mngr.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force
+    )
 
-  def restore(self, template: TrainState, step: int | None = None
-              ) -> tuple[TrainState, dict[str, Any]]:
+  def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Restores ``step`` (default latest) into the structure, dtypes and
     shardings of ``template`` (a state or its ``jax.ShapeDtypeStruct``s)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    r = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    r = self._mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
     meta = {k: _unjson(v) for k, v in (r.meta or {}).items()}
     return r.state, meta
 

@@ -1,23 +1,27 @@
 """The one training loop every method reuses: :func:`fit` and :func:`evaluate`.
 
 A method runs one ``fit`` per phase (pretrain, search, finetune, ...), each
-with its own ``workdir`` (checkpoints live in ``workdir/checkpoints``) and its
-own step function (built with ``make_train_step`` from its ``apply_fn``,
-``extra_loss`` and optimizer). Re-running a phase with the same workdir
-resumes it from its latest checkpoint -- train state, data-iterator position,
-metric sums, history -- or returns at once when it had finished.
+with its own ``workdir`` (checkpoints live in ``workdir/checkpoints``), its
+own :class:`Hooks` (the jitted step from ``make_train_step`` and optional
+evaluation, per-step hyper-parameters and an epoch-end hook) and a
+:class:`Plan` (how long, how often to log, evaluate and save). Re-running a
+phase with the same workdir resumes it from its latest checkpoint -- train
+state, data-iterator position, metric sums, history -- or returns at once
+when it had finished.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import dataclasses
 import os
 import time
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxprune.training import sharding as sharding_lib
 from jaxprune.training.checkpoint import Checkpointer
@@ -27,25 +31,92 @@ from jaxprune.training.state import TrainState
 PyTree = Any
 
 
-class ResumableIterator(Protocol):
-  """A batch iterator whose position can be saved and restored (grain-style)."""
+class Hooks(NamedTuple):
+  """What the loop calls.
 
-  def __next__(self) -> Mapping[str, np.ndarray]: ...
-  def get_state(self) -> Any: ...
-  def set_state(self, state: Any) -> None: ...
+  Attributes:
+    train_step: ``step(state, batch, mask, hparams) -> (state, metrics)``,
+      e.g. from :func:`jaxprune.training.steps.make_train_step`.
+    eval_fn: ``eval_fn(state) -> {'loss', 'accuracy', ...}``, run every
+      ``Plan.eval_every_epochs`` epochs and at the end (logged as ``test``).
+    hparams_fn: ``hparams_fn(step) -> pytree`` passed to every step (traced,
+      so ramping a loss weight does not recompile).
+    on_epoch_end: ``on_epoch_end(step, state) -> new state or None``, after
+      each epoch's last step, before its eval and checkpoint (e.g. a method
+      refreshing thresholds or keeping its best mask). Raising stops the loop
+      without a checkpoint, as a kill would.
+  """
+
+  train_step: Callable[..., tuple[TrainState, dict]]
+  eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
+  hparams_fn: Callable[[int], PyTree] | None = None
+  on_epoch_end: Callable[[int, TrainState], TrainState | None] | None = None
 
 
-# callback(step, state, metrics, epoch_end=...) -> new state or None. Called
-# after every step with the step's (device) metrics; raising stops the loop
-# without a checkpoint, exactly as a kill would.
-Callback = Callable[..., TrainState | None]
+class Plan(NamedTuple):
+  """How long a phase runs and how often it logs, evaluates and saves.
+
+  Attributes:
+    num_steps: steps to run in this phase (counted from ``state.step``).
+    steps_per_epoch: steps per epoch (epoch ends: logs, eval, checkpoint).
+    eval_every_epochs: evaluate every this many epochs (and at the end).
+    log_every: log windowed train means every this many steps.
+    checkpoint_every: also checkpoint every this many steps (epoch ends and
+      the last step always are); None: only those.
+    keep: checkpoints to keep.
+    stop_after_steps: debug: return (as a kill would: no extra checkpoint)
+      once the phase has done this many steps, to test resumption.
+  """
+
+  num_steps: int
+  steps_per_epoch: int
+  eval_every_epochs: int = 1
+  log_every: int = 100
+  checkpoint_every: int | None = None
+  keep: int = 2
+  stop_after_steps: int | None = None
 
 
 class FitResult(NamedTuple):
   state: TrainState
   history: list[dict[str, Any]]  # epoch-level records, as written to metrics.jsonl
-  resumed_from: int | None       # step restored from a checkpoint, if any
-  stopped_early: bool            # stop_after_steps or a preemption notice
+  resumed_from: int | None  # step restored from a checkpoint, if any
+  stopped_early: bool  # stop_after_steps or a preemption notice
+
+
+@dataclasses.dataclass
+class _Host:
+  """The loop's host-side state; saved with every checkpoint (``meta``)."""
+
+  begin: int  # state.step when the phase started
+  step: int
+  window: Means  # train metrics since the last train record
+  epoch: Means  # train metrics since the epoch began
+  history: list[dict[str, Any]]
+  t0: float  # wall-clock start, shifted back by the time before a restart
+  pending: list = dataclasses.field(default_factory=list)  # device metrics not yet fetched
+  last: dict = dataclasses.field(default_factory=dict)  # the latest step's metrics
+  speed_mark: tuple[float, int] = (0.0, 0)  # (time, step) for steps_per_s
+
+  def flush(self) -> None:
+    # One device->host transfer for all steps since the last flush; sums are
+    # added step by step so that they do not depend on where flushes fall.
+    for m in jax.device_get(self.pending):
+      self.window.add(m)
+      self.epoch.add(m)
+      self.last = m
+    self.pending = []
+
+  def meta(self, train_iter) -> dict[str, Any]:
+    self.flush()
+    return {
+      'begin': self.begin,
+      'window': self.window.to_json(),
+      'epoch': self.epoch.to_json(),
+      'history': self.history,
+      'elapsed': time.time() - self.t0,
+      'data': train_iter.get_state() if hasattr(train_iter, 'get_state') else None,
+    }
 
 
 def _to_device(batch, mesh):
@@ -60,15 +131,19 @@ def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   out = {k: np.asarray(v) for k, v in batch.items()}
   out['weight'] = np.asarray(out.get('weight', np.ones(n, np.float32)), np.float32)
   if n < size:
-    out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
-           for k, v in out.items()}
+    out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in out.items()}
   return out
 
 
-def evaluate(eval_step: Callable[..., dict], state: TrainState,
-             batches: Iterable[Mapping[str, np.ndarray]], *, batch_size: int,
-             mesh: jax.sharding.Mesh | None = None, mask: PyTree | None = None,
-             hparams: PyTree | None = None) -> dict[str, float]:
+def evaluate(
+  eval_step: Callable[..., dict],
+  state: TrainState,
+  batches: Iterable[Mapping[str, np.ndarray]],
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+  hparams: PyTree | None = None,
+) -> dict[str, float]:
   """Mean loss and accuracy over ``batches`` (global batches, same on every host).
 
   Every batch is padded to ``batch_size`` (one compilation; padding has
@@ -82,173 +157,187 @@ def evaluate(eval_step: Callable[..., dict], state: TrainState,
     b = _pad(b, batch_size)
     if mesh is not None:
       b = {k: v[sharding_lib.process_slice(batch_size)] for k, v in b.items()}
-    sums.append(eval_step(state, _to_device(b, mesh), mask, hparams))
+    sums.append(eval_step(state, _to_device(b, mesh), None, hparams))
   sums = jax.device_get(sums)
-  tot = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in
-         ('loss_sum', 'correct', 'count')}
+  tot = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in ('loss_sum', 'correct', 'count')}
   n = max(tot['count'], 1.0)
   return {'loss': tot['loss_sum'] / n, 'accuracy': tot['correct'] / n, 'count': tot['count']}
 
 
-def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
-        train_iter: Iterator[Mapping[str, np.ndarray]], *, num_steps: int,
-        steps_per_epoch: int, workdir: str | None = None,
-        eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
-        eval_split: str = 'test', eval_every_epochs: int = 1,
-        mask: PyTree | None = None,
-        hparams_fn: Callable[[int], PyTree] | None = None,
-        mesh: jax.sharding.Mesh | None = None, log_every: int = 100,
-        checkpoint_every: int | None = None, keep: int = 2,
-        progress: bool = True, callbacks: Sequence[Callback] = (),
-        stop_after_steps: int | None = None, phase: str = 'train',
-        metrics_path: str | None = None) -> FitResult:
-  """Runs ``num_steps`` steps of ``train_step`` from ``state``; resumable.
+def _restore(ckpt, state, train_iter, writer, phase) -> tuple[TrainState, _Host, int | None]:
+  """The latest checkpoint of the phase, or a fresh start."""
+  host = _Host(begin=int(state.step), step=int(state.step), window=Means(), epoch=Means(), history=[], t0=time.time())
+  if ckpt is None or ckpt.latest_step() is None:
+    return state, host, None
+  state, meta = ckpt.restore(state)
+  resumed_from = int(state.step)
+  if meta.get('data') is not None and hasattr(train_iter, 'set_state'):
+    train_iter.set_state(meta['data'])
+  host = _Host(
+    begin=meta.get('begin', host.begin),
+    step=resumed_from,
+    window=Means.from_json(meta.get('window')),
+    epoch=Means.from_json(meta.get('epoch')),
+    history=list(meta.get('history', [])),
+    t0=time.time() - meta.get('elapsed', 0.0),
+  )
+  writer.truncate_after(resumed_from, phase)
+  return state, host, resumed_from
+
+
+class _Log:
+  """Writes the phase's records (metrics.jsonl, absl log, progress bar)."""
+
+  def __init__(self, writer: MetricsWriter, phase: str, plan: Plan, host: _Host, progress: bool):
+    self.writer, self.phase, self.plan, self.host, self.progress = writer, phase, plan, host, progress
+    self.bar = None
+
+  def record(self, split: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    h = self.host
+    r = {
+      'phase': self.phase,
+      'step': h.step,
+      'epoch': round((h.step - h.begin) / self.plan.steps_per_epoch, 4),
+      'split': split,
+      **values,
+      'time': round(time.time() - h.t0, 3),
+    }
+    self.writer.write(r)
+    return r
+
+  def open_bar(self, target: int) -> None:
+    h, spe = self.host, self.plan.steps_per_epoch
+    if self.bar is None:
+      in_epoch = (h.step - h.begin) % spe
+      epoch_idx = (h.step - h.begin) // spe + 1
+      self.bar = progress_bar(
+        min(spe, target - h.step + in_epoch), f'{self.phase} epoch {epoch_idx}', enabled=self.progress, initial=in_epoch
+      )
+
+  def train_window(self) -> None:
+    """A ``train`` record: means over the steps since the last one."""
+    h = self.host
+    h.flush()
+    vals = h.window.means()
+    if 'lr' in h.last:
+      vals['lr'] = float(h.last['lr'])  # the current lr, not a window mean
+    now = time.time()
+    vals['steps_per_s'] = round((h.step - h.speed_mark[1]) / max(now - h.speed_mark[0], 1e-9), 3)
+    h.speed_mark = (now, h.step)
+    self.record('train', vals)
+    self.bar.set_postfix(fmt(vals))
+    h.window = Means()
+
+  def close_bar(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
+def _end_epoch(state: TrainState, hooks: Hooks, log: _Log, target: int) -> TrainState:
+  """Epoch-end hook, the epoch's train means and (when due) its eval."""
+  h, plan = log.host, log.plan
+  if hooks.on_epoch_end is not None:
+    new = hooks.on_epoch_end(h.step, state)
+    state = state if new is None else new
+  log.train_window()
+  vals = h.epoch.means()
+  vals.pop('lr', None)
+  h.history.append(log.record('train_epoch', vals))
+  h.epoch = Means()
+  n_epoch = -(-(h.step - h.begin) // plan.steps_per_epoch)
+  postfix = fmt(vals)
+  if hooks.eval_fn is not None and (n_epoch % plan.eval_every_epochs == 0 or h.step == target):
+    ev = log.record('test', dict(hooks.eval_fn(state)))
+    h.history.append(ev)
+    postfix.update({f'test_{k}': v for k, v in fmt(ev).items()})
+  log.bar.set_postfix(postfix)  # the closed bar stays as the epoch's summary line
+  logging.info(
+    '%s epoch %d (step %d): %s', log.phase, n_epoch, h.step, ', '.join(f'{k} {v}' for k, v in postfix.items())
+  )
+  log.close_bar()
+  return state
+
+
+def fit(
+  state: TrainState,
+  train_iter: Iterator[Mapping[str, np.ndarray]],
+  hooks: Hooks,
+  plan: Plan,
+  *,
+  workdir: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  phase: str = 'train',
+  metrics_path: str | None = None,
+  progress: bool = True,
+) -> FitResult:
+  """Runs ``plan.num_steps`` steps of ``hooks.train_step`` from ``state``; resumable.
 
   Args:
     state: the initial state (also the template for restoring a checkpoint).
       Replicated over ``mesh`` when one is given. Consumed: the step donates
       its buffers, so pass a copy (``jax.tree.map(jnp.copy, state)``) if you
       still need it.
-    train_step: ``step(state, batch, mask, hparams) -> (state, metrics)``,
-      e.g. from :func:`jaxprune.training.steps.make_train_step`.
     train_iter: yields this host's slice of each global batch, forever; when
       it has ``get_state``/``set_state`` its position is checkpointed.
-    num_steps: steps to run in this phase (counted from ``state.step``).
-    steps_per_epoch: steps per epoch (epoch ends: logs, eval, checkpoint).
+    hooks: the step and the optional eval, hparams and epoch-end hooks.
+    plan: steps, epoch length, log/eval/checkpoint cadence.
     workdir: the phase's directory: ``checkpoints/`` and (by default)
       ``metrics.jsonl``. None: no checkpoints, no files.
-    eval_fn: ``eval_fn(state) -> {'loss':..., 'accuracy':...}``, run every
-      ``eval_every_epochs`` epochs and at the end; logged as ``eval_split``.
-    mask: params mask passed to every step (see ``steps``).
-    hparams_fn: ``hparams_fn(step) -> pytree`` passed to every step (traced,
-      so ramping a loss weight does not recompile).
-    log_every: log windowed train means every this many steps.
-    checkpoint_every: also checkpoint every this many steps (epoch ends and
-      the last step always are); None: only those.
-    keep: checkpoints to keep.
-    progress: show a tqdm bar per epoch (only on a TTY).
-    callbacks: see :data:`Callback`.
-    stop_after_steps: debug: return (as a kill would: no extra checkpoint)
-      once the phase has done this many steps, to test resumption.
+    mesh: data-parallel mesh (see ``sharding``); None: one device.
     phase: written into every record.
     metrics_path: where to append records (default ``workdir/metrics.jsonl``).
+    progress: show a tqdm bar per epoch (only on a TTY).
 
   Returns:
     :class:`FitResult`; ``history`` holds the epoch-level records
-    (``split='train_epoch'`` and ``eval_split``) of the whole phase, also
-    those from before a restart.
+    (``split='train_epoch'`` and ``'test'``) of the whole phase, also those
+    from before a restart.
+
+  Example:
+    >>> hooks = Hooks(make_train_step(apply_fn, tx), eval_fn=lambda s: ...)  # doctest: +SKIP
+    >>> fit(state, it, hooks, Plan(num_steps=100, steps_per_epoch=10), workdir='/tmp/run')  # doctest: +SKIP
   """
   if metrics_path is None and workdir is not None:
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
   writer = MetricsWriter(metrics_path)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=keep) if workdir else None
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=plan.keep) if workdir else None
   if mesh is not None:
     state = sharding_lib.replicate(state, mesh)
-  begin = int(state.step)
-  window, epoch_means, history, elapsed0 = Means(), Means(), [], 0.0
-  resumed_from = None
-  if ckpt is not None and ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    resumed_from = int(state.step)
-    begin = meta.get('begin', begin)
-    if meta.get('data') is not None and hasattr(train_iter, 'set_state'):
-      train_iter.set_state(meta['data'])
-    window = Means.from_json(meta.get('window'))
-    epoch_means = Means.from_json(meta.get('epoch'))
-    history = list(meta.get('history', []))
-    elapsed0 = meta.get('elapsed', 0.0)
-    writer.truncate_after(resumed_from, phase)
-  target = begin + num_steps
-  step = int(state.step)
-  t0 = time.time() - elapsed0
-  pending: list[dict] = []
-  last = {}
-  speed_mark = (time.time(), step)  # for steps_per_s of the train records
-
-  def flush():
-    # One device->host transfer for all steps since the last flush; sums are
-    # added step by step so that they do not depend on where flushes fall.
-    nonlocal pending, last
-    for m in jax.device_get(pending):
-      window.add(m)
-      epoch_means.add(m)
-      last = m
-    pending = []
-
-  def record(split, values, **kw):
-    r = {'phase': phase, 'step': step, 'epoch': round((step - begin) / steps_per_epoch, 4),
-         'split': split, **values, **kw, 'time': round(time.time() - t0, 3)}
-    writer.write(r)
-    return r
+  state, host, resumed_from = _restore(ckpt, state, train_iter, writer, phase)
+  target = host.begin + plan.num_steps
+  host.speed_mark = (time.time(), host.step)
+  log = _Log(writer, phase, plan, host, progress)
 
   def save():
-    if ckpt is None:
-      return
-    flush()
-    meta = {'begin': begin, 'window': window.to_json(), 'epoch': epoch_means.to_json(),
-            'history': history, 'elapsed': time.time() - t0,
-            'data': train_iter.get_state() if hasattr(train_iter, 'get_state') else None}
-    ckpt.save(step, state, meta)
+    ckpt.save(host.step, state, host.meta(train_iter))
 
-  bar = None
   try:
-    while step < target:
-      in_epoch = (step - begin) % steps_per_epoch
-      if bar is None:
-        epoch_idx = (step - begin) // steps_per_epoch + 1
-        bar = progress_bar(min(steps_per_epoch, target - step + in_epoch),
-                           f'{phase} epoch {epoch_idx}', enabled=progress, initial=in_epoch)
+    while host.step < target:
+      log.open_bar(target)
       batch = _to_device(next(train_iter), mesh)
-      hp = hparams_fn(step) if hparams_fn is not None else None
-      state, metrics = train_step(state, batch, mask, hp)
-      step += 1
-      pending.append(metrics)
-      bar.update(1)
-      epoch_end = (step - begin) % steps_per_epoch == 0 or step == target
-      for cb in callbacks:
-        new = cb(step, state, metrics, epoch_end=epoch_end)
-        state = state if new is None else new
-
-      if step % log_every == 0 or epoch_end:
-        flush()
-        vals = window.means()
-        if 'lr' in last:
-          vals['lr'] = float(last['lr'])  # the current lr, not a window mean
-        now = time.time()
-        vals['steps_per_s'] = round((step - speed_mark[1]) / max(now - speed_mark[0], 1e-9), 3)
-        speed_mark = (now, step)
-        record('train', vals)
-        bar.set_postfix(fmt(vals))
-        window = Means()
+      hp = hooks.hparams_fn(host.step) if hooks.hparams_fn is not None else None
+      state, metrics = hooks.train_step(state, batch, None, hp)
+      host.step += 1
+      host.pending.append(metrics)
+      log.bar.update(1)
+      epoch_end = (host.step - host.begin) % plan.steps_per_epoch == 0 or host.step == target
       if epoch_end:
-        vals = epoch_means.means()
-        vals.pop('lr', None)
-        history.append(record('train_epoch', vals))
-        epoch_means = Means()
-        n_epoch = -(-(step - begin) // steps_per_epoch)
-        postfix = fmt(vals)
-        if eval_fn is not None and (n_epoch % eval_every_epochs == 0 or step == target):
-          ev = record(eval_split, dict(eval_fn(state)))
-          history.append(ev)
-          postfix.update({f'{eval_split}_{k}': v for k, v in fmt(ev).items()})
-        bar.set_postfix(postfix)  # the closed bar stays as the epoch's summary line
-        logging.info('%s epoch %d (step %d): %s', phase, n_epoch, step,
-                     ', '.join(f'{k} {v}' for k, v in postfix.items()))
-        bar.close()
-        bar = None
-      if ckpt is not None and (epoch_end or (checkpoint_every and step % checkpoint_every == 0)):
+        state = _end_epoch(state, hooks, log, target)
+      elif host.step % plan.log_every == 0:
+        log.train_window()
+      due = ckpt is not None and (epoch_end or bool(plan.checkpoint_every and host.step % plan.checkpoint_every == 0))
+      if due:
         save()
-        speed_mark = (time.time(), step)  # steps_per_s counts training only
-      elif epoch_end:
-        speed_mark = (time.time(), step)
-      if ckpt is not None and ckpt.reached_preemption(step):
+      if due or epoch_end:
+        host.speed_mark = (time.time(), host.step)  # steps_per_s counts training only
+      if ckpt is not None and ckpt.reached_preemption(host.step):
         save()
-        return FitResult(state, history, resumed_from, True)
-      if stop_after_steps is not None and step - begin >= stop_after_steps and step < target:
-        return FitResult(state, history, resumed_from, True)
+        return FitResult(state, host.history, resumed_from, True)
+      if plan.stop_after_steps is not None and host.step - host.begin >= plan.stop_after_steps and host.step < target:
+        return FitResult(state, host.history, resumed_from, True)
   finally:
-    if bar is not None:
-      bar.close()
+    log.close_bar()
     if ckpt is not None:
       ckpt.close()
-  return FitResult(state, history, resumed_from, False)
+  return FitResult(state, host.history, resumed_from, False)

@@ -5,13 +5,14 @@ without blocking and folds them into :class:`Means` (sums in Python floats,
 added one step at a time in step order, so a resumed run that restores the
 sums gets bit-identical averages).
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -79,8 +80,9 @@ class MetricsWriter:
     logs them again)."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    keep = [r for r in read_jsonl(self.path)
-            if not (r.get('step', 0) > step and (phase is None or r.get('phase') == phase))]
+    keep = [
+      r for r in read_jsonl(self.path) if not (r.get('step', 0) > step and (phase is None or r.get('phase') == phase))
+    ]
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       for r in keep:
@@ -100,12 +102,10 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return out
 
 
-def progress_bar(total: int, desc: str, *, enabled: bool = True,
-                 initial: int = 0) -> tqdm.tqdm:
+def progress_bar(total: int, desc: str, *, enabled: bool = True, initial: int = 0) -> tqdm.tqdm:
   """A tqdm bar on stderr, disabled when not a TTY or not process 0."""
   on = enabled and sys.stderr.isatty() and jax.process_index() == 0
-  return tqdm.tqdm(total=total, desc=desc, initial=initial, disable=not on,
-                   leave=True, dynamic_ncols=True)
+  return tqdm.tqdm(total=total, desc=desc, initial=initial, disable=not on, leave=True, dynamic_ncols=True)
 
 
 def fmt(values: Mapping[str, float], keys: Iterable[str] = ('loss', 'accuracy')) -> dict[str, str]:

@@ -5,10 +5,11 @@ optimizer updates the pytree ``{'params': ..., 'extra': ...}`` (see
 :func:`jaxprune.training.state.trainables`); :func:`partition` gives each part
 (or each named sub-tree of ``extra``) its own optimizer.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,9 +19,17 @@ SCHEDULES = ('cosine', 'step', 'constant')
 OPTIMIZERS = ('sgd', 'adamw')
 
 
-def make_schedule(name: str, *, lr: float, total_steps: int, steps_per_epoch: int,
-                  warmup_epochs: float = 0.0, decay_epochs: Sequence[float] = (),
-                  decay_factor: float = 0.1, end_lr: float = 0.0) -> optax.Schedule:
+def make_schedule(
+  name: str,
+  *,
+  lr: float,
+  total_steps: int,
+  steps_per_epoch: int,
+  warmup_epochs: float = 0.0,
+  decay_epochs: Sequence[float] = (),
+  decay_factor: float = 0.1,
+  end_lr: float = 0.0,
+) -> optax.Schedule:
   """A learning-rate schedule in steps.
 
   ``cosine``: linear warmup 0 -> ``lr`` over ``warmup_epochs``, then cosine
@@ -42,13 +51,12 @@ def make_schedule(name: str, *, lr: float, total_steps: int, steps_per_epoch: in
   if name == 'cosine':
     if warmup > 0:
       return optax.warmup_cosine_decay_schedule(
-          0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-          end_value=end_lr)
+        0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=end_lr
+      )
     return optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=end_lr / lr if lr else 0.0)
   if name == 'step':
     # Boundaries are absolute steps; optax's piecewise schedule counts from 0.
-    boundaries = {int(round(e * steps_per_epoch)) - warmup: decay_factor
-                  for e in decay_epochs}
+    boundaries = {int(round(e * steps_per_epoch)) - warmup: decay_factor for e in decay_epochs}
     main = optax.piecewise_constant_schedule(lr, boundaries)
   else:
     main = optax.constant_schedule(lr)
@@ -57,11 +65,18 @@ def make_schedule(name: str, *, lr: float, total_steps: int, steps_per_epoch: in
   return main
 
 
-def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
-                   momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, grad_clip_norm: float | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  name: str,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  grad_clip_norm: float | None = None,
+) -> optax.GradientTransformation:
   """SGD (momentum/Nesterov, *coupled* L2 weight decay) or AdamW (decoupled).
 
   For SGD the decay term ``wd * w`` is added to the gradient before momentum,
@@ -84,23 +99,32 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   return optax.chain(*parts) if len(parts) > 1 else parts[0]
 
 
-def from_config(train: Mapping[str, Any], steps_per_epoch: int, *,
-                total_steps: int | None = None
-                ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def from_config(
+  train: Mapping[str, Any], steps_per_epoch: int, *, total_steps: int | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """``(tx, schedule)`` from a ``config.train`` block (see experiments/configs).
 
   ``total_steps`` defaults to ``train.epochs * steps_per_epoch``.
   """
   total = total_steps if total_steps is not None else int(train['epochs'] * steps_per_epoch)
   schedule = make_schedule(
-      train.get('schedule', 'cosine'), lr=train['lr'], total_steps=total,
-      steps_per_epoch=steps_per_epoch, warmup_epochs=train.get('warmup_epochs', 0.0),
-      decay_epochs=tuple(train.get('decay_epochs', ()) or ()),
-      decay_factor=train.get('decay_factor', 0.1), end_lr=train.get('end_lr', 0.0))
+    train.get('schedule', 'cosine'),
+    lr=train['lr'],
+    total_steps=total,
+    steps_per_epoch=steps_per_epoch,
+    warmup_epochs=train.get('warmup_epochs', 0.0),
+    decay_epochs=tuple(train.get('decay_epochs', ()) or ()),
+    decay_factor=train.get('decay_factor', 0.1),
+    end_lr=train.get('end_lr', 0.0),
+  )
   tx = make_optimizer(
-      train.get('optimizer', 'sgd'), schedule, momentum=train.get('momentum', 0.9),
-      nesterov=train.get('nesterov', False), weight_decay=train.get('weight_decay', 0.0),
-      grad_clip_norm=train.get('grad_clip_norm', None))
+    train.get('optimizer', 'sgd'),
+    schedule,
+    momentum=train.get('momentum', 0.9),
+    nesterov=train.get('nesterov', False),
+    weight_decay=train.get('weight_decay', 0.0),
+    grad_clip_norm=train.get('grad_clip_norm', None),
+  )
   return tx, schedule
 
 
@@ -118,8 +142,7 @@ def trainable_labels(trainables: Mapping[str, Any]) -> dict[str, Any]:
   return labels
 
 
-def partition(transforms: Mapping[str, optax.GradientTransformation | None]
-              ) -> optax.GradientTransformation:
+def partition(transforms: Mapping[str, optax.GradientTransformation | None]) -> optax.GradientTransformation:
   """One optimizer per part of the trainables; ``None`` freezes that part.
 
   Keys are the labels of :func:`trainable_labels`: ``'params'`` and the
@@ -134,15 +157,13 @@ def partition(transforms: Mapping[str, optax.GradientTransformation | None]
     lab = trainable_labels(trainables)
     missing = set(jax.tree.leaves(lab)) - set(txs)
     if missing:
-      raise ValueError(f'No optimizer for trainable part(s) {sorted(missing)}; '
-                       f'got transforms for {sorted(txs)}.')
+      raise ValueError(f'No optimizer for trainable part(s) {sorted(missing)}; got transforms for {sorted(txs)}.')
     return lab
 
   return optax.multi_transform(txs, labels)
 
 
-def cosine_reference(t: int, *, lr: float, total_steps: int, warmup_steps: int = 0,
-                     end_lr: float = 0.0) -> float:
+def cosine_reference(t: int, *, lr: float, total_steps: int, warmup_steps: int = 0, end_lr: float = 0.0) -> float:
   """The cosine-with-warmup formula by hand (for tests and docs)."""
   if t < warmup_steps:
     return lr * t / warmup_steps

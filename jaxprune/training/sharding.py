@@ -6,15 +6,17 @@ same code runs on one CPU device (a 1-device mesh), on several local devices,
 and on several hosts, where each host feeds only its own slice of the global
 batch (:func:`shard_batch` uses ``jax.make_array_from_process_local_data``).
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 DISTRIBUTED_ENV = 'JAXPRUNE_DISTRIBUTED'
@@ -45,8 +47,7 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   ('data',)
   """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -66,8 +67,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   """This host's share of a global batch; checks it splits evenly over devices."""
   n_dev = mesh.size if mesh is not None else jax.device_count()
   if global_batch_size % n_dev:
-    raise ValueError(f'Global batch size {global_batch_size} is not divisible by the '
-                     f'{n_dev} devices of the mesh.')
+    raise ValueError(f'Global batch size {global_batch_size} is not divisible by the {n_dev} devices of the mesh.')
   return global_batch_size // jax.process_count()
 
 
@@ -77,8 +77,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   With one host the local batch is the global batch.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def process_slice(n: int) -> slice:

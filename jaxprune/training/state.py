@@ -14,6 +14,7 @@ logits, gate predictors, ...); the optimizer sees ``{'params': ..., 'extra':
 ...}`` (see :func:`trainables`), so a method can give ``extra`` its own
 optimizer with :func:`jaxprune.training.optim.partition`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxprune import nnx_bridge
 
 PyTree = Any
 
@@ -39,6 +42,7 @@ class TrainState(NamedTuple):
     rng: raw uint32 PRNG key; each step uses ``fold_in(rng, step)``, so the
       key never changes and a resumed run draws the same numbers.
   """
+
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
@@ -50,6 +54,7 @@ class TrainState(NamedTuple):
 
 class Variables(NamedTuple):
   """What a forward pass reads: the model collections plus the method's extras."""
+
   params: PyTree
   batch_stats: PyTree
   other: PyTree
@@ -57,13 +62,19 @@ class Variables(NamedTuple):
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree, PyTree]:
-  """Splits an NNX model into ``(graphdef, params, batch_stats, other)`` pure dicts.
+  """Splits an NNX model into ``(graphdef, params, batch_stats, other)`` pure dicts
+  (:func:`jaxprune.nnx_bridge.split`).
 
   >>> graphdef, params, batch_stats, other = split_model(model)  # doctest: +SKIP
   """
-  graphdef, params, batch_stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  return (graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats),
-          nnx.to_pure_dict(other))
+  graphdef, v = nnx_bridge.split(model)
+  return graphdef, v['params'], v['batch_stats'], v['other']
+
+
+def core_variables(state: TrainState | Variables) -> dict[str, PyTree]:
+  """The core's view of a state's model variables: ``{'params', 'batch_stats', 'other'}``
+  (what :mod:`jaxprune.nnx_bridge` functions and ``jaxprune.trace`` take)."""
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'other': state.other}
 
 
 def trainables(state: TrainState) -> dict[str, PyTree]:
@@ -75,9 +86,9 @@ def variables(state: TrainState) -> Variables:
   return Variables(state.params, state.batch_stats, state.other, state.extra)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
-                       rng: jax.Array | int, *, extra: PyTree | None = None
-                       ) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(
+  model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array | int, *, extra: PyTree | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
   """Splits ``model`` and initialises the optimizer; returns ``(graphdef, state)``.
 
   ``graphdef`` is static (hashable) and stays outside the state; pass it to
@@ -95,14 +106,19 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
     rng = jax.random.key_data(rng)  # raw keys save and restore with orbax as is
   extra = {} if extra is None else extra
   opt_state = tx.init({'params': params, 'extra': extra})
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=batch_stats, other=other, extra=extra,
-                     opt_state=opt_state, rng=rng)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    other=other,
+    extra=extra,
+    opt_state=opt_state,
+    rng=rng,
+  )
   return graphdef, state
 
 
-def merge(graphdef: nnx.GraphDef, state: TrainState | Variables, *,
-          copy: bool = False) -> nnx.Module:
+def merge(graphdef: nnx.GraphDef, state: TrainState | Variables, *, copy: bool = False) -> nnx.Module:
   """An NNX model with the state's params, batch stats and other variables.
 
   Inside ``jit`` pass ``copy=True`` (NNX otherwise raises a TraceContextError
@@ -111,7 +127,7 @@ def merge(graphdef: nnx.GraphDef, state: TrainState | Variables, *,
 
   >>> model = merge(graphdef, state); model.eval()  # doctest: +SKIP
   """
-  return nnx.merge(graphdef, state.params, state.batch_stats, state.other, copy=copy)
+  return nnx_bridge.merge(graphdef, core_variables(state), copy=copy)
 
 
 def num_params(params: PyTree) -> int:

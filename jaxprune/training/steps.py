@@ -20,10 +20,11 @@ A step is built once per phase with :func:`make_train_step` and then called as
 ``mask`` and ``hparams`` are traced arguments: new values (a new mask, a
 ramped loss weight) reuse the compiled step; only a new structure compiles.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -31,8 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxprune import nnx_bridge
 from jaxprune.training import sharding as sharding_lib
-from jaxprune.training.state import TrainState, Variables, trainables
+from jaxprune.training.state import TrainState, Variables, core_variables, trainables
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -41,6 +43,7 @@ Batch = Mapping[str, jax.Array]
 class Forward(NamedTuple):
   """What ``apply_fn`` returns: logits, the updated batch stats (unchanged in
   eval mode) and any auxiliary outputs a method's loss needs."""
+
   logits: jax.Array
   batch_stats: PyTree
   aux: PyTree = None
@@ -51,20 +54,20 @@ ExtraLoss = Callable[..., jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]]
 
 
 def nnx_apply(graphdef: nnx.GraphDef) -> ApplyFn:
-  """The default ``apply_fn``: merge the NNX model, run it, split the stats.
+  """The default ``apply_fn``: the NNX model itself, through :mod:`jaxprune.nnx_bridge`.
 
   >>> apply_fn = nnx_apply(graphdef)  # doctest: +SKIP
   >>> fwd = apply_fn(variables(state), images, train=False, rng=None, hparams=None)  # doctest: +SKIP
   """
-  def apply_fn(v: Variables, images: jax.Array, *, train: bool, rng=None, hparams=None
-               ) -> Forward:
+  train_fn = nnx_bridge.apply_fn(graphdef, train=True)
+  eval_fn = nnx_bridge.apply_fn(graphdef)
+
+  def apply_fn(v: Variables, images: jax.Array, *, train: bool, rng=None, hparams=None) -> Forward:
     del rng, hparams
-    # copy=True: merging inside a trace otherwise fails on BatchStat updates.
-    model = nnx.merge(graphdef, v.params, v.batch_stats, v.other, copy=True)
-    model.train() if train else model.eval()
-    logits = model(images)
-    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train else v.batch_stats
-    return Forward(logits, new_stats)
+    if train:
+      return Forward(*train_fn(core_variables(v), images))
+    return Forward(eval_fn(core_variables(v), images), v.batch_stats)
+
   return apply_fn
 
 
@@ -97,11 +100,9 @@ def _zip_mask(params, mask, fn):
   return fn(params, jnp.asarray(mask))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  weights: jax.Array | None = None) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Mean softmax cross-entropy over the (weighted) batch; labels are ints."""
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   if weights is None:
     return per_example.mean()
   return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
@@ -113,11 +114,17 @@ def _as_forward(out) -> Forward:
   return Forward(*out)
 
 
-def train_step(state: TrainState, batch: Batch, mask: PyTree | None = None,
-               hparams: PyTree | None = None, *, apply_fn: ApplyFn,
-               tx: optax.GradientTransformation, extra_loss: ExtraLoss | None = None,
-               schedule: optax.Schedule | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  mask: PyTree | None = None,
+  hparams: PyTree | None = None,
+  *,
+  apply_fn: ApplyFn,
+  tx: optax.GradientTransformation,
+  extra_loss: ExtraLoss | None = None,
+  schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step (unjitted; :func:`make_train_step` jits it).
 
   Returns the new state and scalar metrics: ``loss`` (total), ``ce``,
@@ -145,19 +152,18 @@ def train_step(state: TrainState, batch: Batch, mask: PyTree | None = None,
   updates, opt_state = tx.update(grads, state.opt_state, trainables(state))
   new = optax.apply_updates(trainables(state), updates)
   new_params = zero_masked(new['params'], mask)
-  new_state = state._replace(step=state.step + 1, params=new_params, extra=new['extra'],
-                             batch_stats=fwd.batch_stats, opt_state=opt_state)
-  metrics = {'loss': loss, 'ce': ce,
-             'accuracy': _accuracy(fwd.logits, batch['label'], batch.get('weight')),
-             **parts}
+  new_state = state._replace(
+    step=state.step + 1, params=new_params, extra=new['extra'], batch_stats=fwd.batch_stats, opt_state=opt_state
+  )
+  metrics = {'loss': loss, 'ce': ce, 'accuracy': _accuracy(fwd.logits, batch['label'], batch.get('weight')), **parts}
   if schedule is not None:
     metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, mask: PyTree | None = None,
-              hparams: PyTree | None = None, *, apply_fn: ApplyFn
-              ) -> dict[str, jax.Array]:
+def eval_step(
+  state: TrainState, batch: Batch, mask: PyTree | None = None, hparams: PyTree | None = None, *, apply_fn: ApplyFn
+) -> dict[str, jax.Array]:
   """Sums over a (padded) batch: ``loss_sum``, ``correct``, ``count``.
 
   Examples with ``batch['weight'] == 0`` (padding) do not count.
@@ -168,11 +174,9 @@ def eval_step(state: TrainState, batch: Batch, mask: PyTree | None = None,
   labels = batch['label']
   w = batch.get('weight')
   w = jnp.ones(labels.shape, jnp.float32) if w is None else w.astype(jnp.float32)
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      fwd.logits.astype(jnp.float32), labels)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(fwd.logits.astype(jnp.float32), labels)
   correct = (jnp.argmax(fwd.logits, -1) == labels).astype(jnp.float32)
-  return {'loss_sum': (per_example * w).sum(), 'correct': (correct * w).sum(),
-          'count': w.sum()}
+  return {'loss_sum': (per_example * w).sum(), 'correct': (correct * w).sum(), 'count': w.sum()}
 
 
 def _accuracy(logits, labels, weights=None):
@@ -182,11 +186,16 @@ def _accuracy(logits, labels, weights=None):
   return (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
-                    extra_loss: ExtraLoss | None = None,
-                    schedule: optax.Schedule | None = None,
-                    mesh: jax.sharding.Mesh | None = None, donate: bool = True,
-                    jit: bool = True) -> Callable[..., tuple[TrainState, dict]]:
+def make_train_step(
+  apply_fn: ApplyFn,
+  tx: optax.GradientTransformation,
+  *,
+  extra_loss: ExtraLoss | None = None,
+  schedule: optax.Schedule | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  donate: bool = True,
+  jit: bool = True,
+) -> Callable[..., tuple[TrainState, dict]]:
   """``step(state, batch, mask=None, hparams=None) -> (state, metrics)``, jitted.
 
   The state is donated (its buffers are reused for the new state; do not use
@@ -197,8 +206,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
   >>> step = make_train_step(nnx_apply(graphdef), tx, schedule=schedule)  # doctest: +SKIP
   >>> state, metrics = step(state, batch)  # doctest: +SKIP
   """
-  fn = functools.partial(train_step, apply_fn=apply_fn, tx=tx, extra_loss=extra_loss,
-                         schedule=schedule)
+  fn = functools.partial(train_step, apply_fn=apply_fn, tx=tx, extra_loss=extra_loss, schedule=schedule)
   if not jit:
     return fn
   kw = {}
@@ -207,8 +215,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *,
   return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
 
 
-def make_eval_step(apply_fn: ApplyFn, *, mesh: jax.sharding.Mesh | None = None,
-                   jit: bool = True) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(
+  apply_fn: ApplyFn, *, mesh: jax.sharding.Mesh | None = None, jit: bool = True
+) -> Callable[..., dict[str, jax.Array]]:
   """``eval_step(state, batch, mask=None, hparams=None) -> sums``, jitted (no donation)."""
   fn = functools.partial(eval_step, apply_fn=apply_fn)
   if not jit:

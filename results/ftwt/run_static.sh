@@ -5,7 +5,7 @@
 set -euo pipefail
 RUN=${RUN:-python -m experiments.main}
 OUT=${OUT:-runs/ftwt_static}
-DENSE=${DENSE:-runs/chipnet_r20}
+DENSE=${DENSE:-runs/chipnet_r20}   # the dense network the FTWT runs started from
 SEEDS=${@:-0 1}
 for seed in $SEEDS; do
   for b in 0.66 0.87 0.93; do
@@ -14,3 +14,7 @@ for seed in $SEEDS; do
       --config.method.budget=$b --config.method.pretrained=$DENSE
   done
 done
+bash results/collect.sh $OUT results/ftwt/runs
+python -m experiments.summarize results/ftwt/runs --by method,config.method.mode,config.method.r,budget \
+  --columns seeds,acc,dense_acc,macs_per_image,reduction,reduction_legacy \
+  --out results/ftwt/table.md --plot results/ftwt/accuracy_vs_macs.png --series method,config.method.mode

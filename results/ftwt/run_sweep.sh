@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FTWT on the CIFAR-10 subset, ResNet-20: r in {0.8, 0.9, 0.95} x {decoupled, joint},
 # all from ONE dense network (the one the ChipNet/magnitude comparison starts from), then
-# the table and histogram:  bash results/ftwt/run_sweep.sh [seeds...]   (default: 0)
+# then run_static.sh (the static baseline at equal MACs) writes the table:
+#   bash results/ftwt/run_sweep.sh [seeds...]   (default: 0)
 set -euo pipefail
 RUN=${RUN:-python -m experiments.main}
 CFG=experiments/configs/ftwt_cifar10_subset_resnet20.py
@@ -20,4 +21,4 @@ for seed in $SEEDS; do
     done
   done
 done
-python results/ftwt/summarize.py --runs $OUT
+bash results/collect.sh $OUT results/ftwt/runs

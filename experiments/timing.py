@@ -1,4 +1,5 @@
 """Timing helpers for benchmarks and speedup reports: interleaved medians on a noisy machine."""
+
 from __future__ import annotations
 
 import platform

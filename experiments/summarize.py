@@ -1,0 +1,200 @@
+"""Markdown table (mean ± spread over seeds) and plot of any mix of finished runs.
+
+  python -m experiments.summarize RUN_DIRS... [--by KEYS] [--columns COLS] [--plot PATH]
+
+A RUN_DIR is a run's workdir (its ``results.json``, see ``experiments.results``),
+a results.json file, or a folder of such run folders. Runs are grouped by
+``--by`` (dotted keys of results.json, e.g. ``method,unit,budget`` or
+``method,config.method.mode,config.method.r``); each row shows how many runs
+(seeds) it holds and, per column, their mean ± standard deviation (population:
+for two seeds, half their difference). ``--columns`` picks columns of
+:data:`COLUMNS`; columns no run has are left out. Examples:
+
+  python -m experiments.summarize results/magnitude/runs --by method,unit,budget --plot acc.png
+  python -m experiments.summarize runs/ftwt_sweep runs/ftwt_static \\
+      --by method,config.method.mode,config.method.r,budget --columns seeds,acc,macs_per_image,reduction
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from experiments import results
+
+
+class Column(NamedTuple):
+  header: str
+  key: str  # dotted path into results.json
+  fmt: Callable[[float], str]
+  spread: bool = False  # show ± std over runs
+  scale: Callable[[float], float] = float  # the shown value of a stored one
+  aside: str | None = None  # a second key whose mean follows after '±' (e.g. the std over images)
+
+
+def _pct(x: float) -> str:
+  return f'{x:.1f}'
+
+
+COLUMNS: dict[str, Column] = {
+  'acc': Column('test acc. (%)', 'test_accuracy', _pct, spread=True, scale=lambda v: 100 * v),
+  'dense_acc': Column('dense acc. (%)', 'dense_accuracy', _pct, spread=True, scale=lambda v: 100 * v),
+  'before_ft': Column(
+    'before finetune (%)', 'pruned_accuracy_before_finetune', _pct, spread=True, scale=lambda v: 100 * v
+  ),
+  'achieved': Column('achieved', 'achieved', lambda x: f'{x:.3f}'),
+  'macs_kept': Column('MACs kept', 'ratios.macs', lambda x: f'{x:.3f}'),
+  'params_kept': Column('params kept', 'ratios.params', lambda x: f'{x:.3f}'),
+  'volume_kept': Column('volume kept', 'ratios.volume', lambda x: f'{x:.3f}'),
+  'flops_paper_kept': Column('FLOPs kept (paper)', 'ratios.flops_paper', lambda x: f'{x:.3f}'),
+  'macs': Column('MACs (M)', 'macs', lambda x: f'{x:.1f}', scale=lambda v: v / 1e6),
+  'params': Column('params (K)', 'params', lambda x: f'{x:.0f}', scale=lambda v: v / 1e3),
+  'speedup': Column('measured speedup', 'speedup.speedup', lambda x: f'{x:.2f}x'),
+  'macs_per_image': Column(
+    'MACs / image (± over images)',
+    'macs',  # for a dynamic method the mean over the test images
+    lambda x: f'{x:.2f}M',
+    scale=lambda v: v / 1e6,
+    aside='dynamic.macs_std',
+  ),
+  'reduction': Column('MAC reduction (%)', 'ratios.macs', lambda x: f'{x:.1f}', scale=lambda v: 100 * (1 - v)),
+  'reduction_legacy': Column(
+    "MAC reduction, method's own count (%)", 'dynamic.reduction_legacy', _pct, scale=lambda v: 100 * v
+  ),
+  'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
+}
+DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
+
+
+def find_runs(paths: Sequence[str]) -> list[str]:
+  """results.json files under ``paths`` (a run folder, a results.json, or a folder of runs)."""
+  found = []
+  for p in paths:
+    if os.path.isfile(p):
+      found.append(p)
+    elif os.path.isfile(os.path.join(p, results.FILE)):
+      found.append(os.path.join(p, results.FILE))
+    else:
+      inner = sorted(glob.glob(os.path.join(p, '*', results.FILE)))
+      if not inner:
+        raise FileNotFoundError(f'{p}: no {results.FILE} in it or in its sub-folders (a finished run?)')
+      found += inner
+  return found
+
+
+def _value(r: dict, col: Column, key: str | None = None) -> float | None:
+  v = results.get(r, key or col.key)
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return None
+  return col.scale(float(v))  # an aside (e.g. a std) is in the column's unit too
+
+
+def _cell(runs: list[dict], col: Column) -> str:
+  vals = [v for v in (_value(r, col) for r in runs) if v is not None]
+  if not vals:
+    return '–'
+  text = col.fmt(float(np.mean(vals)))
+  if col.aside:
+    aside = [v for v in (_value(r, col, col.aside) for r in runs) if v is not None]
+    text += f' ± {col.fmt(float(np.mean(aside)))}' if aside else ''
+  elif col.spread and len(vals) > 1:
+    text += f' ± {col.fmt(float(np.std(vals)))}'
+  return text
+
+
+def _label(v: Any) -> str:
+  if v is None:
+    return '–'
+  return f'{v:g}' if isinstance(v, float) else str(v)
+
+
+def group(runs: list[dict], by: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
+  """Runs grouped by the values of the ``by`` keys; rows ordered by those values, numbers
+  from large to small (budgets: the least pruned first), then text."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in runs:
+    groups.setdefault(tuple(results.get(r, k) for k in by), []).append(r)
+
+  def order(item):
+    return tuple((0, -v, '') if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0])
+
+  return sorted(groups.items(), key=order)
+
+
+def table(runs: list[dict], by: Sequence[str], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+  """The markdown table: one row per group of ``by`` values."""
+  unknown = [c for c in columns if c != 'seeds' and c not in COLUMNS]
+  if unknown:
+    raise ValueError(f'unknown column(s) {unknown}; valid: seeds, {", ".join(COLUMNS)}')
+  cols = [c for c in columns if c == 'seeds' or any(_value(r, COLUMNS[c]) is not None for r in runs)]
+  head = [k.split('.')[-1] for k in by] + [('seeds' if c == 'seeds' else COLUMNS[c].header) for c in cols]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for values, rs in group(runs, by):
+    cells = [_label(v) for v in values] + [str(len(rs)) if c == 'seeds' else _cell(rs, COLUMNS[c]) for c in cols]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = ('ratios.macs',),
+         series: Sequence[str] = ('method',)) -> None:  # fmt: skip
+  """Test accuracy (mean ± std over a group's runs) against each of the ``x`` keys (one
+  panel each), one line per value of the ``series`` keys; the dense accuracy dashed."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(x), figsize=(5.5 * len(x), 4), squeeze=False, sharey=True)
+  for ax, xkey in zip(axes[0], x):
+    lines: dict[tuple, list] = {}
+    for _, rs in group(runs, by):
+      xs, acc = [results.get(r, xkey) for r in rs], [100 * r['test_accuracy'] for r in rs]
+      if None not in xs:
+        key = tuple(results.get(rs[0], k) for k in series)
+        lines.setdefault(key, []).append((float(np.mean(xs)), float(np.mean(acc)), float(np.std(acc))))
+    for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+      xs, ys, err = zip(*sorted(pts))
+      ax.errorbar(xs, ys, yerr=err, marker='o', capsize=3, label=' '.join(map(_label, key)))
+    dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
+    if dense:
+      ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel(xkey)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel('test accuracy (%)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('runs', nargs='+', metavar='RUN_DIR')
+  p.add_argument('--by', default='method,unit,budget', help='comma-separated dotted keys that define a row')
+  p.add_argument('--columns', default=','.join(DEFAULT_COLUMNS), help=f'from: seeds, {", ".join(COLUMNS)}')
+  p.add_argument('--plot', help='also write accuracy vs --x to this image')
+  p.add_argument('--x', default='ratios.macs', help='the plot x axis (dotted keys; several: one panel each)')
+  p.add_argument('--series', default='method', help='keys that tell the plot lines apart')
+  p.add_argument('--out', help='also write the table to this file')
+  a = p.parse_args(argv)
+  runs = [results.load(f) for f in find_runs(a.runs)]
+  by, cols = a.by.split(','), a.columns.split(',')
+  md = table(runs, by, cols)
+  if a.out:
+    with open(a.out, 'w') as f:
+      f.write(md + '\n')
+  if a.plot:
+    plot(runs, by, a.plot, x=a.x.split(','), series=a.series.split(','))
+  print(md)
+  return md
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
