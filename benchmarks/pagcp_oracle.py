@@ -30,7 +30,7 @@ import jaxprune
 import jaxprune.data as jd
 from jaxprune import models, nnx_bridge
 from jaxprune.methods import pagcp
-from jaxprune.timing import interleaved, machine
+from experiments.timing import interleaved, machine
 
 TASKS = ("left", "right")
 
