@@ -21,25 +21,37 @@ import optax
 import jaxprune
 from experiments import phases, pruning
 from experiments.configs import defaults
+from experiments.magnitude import volumes
 from experiments.pruning import trace_state  # noqa: F401 (used by ChipNet's tests and colab)
 from experiments.recipe import Dense, Experiment, Outcome, Recipe
 from jaxprune import training as T
 from jaxprune.methods import chipnet
 
 MASKS_FILE = 'chipnet_masks.json'
-SELECT_ON = ('train', 'test', 'last')
+SELECT_ON = ('train', 'holdout', 'test', 'last')
 
 
 def make_apply_fns(graphdef, graph: jaxprune.ChannelGraph):
-  """(soft_apply, hard_apply): every group scaled by its soft mask z(ζ; β, γ) (β, γ from
-  the traced ``hparams``), or by the binary mask ``extra['hard']``."""
-  soft = pruning.masked_apply(graphdef, graph, lambda v, hp: chipnet.project(v.extra['zeta'], hp.beta, hp.gamma)[1])
+  """(soft_apply, hard_apply): every masked group scaled by its soft mask z(ζ; β, γ) (β, γ
+  from the traced ``hparams``; residual streams on branch units whole), or by the binary
+  mask ``extra['hard']``."""
+  soft_masks = lambda v, hp: graph.complete(chipnet.project(v.extra['zeta'], hp.beta, hp.gamma)[1])
+  soft = pruning.masked_apply(graphdef, graph, soft_masks)
   return soft, pruning.masked_apply(graphdef, graph, lambda v, hp: v.extra['hard'])
 
 
-def soft_prune(exp: Experiment, dense: Dense, unit: str) -> dict:
+def graph_of(exp: Experiment, dense: Dense) -> jaxprune.ChannelGraph:
+  """The graph ChipNet masks: with branch groups on ``method.units='branch'`` (the
+  official units), the channel graph on ``'stream'``."""
+  if pruning.branch_units(exp.config.method):
+    return pruning.trace(exp, dense.graphdef, dense.state, branches=True)
+  return dense.graph
+
+
+
+def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit: str) -> dict:
   """The soft-pruning phase; returns the best record (step, accuracy, hard, zeta, variables)."""
-  config, m, graph, d = exp.config, exp.config.method, dense.graph, os.path.join(exp.workdir, 'soft_prune')
+  config, m, d = exp.config, exp.config.method, os.path.join(exp.workdir, 'soft_prune')
   sched = chipnet.Schedule(steps_per_epoch=float(m.schedule_steps_per_epoch))
   hparams_fn = lambda step: chipnet.hparams(step, sched)
   soft_apply, hard_apply = make_apply_fns(dense.graphdef, graph)
@@ -48,11 +60,15 @@ def soft_prune(exp: Experiment, dense: Dense, unit: str) -> dict:
   def extra_loss(v, batch, fwd, *, rng=None, hparams=None):
     return chipnet.penalty(graph, v.extra['zeta'], hparams, budget=float(m.budget), unit=unit, **weights)
 
-  size = None if m.select_on == 'test' else int(m.select_size)
-  batches = phases.eval_slice(config, 'test' if size is None else 'train', size, seed=config.seed)
+  if m.select_on in ('test', 'holdout'):
+    batches = phases.eval_slice(config, m.select_on)
+  else:
+    batches = phases.eval_slice(config, 'train', int(m.select_size), seed=config.seed)
   evaluate = phases.make_eval_fn(config, hard_apply, mesh=exp.mesh, batches=batches)
   evaluate_soft = phases.make_eval_fn(config, soft_apply, mesh=exp.mesh, batches=batches)
-  log, cost = T.MetricsWriter(os.path.join(d, 'selection.jsonl')), jax.jit(lambda h: jaxprune.ratio(graph, h, unit))
+  units = chipnet.unit_groups(graph)
+  cost = jax.jit(lambda h: chipnet.budget_ratio(graph, {n: h[n] for n in units}, unit))
+  log = T.MetricsWriter(os.path.join(d, 'selection.jsonl'))
 
   def keep_best(step, state):  # at epoch ends; with select_on='last' the latest is the best
     zeta = pruning.host_copy(state.extra['zeta'])
@@ -92,7 +108,8 @@ def check(exp: Experiment) -> None:
     raise ValueError(f'method.select_on must be one of {SELECT_ON}, got {m.select_on!r}')
   if not m.transfer_from:  # a bad budget fails before any training
     graphdef, state = T.create_train_state(phases.build_model(exp.config), optax.identity(), 0)
-    chipnet.check_budget(pruning.trace(exp, graphdef, state), m.budget, m.budget_type, min_channels=m.min_channels)
+    graph = pruning.trace(exp, graphdef, state, branches=pruning.branch_units(m))
+    chipnet.check_budget(graph, m.budget, m.budget_type, min_channels=m.min_channels)
 
 
 def start(exp: Experiment) -> Dense:
@@ -107,20 +124,22 @@ def start(exp: Experiment) -> Dense:
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
   m = exp.config.method
+  graph = graph_of(exp, dense)
   if m.transfer_from:
     path = os.path.join(m.transfer_from, MASKS_FILE) if os.path.isdir(m.transfer_from) else m.transfer_from
-    masks, source = pruning.load_masks(path, dense.graph)
-    return Outcome(masks=masks, finetune={}, source=source)  # train from scratch: config.train
-  unit = chipnet.check_budget(dense.graph, m.budget, m.budget_type, min_channels=m.min_channels)
-  best = soft_prune(exp, dense, unit)
+    masks, source = pruning.load_masks(path, graph)
+    return Outcome(masks=masks, graph=graph, finetune={}, source=source)  # from scratch: config.train
+  unit = chipnet.check_budget(graph, m.budget, m.budget_type, min_channels=m.min_channels)
+  best = soft_prune(exp, dense, graph, unit)
   hard = {k: jnp.asarray(v) for k, v in best['hard'].items()}
   meta = dict(budget=float(m.budget), budget_type=m.budget_type, unit=unit, model=exp.config.model.name)
   pruning.save_masks(os.path.join(exp.workdir, MASKS_FILE), hard, **meta, data=exp.config.data.name)
   last = T.read_jsonl(os.path.join(exp.workdir, 'soft_prune', 'selection.jsonl'))[-1]
   details = dict(hard_pruned_select_accuracy=float(best['accuracy']), best_step=int(best['step']))
-  details.update(budget_type=m.budget_type, soft_accuracy_last=last['soft_accuracy'])
+  details.update(budget_type=m.budget_type, soft_accuracy_last=last['soft_accuracy'], units=m.units)
+  details.update(volumes(graph, hard))
   variables = jax.tree.map(jnp.asarray, best['variables'])
-  return Outcome(masks=hard, variables=variables, budget=float(m.budget), unit=unit, details=details)
+  return Outcome(masks=hard, variables=variables, graph=graph, budget=float(m.budget), unit=unit, details=details)
 
 
 recipe = Recipe(defaults=defaults.chipnet, run=run, check=check, start=start)

@@ -1,11 +1,14 @@
 """FTWT: per-sample gates, trained predictors -> accuracy and per-image MACs (dynamic).
 
-The method's phase, ``ftwt``: the backbone keeps training (SGD lr 0.01, steps
-at 81/122/151 of 200 epochs, scaled to ``method.epochs``) with the *predicted*
-per-sample masks applied; the predictors train on the mask loss only (SGD lr
-0.1 constant, no decay), whose weight drops to 0 after ``cooldown`` of the
-epochs (official code, spec B4). No slimming: the result is the gated network's
-test accuracy and per-image cost (``per_sample.npz`` holds the per-image arrays).
+The method's phase, ``ftwt``: the backbone keeps training (SGD lr 0.01, x0.1 at
+``method.decay_epochs``, by default 81/122/151 of 200 epochs scaled to
+``method.epochs``) with the *predicted* per-sample masks applied; the
+predictors train on the mask loss only (SGD lr 0.1 constant, no decay), whose
+weight drops to 0 after ``cooldown`` of the epochs (official code, spec B4).
+``method.units='branch'`` gates the official points (stem, both convs of every
+block, the second before the residual add); ``'stream'`` one gate per channel
+group. No slimming: the result is the gated network's test accuracy and
+per-image cost (``per_sample.npz`` holds the per-image arrays).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from jaxprune.methods import ftwt
 def setup(graphdef, graph, v, x1, *, pool: str = 'avg', mode: str = 'decoupled'):
   """(eval gate points, train apply_fn, eval apply_fn, jitted eval gated fn).
 
-  Gate points are found separately in the train- and eval-mode jaxprs (their
-  equation paths differ); predictors are shared by group name.
+  The units follow the graph (traced with branch groups: the official points).
+  Predictors are shared by group name between the train- and eval-mode networks.
   """
   train_fn, eval_fn = pruning.core_fns(graphdef)
   pts_eval, pts_train = (ftwt.gate_points(f, graph, v, x1) for f in (eval_fn, train_fn))
@@ -53,9 +56,13 @@ def evaluate(exp: Experiment, gated_eval, graph, points, state) -> tuple[dict[st
   split: a summary and the per-image arrays."""
   v, preds = T.core_variables(state), state.extra['predictors']
   forward = lambda images: (lambda logits, aux: (logits, aux.masks))(*gated_eval(v, preds, images))
-  extra = lambda m: {'macs_legacy': ftwt.legacy_macs(graph, m),
-                     'gates_open': jnp.concatenate([m[q.name] for q in points], -1).mean(-1)}  # fmt: skip
+  gates = lambda m: jnp.concatenate([m[q.name] for q in points], -1)
+  extra = lambda m: {'macs_legacy': ftwt.legacy_macs(graph, m), 'gates': gates(m),
+                     'gates_open': gates(m).mean(-1)}  # fmt: skip
   per, s = pruning.per_sample(exp, forward, graph, extra)
+  # Distinct gate patterns over the test set: really per sample, or a few static masks?
+  patterns, counts = np.unique(per.pop('gates') > 0.5, axis=0, return_counts=True)
+  s.update(patterns=int(len(patterns)), top_pattern_share=float(counts.max() / counts.sum()))
   pm, base = ftwt.predictor_macs(points), ftwt.legacy_base(graph)
   s.update({f'gates_open_{k}': float(getattr(per['gates_open'], k)()) for k in ('mean', 'std')})
   s.update(
@@ -69,14 +76,23 @@ def evaluate(exp: Experiment, gated_eval, graph, points, state) -> tuple[dict[st
   return s, per
 
 
+def backbone_schedule(m, steps_per_epoch: int) -> optax.Schedule:
+  """The backbone's lr: x ``decay_factor`` at ``decay_epochs`` (default: the official
+  MultiStep at epochs 81/122/151 of 200, as fractions of the run)."""
+  total = max(1, int(round(m.epochs * steps_per_epoch)))
+  epochs = tuple(m.decay_epochs) or tuple(m.epochs * f for f in (81 / 200, 122 / 200, 151 / 200))
+  drops = {int(round(e * steps_per_epoch)): float(m.decay_factor) for e in epochs if 0 < e < m.epochs}
+  return optax.piecewise_constant_schedule(m.backbone_lr, drops or {total + 1: 1.0})
+
+
 def run(exp: Experiment, dense: Dense) -> Outcome:
-  m, graph = exp.config.method, dense.graph
+  m = exp.config.method
+  graph = pruning.trace(exp, dense.graphdef, dense.state, branches=True) if pruning.branch_units(m) else dense.graph
   v = T.core_variables(dense.state)
   points, apply_fn, eval_apply, gated_eval = setup(dense.graphdef, graph, v, exp.example, pool=m.pool, mode=m.mode)
-  total = max(1, int(round(m.epochs * phases.steps_per_epoch(exp.config))))
-  # The official MultiStep at epochs 81/122/151 of 200, as fractions of the run.
-  drops = {int(total * f): 0.1 for f in (81 / 200, 122 / 200, 151 / 200)}
-  backbone_lr = optax.piecewise_constant_schedule(m.backbone_lr, drops)
+  spe = phases.steps_per_epoch(exp.config)
+  total = max(1, int(round(m.epochs * spe)))
+  backbone_lr = backbone_schedule(m, spe)
   backbone = optax.chain(optax.add_decayed_weights(m.weight_decay), optax.sgd(backbone_lr, momentum=0.9))
   tx = T.partition({'params': backbone, 'predictors': optax.sgd(m.predictor_lr, momentum=0.9)})
   cool, r = int(m.cooldown * total), float(m.r)
@@ -99,7 +115,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
     os.replace(os.path.join(exp.workdir, 'per_sample.tmp.npz'), os.path.join(exp.workdir, 'per_sample.npz'))
   cost = {k: float(per[k].mean()) for k in ('macs', 'flops', 'flops_paper', 'channels', 'volume')}
   cost['params'] = dense.cost['params']  # every weight is stored; predictors: dynamic.predictor_params
-  details = {'r': r, 'mode': m.mode, 'pool': m.pool, 'gates': len(points)}
+  details = {'r': r, 'mode': m.mode, 'pool': m.pool, 'gates': len(points), 'units': m.units}
   return Outcome(accuracy=ev['accuracy'], cost=cost, dynamic=ev, details=details)
 
 

@@ -12,30 +12,47 @@ from experiments import pruning
 from experiments.configs import defaults
 from experiments.recipe import Dense, Experiment, Outcome, Recipe
 from jaxprune import training as T
-from jaxprune.methods import magnitude
+from jaxprune.methods import chipnet, magnitude
+
+
+def volumes(graph, masks) -> dict[str, float]:
+  """Both volume counts (the core's exact one, ChipNet's official one) of hard masks."""
+  units = chipnet.unit_groups(graph)
+  return {'volume': float(jaxprune.ratio(graph, masks, 'volume')),
+          'volume_paper': float(chipnet.paper_volume(graph, {n: masks[n] for n in units}))}
 
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
   """Prunes to ``method.budget`` in ``method.steps`` geometric stages, finetuning
   ``iter_finetune_epochs`` after each stage but the last."""
   m = exp.config.method
+  branches = pruning.branch_units(m)
+  if branches and m.steps > 1:
+    raise ValueError('iterative magnitude pruning (method.steps > 1) re-traces slimmed networks: use '
+                     "method.units='stream' (a branch-slimmed network gathers channels by index)")
   state, budgets = dense.state, magnitude.schedule(m.budget, m.steps)
   for k, b in enumerate(budgets):
-    graph = dense.graph if k == 0 else pruning.trace(exp, dense.graphdef, state)
+    if k == 0:
+      graph = pruning.trace(exp, dense.graphdef, state, branches=True) if branches else dense.graph
+    else:
+      graph = pruning.trace(exp, dense.graphdef, state)
     v = T.core_variables(state)
+    paper = m.unit == 'volume_paper'  # ChipNet's official volume count, on ChipNet's units
+    units = chipnet.unit_groups(graph) if paper else None
     masks = magnitude.prune(
       v,
       graph,
       criterion=m.criterion,
       budget=b,
-      unit=m.unit,
+      unit=(lambda h: chipnet.paper_volume(graph, {n: h[n] for n in units})) if paper else m.unit,
       scope=m.scope,
       min_channels=m.min_channels,
       round_to=m.round_to,
-      reference=dense.cost[m.unit],
+      reference=None if paper else dense.cost[m.unit],
     )
     if k == len(budgets) - 1:
-      return Outcome(masks=masks, variables=v, graph=graph, budget=float(m.budget), unit=m.unit)
+      details = {'units': m.units, **(volumes(graph, masks) if branches else {})}
+      return Outcome(masks=masks, variables=v, graph=graph, budget=float(m.budget), unit=m.unit, details=details)
     small = pruning.with_variables(state, jaxprune.slim(v, graph, masks))
     overrides = {**m.finetune, 'epochs': m.iter_finetune_epochs}
     state = pruning.finetune(exp, dense.graphdef, small, overrides, phase=f'prune{k}_finetune').state

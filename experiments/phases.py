@@ -93,7 +93,11 @@ def build_model(config: config_dict.ConfigDict, *, seed: int | None = None) -> n
 def steps_per_epoch(config: config_dict.ConfigDict, train_cfg: Mapping[str, Any] | None = None) -> int:
   train_cfg = config.train if train_cfg is None else train_cfg
   spe = data_lib.steps_per_epoch(
-    config.data.name, global_batch(config) // jax.process_count(), data_dir=config.data.data_dir
+    config.data.name,
+    global_batch(config) // jax.process_count(),
+    data_dir=config.data.data_dir,
+    drop_last=config.data.drop_last,
+    holdout=config.data.holdout,
   )
   cap = train_cfg.get('max_steps_per_epoch')
   return min(spe, cap) if cap else spe
@@ -116,12 +120,19 @@ def make_eval_fn(
 
 def eval_slice(config: config_dict.ConfigDict, split: str, size: int | None = None, seed: int = 0) -> list:
   """Unaugmented eval batches of a split (e.g. for model selection): all of it in file
-  order, or a fixed random slice of ``size`` images."""
+  order, a fixed random slice of ``size`` images, or (``split='holdout'``) the
+  training records ``config.data.holdout`` keeps out of training."""
   bs, data = global_batch(config, 'eval_batch_size'), config.data
-  if size is None:
+  if split == 'holdout':
+    if not data.holdout:
+      raise ValueError('no holdout split: set config.data.holdout to the number of training records to keep out')
+    x, y = data_lib.load_arrays(data.name, 'train', data_dir=data.data_dir)
+    idx = data_lib.holdout_indices(len(y), int(data.holdout), int(data.holdout_seed))
+  elif size is None:
     return list(data_lib.eval_batches(data.name, split, batch_size=bs, data_dir=data.data_dir))
-  x, y = data_lib.load_arrays(data.name, split, data_dir=data.data_dir)
-  idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:size])
+  else:
+    x, y = data_lib.load_arrays(data.name, split, data_dir=data.data_dir)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:size])
   info = data_lib.get_info(data.name)
   x, y = data_lib.normalize(x[idx], info.mean, info.std), np.asarray(y[idx], np.int32)
   return [{'image': x[i : i + bs], 'label': y[i : i + bs]} for i in range(0, len(idx), bs)]
@@ -198,6 +209,9 @@ def train(
     seed=config.seed + seed_offset,
     data_dir=config.data.data_dir,
     augment=config.data.augment,
+    drop_last=config.data.drop_last,
+    holdout=config.data.holdout,
+    holdout_seed=config.data.holdout_seed,
   )
   begin = int(state.step)
   if begin:  # continue_schedule: the data from where one uninterrupted phase would be

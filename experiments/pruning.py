@@ -51,13 +51,27 @@ def with_variables(state: T.TrainState, v: dict[str, Any]) -> T.TrainState:
   return state._replace(params=v['params'], batch_stats=v['batch_stats'], other=v['other'])
 
 
-def trace(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState) -> jaxprune.ChannelGraph:
-  return trace_state(graphdef, state, exp.info.image_shape)
+def trace(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState, *,
+          branches: bool = False) -> jaxprune.ChannelGraph:
+  return trace_state(graphdef, state, exp.info.image_shape, branches=branches)
 
 
-def trace_state(graphdef: nnx.GraphDef, state: T.TrainState, image_shape) -> jaxprune.ChannelGraph:
+def trace_state(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *,
+                branches: bool = False) -> jaxprune.ChannelGraph:
   fn, v = core_view(graphdef, state)
-  return jaxprune.trace(fn, v, np.zeros((1, *image_shape), np.float32))
+  return jaxprune.trace(fn, v, np.zeros((1, *image_shape), np.float32), branches=branches)
+
+
+UNITS = ('branch', 'stream')
+
+
+def branch_units(method) -> bool:
+  """Whether a method's ``units`` are residual branches ("branch": the seed methods'
+  units, traced with branch groups) or channel groups ("stream")."""
+  units = method.get('units', 'stream')
+  if units not in UNITS:
+    raise ValueError(f'method.units must be one of {UNITS}, got {units!r}')
+  return units == 'branch'
 
 
 def masked_apply(graphdef: nnx.GraphDef, graph: jaxprune.ChannelGraph, masks_fn: Callable) -> T.steps.ApplyFn:
@@ -171,7 +185,9 @@ def slim(exp: Experiment, dense: Dense, out: Outcome) -> Slimmed:
   variables = T.core_variables(dense.state) if out.variables is None else out.variables
   graph = dense.graph if out.graph is None else out.graph
   small = with_variables(dense.state, jaxprune.slim(variables, graph, out.masks))._replace(extra={})
-  cost = count(trace(exp, dense.graphdef, small))
+  # Counted on the traced graph: exactly the slimmed network's cost (tested), and a
+  # branch-slimmed network (which gathers channels by index) cannot be re-traced.
+  cost = count(graph, out.masks)
   accuracy = phases.evaluate(exp, dense.graphdef, small).get('accuracy')
   # Speed depends on shapes only, so the slimmed net is timed before finetuning.
   speed = measure_speedup(dense.graphdef, dense.state, small, exp.info.image_shape)

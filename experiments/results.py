@@ -60,6 +60,8 @@ def record(
   (pruned_accuracy_before_finetune, speedup, kept_per_group, group_sizes,
   dynamic, source, details, phase_times_s, ...)."""
   ratios = {k: pruned[k] / dense[k] for k in dense if k in pruned and dense[k]}
+  # a method's own budget unit (e.g. ChipNet's volume_paper) is in its details
+  achieved = ratios.get(unit) if unit in ratios else (sections.get('details') or {}).get(unit)
   return {
     'schema': SCHEMA,
     'method': config.method.name,
@@ -71,7 +73,7 @@ def record(
     'pruned_accuracy_before_finetune': None,
     'budget': budget,
     'unit': unit,
-    'achieved': ratios.get(unit) if unit else None,
+    'achieved': achieved if unit else None,
     'dense': dict(dense),
     'pruned': dict(pruned),
     'ratios': ratios,

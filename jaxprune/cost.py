@@ -20,7 +20,8 @@ class Cost(NamedTuple):
     element of each elementwise op (BatchNorm, biases, activations, residual
     adds) and per reduced/pooled element. With mode="paper", 2 x macs.
   params: elements of the parameter leaves that remain.
-  channels: channels kept across all prunable groups.
+  channels: channels kept across the channel groups (a branch mask keeps or
+    drops a producer's share of a channel, not the channel).
   volume: elements of the conv/dense output activations (per sample).
   per_layer: `LayerCosts` of the conv/dense layers, in trace order:
     `per_layer["layer1.0.conv1"]["macs"]`, or arrays `per_layer.macs`.
@@ -190,7 +191,8 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
   b = p.row_inc @ rows
   flops = 2 * b[_MACS] + (b[_ELEMENTWISE] if mode == "exact" else 0.0)
   per_layer = LayerCosts(p.layers, b[4::2], b[5::2])
-  return Cost(*(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[FIRST:].sum(), b[_VOLUME])),
+  n_ch = sum(g.size for g in graph.groups if g.kind == 'channel')  # channel groups come first
+  return Cost(*(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[FIRST:FIRST + n_ch].sum(), b[_VOLUME])),
               per_layer)
 
 

@@ -10,6 +10,8 @@ Layout (methods add their own keys under ``config.method``)::
   data.batch_size      GLOBAL train batch (split over devices and hosts)
   data.eval_batch_size GLOBAL eval batch (last batch padded)
   data.augment         train augmentation on/off
+  data.drop_last       drop each epoch's last partial batch
+  data.holdout         training records kept out (validation; eval_slice(config, 'holdout'))
   data.scale_batch_with_devices  batch sizes are per device (x device count)
   train.epochs, optimizer ('sgd'|'adamw'), lr, momentum, nesterov,
   train.weight_decay, schedule ('cosine'|'step'|'constant'), warmup_epochs,
@@ -40,6 +42,9 @@ def base() -> config_dict.ConfigDict:
       'batch_size': 128,
       'eval_batch_size': 256,
       'augment': True,
+      'drop_last': True,  # drop each epoch's last partial batch (False: keep it, as PyTorch)
+      'holdout': 0,  # training records kept out of training (a validation split for selection)
+      'holdout_seed': 0,
       'scale_batch_with_devices': False,
     }
   )

@@ -35,6 +35,9 @@ def magnitude() -> config_dict.ConfigDict:
       'iter_finetune_epochs': 1,
       'min_channels': 1,
       'round_to': 1,  # kept channels per group rounded down to a multiple
+      # stream: channel groups (a residual stream is one group); branch: residual
+      # branches (the seed methods' units, residual streams kept whole)
+      'units': 'stream',
       'finetune': {'epochs': 4, 'lr': 0.02},
       'pretrained': config_dict.placeholder(str),
     }
@@ -46,8 +49,12 @@ def chipnet() -> config_dict.ConfigDict:
   return config_dict.ConfigDict(
     {
       'name': 'chipnet',
+      # branch: the official units (stem, inner convs, the last BN of every residual branch,
+      # projections; streams never masked); stream: every channel group
+      'units': 'branch',
       'budget': 0.5,  # fraction of the dense network kept, in (0, 1]
-      'budget_type': 'volume',  # channels | volume | params | flops (= MACs)
+      # channels | volume | params | flops (= MACs) | volume_paper (the official volume count)
+      'budget_type': 'volume',
       'min_channels': 1,  # every group keeps this many: no layer/stage vanishes
       'w_budget': chipnet_lib.W_BUDGET,
       'w_crisp': chipnet_lib.W_CRISP,
@@ -56,7 +63,8 @@ def chipnet() -> config_dict.ConfigDict:
       # Smaller values compress the schedule (with a larger soft.zeta_lr to match).
       'schedule_steps_per_epoch': chipnet_lib.PAPER_STEPS_PER_EPOCH,
       'soft': {'epochs': 20, 'batch_size': 32, 'lr': 1e-3, 'weight_decay': 1e-3, 'zeta_lr': 1e-3},
-      'select_on': 'train',  # train (a fixed slice, no augmentation) | test | last
+      # train (a fixed slice, no augmentation) | holdout (config.data.holdout) | test | last
+      'select_on': 'train',
       'select_size': 1000,  # images of the train slice used for selection
       'finetune': {'epochs': 4, 'lr': 0.02, 'optimizer': 'sgd', 'weight_decay': 5e-4},
       'pretrained': config_dict.placeholder(str),
@@ -72,15 +80,46 @@ def ftwt() -> config_dict.ConfigDict:
   return config_dict.ConfigDict(
     {
       'name': 'ftwt',
+      # branch: the official gate points (stem, both convs of every block, the second
+      # before the residual add); stream: one gate per channel group (a stream gated once)
+      'units': 'branch',
       'r': 0.9,  # share of activation mass kept per sample and layer, in (0, 1]
       'mode': 'decoupled',  # decoupled | joint
       'pool': 'avg',  # avg (official code) | max (paper figure)
       'pretrained': config_dict.placeholder(str),
       'epochs': 4,  # predictor training epochs (backbone trains too)
       'backbone_lr': 0.01,
+      # backbone lr x decay_factor at these epochs of the FTWT phase; () = the official
+      # 81/122/151 of 200 epochs, scaled to `epochs`
+      'decay_epochs': (),
+      'decay_factor': 0.1,
       'predictor_lr': 0.1,
       'weight_decay': 5e-4,  # backbone only
       'cooldown': 0.5,  # mask-loss weight 1 before this fraction of the epochs, 0 after
       'seed': 0,  # predictor init
+    }
+  )
+
+
+def manidp() -> config_dict.ConfigDict:
+  """ManiDP per-sample saliency gates with sparsity and similarity terms."""
+  return config_dict.ConfigDict(
+    {
+      'name': 'manidp',
+      'target_rate': 0.65,  # kept rate rho* the thresholds reach at the last epoch, in (0, 1]
+      'lambda_sparse': 5e-3,  # the official README's CIFAR example
+      'lambda_sim': 1.0,
+      'thre_cls': 0.5,  # C = thre_cls x the previous epoch's mean CE
+      'gamma': 1.0,  # complexity-weight exponent
+      # w_b treated as a constant (the paper); False reproduces the official code's gradient
+      'detach_weights': True,
+      'clamp_max': 1000.0,
+      'squeeze_rate': 2,  # gate hidden width C/q (q halved for layers of < 80 channels)
+      'epochs': 20,
+      'lr': 0.05,  # cosine per step, SGD Nesterov 0.9
+      'weight_decay': 5e-4,  # backbone only; none on the gates
+      'c_ref': 0.0,  # C before the first epoch; 0: the dense network's mean training CE
+      'seed': 0,  # gate init
+      'pretrained': config_dict.placeholder(str),
     }
   )

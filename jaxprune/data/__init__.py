@@ -34,6 +34,7 @@ from jaxprune.data.errors import CorruptDataError, DataNotFoundError
 from jaxprune.data.mnist_idx import load_mnist_idx, read_idx_file, to_32x32x3
 from jaxprune.data.pipeline import (
     eval_batches,
+    holdout_indices,
     shard_indices,
     steps_per_epoch,
     train_dataset,
@@ -58,6 +59,7 @@ __all__ = [
     "DataNotFoundError",
     "DatasetInfo",
     "available_datasets",
+    "holdout_indices",
     "decode_cifar_records",
     "eval_batches",
     "get_info",

@@ -70,11 +70,12 @@ def _records_per_host(num_records: int, shard_count: int) -> int:
 
 def steps_per_epoch(name: str, batch_size: int, *,
                     data_dir: str | os.PathLike | None = None,
-                    shard_count: int | None = None) -> int:
+                    shard_count: int | None = None, drop_last: bool = True,
+                    holdout: int = 0) -> int:
     """Batches per epoch of :func:`train_iterator` (the same on every host).
 
     ``floor(floor(N / shard_count) / batch_size)``, with ``batch_size`` the
-    per-host batch.
+    per-host batch (``ceil`` with ``drop_last=False``).
 
     Example:
       >>> steps_per_epoch("cifar10_subset", 128, shard_count=1)
@@ -82,10 +83,47 @@ def steps_per_epoch(name: str, batch_size: int, *,
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(registry.open_split(name, "train", data_dir=data_dir))
+    n = len(registry.open_split(name, "train", data_dir=data_dir)) - holdout
     if shard_count is None:
         _, shard_count = _default_shard(None, None)
-    return _records_per_host(n, shard_count) // batch_size
+    per_host = _records_per_host(n, shard_count)
+    return per_host // batch_size if drop_last else -(-per_host // batch_size)
+
+
+def holdout_indices(num_records: int, holdout: int, seed: int = 0) -> np.ndarray:
+    """A fixed random subset of ``holdout`` training records (sorted), kept out of
+    training for model selection (e.g. ChipNet's 45k/5k split; 4,585/500 on the
+    shipped CIFAR-10 subset).
+
+    Example:
+      >>> holdout_indices(10, 3, seed=0).tolist()
+      [2, 4, 6]
+    """
+    if not 0 <= holdout < num_records:
+        raise ValueError(f"holdout must be in [0, {num_records}) records, got {holdout}")
+    return np.sort(np.random.default_rng(seed).permutation(num_records)[:holdout])
+
+
+class _Subset:
+    """A record source restricted to some indices."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+
+def _training_source(name: str, data_dir, holdout: int, holdout_seed: int):
+    source = registry.open_split(name, "train", data_dir=data_dir)
+    if not holdout:
+        return source
+    out = np.ones(len(source), bool)
+    out[holdout_indices(len(source), holdout, holdout_seed)] = False
+    return _Subset(source, np.nonzero(out)[0])
 
 
 def _seeds(seed: int) -> tuple[int, int]:
@@ -133,7 +171,8 @@ def train_dataset(
     data_dir: str | os.PathLike | None = None, augment: bool = True,
     shard_index: int | None = None, shard_count: int | None = None,
     num_epochs: int | None = None, num_threads: int = 1,
-    prefetch_batches: int = 2,
+    prefetch_batches: int = 2, drop_last: bool = True, holdout: int = 0,
+    holdout_seed: int = 0,
 ) -> grain.IterDataset:
     """The training pipeline as a ``grain.IterDataset``; see :func:`train_iterator`.
 
@@ -154,7 +193,7 @@ def train_dataset(
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     info = registry.get_info(name)
-    source = registry.open_split(name, "train", data_dir=data_dir)
+    source = _training_source(name, data_dir, holdout, holdout_seed)
     per_host = _records_per_host(len(source), shard_count)
     if per_host < batch_size:
         raise ValueError(
@@ -171,7 +210,7 @@ def train_dataset(
         ds = ds.random_map(_train_transform(policy), seed=s_augment)
     elif policy == "imagenet":  # unaugmented ImageNet still needs a fixed size
         ds = ds.map(_eval_transform(policy))
-    ds = ds.batch(batch_size, drop_remainder=True,
+    ds = ds.batch(batch_size, drop_remainder=drop_last,
                   batch_fn=_make_batch_fn(info.mean, info.std))
     ds = ds.repeat(num_epochs)
     return ds.to_iter_dataset(
@@ -186,7 +225,8 @@ def train_iterator(
     data_dir: str | os.PathLike | None = None, augment: bool = True,
     shard_index: int | None = None, shard_count: int | None = None,
     num_epochs: int | None = None, num_threads: int = 1,
-    prefetch_batches: int = 2,
+    prefetch_batches: int = 2, drop_last: bool = True, holdout: int = 0,
+    holdout_seed: int = 0,
 ) -> grain.DatasetIterator:
     """Shuffled, augmented, normalised training batches of this host's shard.
 
@@ -206,6 +246,11 @@ def train_iterator(
         reading with the (GIL-releasing) jitted step; more threads only
         contend for the GIL on 32x32 data (measured on 2 cores).
       prefetch_batches: batches prepared ahead of the consumer.
+      drop_last: drop each epoch's last partial batch (the default: one
+        batch shape, one compilation); False keeps it, as PyTorch's
+        ``DataLoader`` does by default (a second, smaller batch shape).
+      holdout, holdout_seed: leave these training records out (a validation
+        split, see :func:`holdout_indices`).
 
     Returns:
       A grain ``DatasetIterator`` of ``{"image": float32 [B, H, W, C]
@@ -228,7 +273,8 @@ def train_iterator(
         name, batch_size=batch_size, seed=seed, data_dir=data_dir,
         augment=augment, shard_index=shard_index, shard_count=shard_count,
         num_epochs=num_epochs, num_threads=num_threads,
-        prefetch_batches=prefetch_batches,
+        prefetch_batches=prefetch_batches, drop_last=drop_last, holdout=holdout,
+        holdout_seed=holdout_seed,
     ))
 
 

@@ -275,9 +275,13 @@ def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams,
 
 def budget_ratio(graph: ChannelGraph, masks: Mapping[str, jax.Array], unit: str, *,
                  mode: str = "exact") -> jax.Array:
-  """Kept fraction in `unit` (a cost unit or "volume_paper") of masks for ChipNet's groups."""
+  """Kept fraction in `unit` of masks for ChipNet's groups: a cost unit, "volume_paper",
+  or "channels" (the kept fraction of the masked units' entries, branch masks included)."""
   if unit == "volume_paper":
     return paper_volume(graph, masks)
+  if unit == "channels":
+    kept = sum(jnp.sum(m) for m in masks.values())
+    return kept / sum(graph.group(n).size for n in masks)
   return ratio(graph, graph.complete(masks), unit, mode=mode)
 
 
@@ -366,9 +370,9 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   True
   """
   whole = [g.name for g in graph.groups if g.name not in scores]
-  if unit == "volume_paper":
-    names = tuple(scores)
-    unit = lambda m: paper_volume(graph, {n: m[n] for n in names})  # noqa: E731
+  if unit in ("volume_paper", "channels"):
+    names, kind = tuple(scores), unit
+    unit = lambda m: budget_ratio(graph, {n: m[n] for n in names}, kind)  # noqa: E731
   return select.global_topk(scores, graph, budget, unit, min_channels=min_channels, mode=mode,
                             normalize=False, whole=whole)
 

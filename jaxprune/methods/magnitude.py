@@ -60,7 +60,8 @@ def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget:
 
   `reference` is the dense network's cost in `unit`, for iterative pruning of
   an already slimmed network to a budget stated against the original one.
-  `whole`: groups kept entirely; by default the residual streams of a graph
+  `unit` may be a function of masks (a method's own count, e.g. ChipNet's
+  official volume). `whole`: groups kept entirely; by default the residual streams of a graph
   traced with branch groups (the units the seed methods prune are the
   branches, so the baseline prunes the same ones).
   """
@@ -71,8 +72,7 @@ def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget:
                         whole=whole)
   if scope != "global":
     raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
-  current = float(getattr(cost(graph), unit))
-  rel = budget if reference is None else budget * reference / current
+  rel = budget if reference is None else budget * reference / float(getattr(cost(graph), unit))
   if rel >= 1.0:
     return {g.name: jax.numpy.ones(g.size) for g in graph.groups}
   return select.global_topk(s, graph, budget=rel, unit=unit, min_channels=min_channels,

@@ -26,6 +26,8 @@ so stage-s stream channel j continues as stage-(s+1) channel
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,13 +44,19 @@ STAGE_WIDTHS = (16, 32, 64)
 class BasicBlockA(nnx.Module):
     """Two 3x3 conv-BN layers plus an option-A (parameter-free) shortcut.
 
+    ``avg=False`` (He et al.): the shortcut subsamples ``x[:, ::s, ::s]`` and
+    pads zero channels on both sides. ``avg=True`` (FTWT's official code):
+    2x2 average pooling, zero channels after the stream's, and no gradient
+    through the shortcut (it reads ``x.data`` there).
+
     Example:
         >>> blk = BasicBlockA(16, 32, stride=2, rngs=nnx.Rngs(0))
         >>> blk(jnp.ones((1, 8, 8, 16))).shape
         (1, 4, 4, 32)
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, rngs: nnx.Rngs,
+                 avg: bool = False) -> None:
         self.conv1 = conv(in_planes, planes, 3, stride, rngs=rngs)
         self.bn1 = batch_norm(planes, rngs=rngs)
         self.conv2 = conv(planes, planes, 3, 1, rngs=rngs)
@@ -56,10 +64,11 @@ class BasicBlockA(nnx.Module):
         self.in_index = channel_index(in_planes)
         self.out_index = channel_index(planes)
         self.stride = stride
+        self.avg = avg
         if stride != 1 or in_planes != planes:
             # Zero channels as array shapes, not jnp.pad widths: slimming can
             # slice these vectors, whereas static pad ints would go stale.
-            lo = (planes - in_planes) // 2
+            lo = 0 if avg else (planes - in_planes) // 2
             self.pad_lo: ZeroPad | None = ZeroPad(jnp.zeros((lo,), jnp.float32))
             self.pad_hi: ZeroPad | None = ZeroPad(jnp.zeros((planes - in_planes - lo,), jnp.float32))
         else:
@@ -70,7 +79,12 @@ class BasicBlockA(nnx.Module):
         """Identity, or ``x[:, ::s, ::s]`` with zero channels on both sides."""
         if self.pad_lo is None or self.pad_hi is None:
             return x
-        if self.stride != 1:
+        if self.avg:
+            x = jax.lax.stop_gradient(x)
+            if self.stride != 1:
+                s = self.stride
+                x = nnx.avg_pool(x, (s, s), strides=(s, s))
+        elif self.stride != 1:
             x = x[:, :: self.stride, :: self.stride, :]
         # "* 0": the vectors are zeros; saying so lets jaxprune.trace see that
         # these channels are dead until a residual branch writes them.
@@ -96,7 +110,9 @@ class CifarResNet(nnx.Module):
     """CIFAR ResNet with ``blocks_per_stage`` BasicBlocks per stage (depth 6n+2).
 
     ``shortcut="A"``: parameter-free zero-padding shortcuts (He et al.);
-    ``"B"``: 1x1 conv + BN projections wherever the shape changes.
+    ``"A_avg"``: FTWT's variant (average pooling, zeros after the stream, no
+    gradient through the shortcut); ``"B"``: 1x1 conv + BN projections
+    wherever the shape changes.
 
     Example:
         >>> m = CifarResNet(3, num_classes=10, rngs=nnx.Rngs(0))  # ResNet-20
@@ -115,10 +131,11 @@ class CifarResNet(nnx.Module):
         stem: int | None = None,
         shortcut: str = "A",
     ) -> None:
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv + BN), "
-                             f"got {shortcut!r}")
-        block = BasicBlockA if shortcut == "A" else BasicBlock
+        if shortcut not in ("A", "A_avg", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero padding), 'A_avg' (FTWT's average-pooled "
+                             f"zero padding) or 'B' (1x1 conv + BN), got {shortcut!r}")
+        block = {"A": BasicBlockA, "A_avg": functools.partial(BasicBlockA, avg=True),
+                 "B": BasicBlock}[shortcut]
         stem = widths[0] if stem is None else stem
         self.conv1 = conv(in_channels, stem, 3, 1, rngs=rngs)
         self.bn1 = batch_norm(stem, rngs=rngs)

@@ -7,9 +7,12 @@ A step is built once per phase with :func:`make_train_step` and then called as
   network (default: the NNX model itself, :func:`nnx_apply`). A method passes
   its own to run a modified forward (activation masks, gates, returning
   intermediate features in ``Forward.aux``) without copying the loop.
-* ``extra_loss(variables, batch, forward, *, rng, hparams)`` returns a scalar,
-  or ``(scalar, {name: scalar})`` to also log its parts, added to the
-  cross-entropy (budget losses, sparsity terms, predictor losses...).
+* ``extra_loss(variables, batch, forward, *, rng, hparams)`` returns a scalar
+  added to the cross-entropy (budget losses, sparsity terms, predictor
+  losses...), or ``(scalar, {name: scalar})`` to also log its parts, or
+  ``(scalar, parts, sets)`` where ``sets`` replaces entries of ``state.extra``
+  after the update (running statistics a method keeps, e.g. epoch sums; give
+  those entries no optimizer: ``partition({...: None})``).
 * ``mask``: a pytree shaped like ``state.params`` (or a sub-dict of it; leaves
   broadcast, so a vector of output channels masks a conv kernel), 0/1 or soft.
   Params are multiplied by it in the forward pass, and after each update every
@@ -50,7 +53,7 @@ class Forward(NamedTuple):
 
 
 ApplyFn = Callable[..., Forward]
-ExtraLoss = Callable[..., jax.Array | tuple[jax.Array, Mapping[str, jax.Array]]]
+ExtraLoss = Callable[..., jax.Array | tuple]
 
 
 def nnx_apply(graphdef: nnx.GraphDef) -> ApplyFn:
@@ -139,21 +142,23 @@ def train_step(
     v = Variables(params, state.batch_stats, state.other, train_vars['extra'])
     fwd = _as_forward(apply_fn(v, batch['image'], train=True, rng=fwd_rng, hparams=hparams))
     ce = cross_entropy(fwd.logits, batch['label'], batch.get('weight'))
-    loss, parts = ce, {}
+    loss, parts, sets = ce, {}, None
     if extra_loss is not None:
       out = extra_loss(v, batch, fwd, rng=loss_rng, hparams=hparams)
-      term, parts = out if isinstance(out, tuple) else (out, {})
+      term, parts, *rest = out if isinstance(out, tuple) else (out, {})
+      sets = rest[0] if rest else None
       parts = {'extra_loss': term, **parts}
       loss = loss + term
-    return loss, (fwd, ce, parts)
+    return loss, (fwd, ce, parts, sets)
 
-  grads, (fwd, ce, parts) = jax.grad(loss_fn, has_aux=True)(trainables(state))
+  grads, (fwd, ce, parts, sets) = jax.grad(loss_fn, has_aux=True)(trainables(state))
   loss = ce + parts.get('extra_loss', 0.0)
   updates, opt_state = tx.update(grads, state.opt_state, trainables(state))
   new = optax.apply_updates(trainables(state), updates)
   new_params = zero_masked(new['params'], mask)
+  extra = new['extra'] if sets is None else {**new['extra'], **jax.lax.stop_gradient(sets)}
   new_state = state._replace(
-    step=state.step + 1, params=new_params, extra=new['extra'], batch_stats=fwd.batch_stats, opt_state=opt_state
+    step=state.step + 1, params=new_params, extra=extra, batch_stats=fwd.batch_stats, opt_state=opt_state
   )
   metrics = {'loss': loss, 'ce': ce, 'accuracy': _accuracy(fwd.logits, batch['label'], batch.get('weight')), **parts}
   if schedule is not None:
