@@ -48,7 +48,6 @@ def graph_of(exp: Experiment, dense: Dense) -> jaxprune.ChannelGraph:
   return dense.graph
 
 
-
 def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit: str) -> dict:
   """The soft-pruning phase; returns the best record (step, accuracy, hard, zeta, variables)."""
   config, m, d = exp.config, exp.config.method, os.path.join(exp.workdir, 'soft_prune')

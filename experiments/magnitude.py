@@ -18,8 +18,16 @@ from jaxprune.methods import chipnet, magnitude
 def volumes(graph, masks) -> dict[str, float]:
   """Both volume counts (the core's exact one, ChipNet's official one) of hard masks."""
   units = chipnet.unit_groups(graph)
-  return {'volume': float(jaxprune.ratio(graph, masks, 'volume')),
-          'volume_paper': float(chipnet.paper_volume(graph, {n: masks[n] for n in units}))}
+  return {
+    'volume': float(jaxprune.ratio(graph, masks, 'volume')),
+    'volume_paper': float(chipnet.paper_volume(graph, {n: masks[n] for n in units})),
+  }
+
+
+def paper_volume(graph):
+  """ChipNet's official volume count as a budget unit (a function of the keep masks)."""
+  units = chipnet.unit_groups(graph)
+  return lambda h: chipnet.paper_volume(graph, {n: h[n] for n in units})
 
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
@@ -28,8 +36,10 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   m = exp.config.method
   branches = pruning.branch_units(m)
   if branches and m.steps > 1:
-    raise ValueError('iterative magnitude pruning (method.steps > 1) re-traces slimmed networks: use '
-                     "method.units='stream' (a branch-slimmed network gathers channels by index)")
+    raise ValueError(
+      'iterative magnitude pruning (method.steps > 1) re-traces slimmed networks: use '
+      "method.units='stream' (a branch-slimmed network gathers channels by index)"
+    )
   state, budgets = dense.state, magnitude.schedule(m.budget, m.steps)
   for k, b in enumerate(budgets):
     if k == 0:
@@ -38,13 +48,12 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
       graph = pruning.trace(exp, dense.graphdef, state)
     v = T.core_variables(state)
     paper = m.unit == 'volume_paper'  # ChipNet's official volume count, on ChipNet's units
-    units = chipnet.unit_groups(graph) if paper else None
     masks = magnitude.prune(
       v,
       graph,
       criterion=m.criterion,
       budget=b,
-      unit=(lambda h: chipnet.paper_volume(graph, {n: h[n] for n in units})) if paper else m.unit,
+      unit=paper_volume(graph) if paper else m.unit,
       scope=m.scope,
       min_channels=m.min_channels,
       round_to=m.round_to,

@@ -49,6 +49,8 @@ class Step(NamedTuple):
     extra_loss: added to the cross-entropy (see ``T.make_train_step``).
     hparams_fn: ``step -> pytree`` passed (traced) to every step.
     on_epoch_end: ``(step, state) -> state or None`` after each epoch.
+    stop_when: ``state -> bool`` after each epoch (and a restore): True ends
+      the phase there.
     tx: the optimizer (default: from the phase's train config).
     schedule: the learning rate logged with ``tx`` (default: the config's).
   """
@@ -60,6 +62,7 @@ class Step(NamedTuple):
   on_epoch_end: Callable[[int, T.TrainState], T.TrainState | None] | None = None
   tx: optax.GradientTransformation | None = None
   schedule: optax.Schedule | None = None
+  stop_when: Callable[[T.TrainState], bool] | None = None
 
 
 def experiment(config: config_dict.ConfigDict, workdir: str) -> Experiment:
@@ -221,6 +224,7 @@ def train(
     eval_fn=make_eval_fn(config, step.eval_apply_fn or apply_fn, mesh=mesh),
     hparams_fn=step.hparams_fn,
     on_epoch_end=step.on_epoch_end,
+    stop_when=step.stop_when,
   )
   plan = T.Plan(
     num_steps=max((total if stop_at is None else min(stop_at, total)) - begin, 0),

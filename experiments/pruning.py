@@ -51,13 +51,15 @@ def with_variables(state: T.TrainState, v: dict[str, Any]) -> T.TrainState:
   return state._replace(params=v['params'], batch_stats=v['batch_stats'], other=v['other'])
 
 
-def trace(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState, *,
-          branches: bool = False) -> jaxprune.ChannelGraph:
+def trace(
+  exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState, *, branches: bool = False
+) -> jaxprune.ChannelGraph:
   return trace_state(graphdef, state, exp.info.image_shape, branches=branches)
 
 
-def trace_state(graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *,
-                branches: bool = False) -> jaxprune.ChannelGraph:
+def trace_state(
+  graphdef: nnx.GraphDef, state: T.TrainState, image_shape, *, branches: bool = False
+) -> jaxprune.ChannelGraph:
   fn, v = core_view(graphdef, state)
   return jaxprune.trace(fn, v, np.zeros((1, *image_shape), np.float32), branches=branches)
 

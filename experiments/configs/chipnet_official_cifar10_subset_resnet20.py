@@ -25,9 +25,18 @@ configs. Finetune (finetuning.py): 20 epochs, SGD momentum 0.9, lr 0.05, weight 
 from experiments.configs import common, defaults
 from experiments.configs.chipnet_cifar10_subset_resnet20 import set_cpu_schedule
 
-FINETUNE = {'epochs': 20, 'lr': 0.05, 'optimizer': 'sgd', 'momentum': 0.9, 'nesterov': False,
-            'weight_decay': 1e-3, 'schedule': 'step', 'decay_epochs': (7, 14), 'decay_factor': 0.5,
-            'warmup_epochs': 0.0}
+FINETUNE = {
+  'epochs': 20,
+  'lr': 0.05,
+  'optimizer': 'sgd',
+  'momentum': 0.9,
+  'nesterov': False,
+  'weight_decay': 1e-3,
+  'schedule': 'step',
+  'decay_epochs': (7, 14),
+  'decay_factor': 0.5,
+  'warmup_epochs': 0.0,
+}
 
 
 def get_config(arg: str | None = None):

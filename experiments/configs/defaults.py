@@ -123,3 +123,27 @@ def manidp() -> config_dict.ConfigDict:
       'pretrained': config_dict.placeholder(str),
     }
   )
+
+
+def epi() -> config_dict.ConfigDict:
+  """EPI: train from scratch, prune once when the dominant sub-network is stable, keep training."""
+  return config_dict.ConfigDict(
+    {
+      'name': 'epi',
+      'criterion': 'magnitude',  # magnitude (per-group-normalised L2) | taylor (BN, first order): triggers
+      'prune_ratio': 0.5,  # fraction of `unit` removed at the prune
+      'unit': 'macs',  # the cost unit of the prune ratio
+      'min_keep': 1,
+      'r': 5,  # sub-networks EPI averages over
+      'window': 5,  # the trigger: EPI not lower than any of the last `window` values
+      'indicator': 'epi',  # epi | early_bird
+      # tau per criterion; 0: the paper's ImageNet defaults (0.983 magnitude, 0.944 Taylor)
+      'tau_magnitude': 0.0,
+      'tau_taylor': 0.0,
+      # -1: when EPI fires; -2: never (the dense run, recording both EPI curves); e >= 0: at epoch e
+      'prune_epoch': -1,
+      'dense_from': config_dict.placeholder(str),  # a recorded dense run to start the dense phase from
+      'finetune_epochs': 30,  # of the train -> prune -> finetune schedule in the compute comparison
+      'units': 'stream',  # stream: channel groups (a residual stream is one group) | branch
+    }
+  )

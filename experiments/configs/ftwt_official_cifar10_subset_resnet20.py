@@ -13,7 +13,8 @@ the steps.
   ... --config.method.mode=joint   |   --config.method.units=stream
 """
 
-from experiments.configs import defaults, dense_official_cifar10_subset_resnet20 as dense
+from experiments.configs import defaults
+from experiments.configs import dense_official_cifar10_subset_resnet20 as dense
 
 
 def get_config(arg: str | None = None):

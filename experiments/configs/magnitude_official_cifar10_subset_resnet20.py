@@ -8,14 +8,23 @@ momentum 0.9, lr 0.01, x0.1 at epochs 10 and 15, weight decay 5e-4).
       --config.method.pretrained=runs/dense_off --config.method.budget=0.63
 """
 
-from experiments.configs import defaults, dense_official_cifar10_subset_resnet20 as dense
+from experiments.configs import defaults
+from experiments.configs import dense_official_cifar10_subset_resnet20 as dense
 
 
 def get_config(arg: str | None = None):
   c = dense.get_config(arg)
   c.method = defaults.magnitude()
   c.method.units = 'branch'
-  c.method.finetune = {'epochs': 20 if arg != 'quick' else 1, 'lr': 0.01, 'momentum': 0.9,
-                       'nesterov': False, 'weight_decay': 5e-4, 'schedule': 'step',
-                       'decay_epochs': (10, 15), 'decay_factor': 0.1, 'warmup_epochs': 0.0}
+  c.method.finetune = {
+    'epochs': 20 if arg != 'quick' else 1,
+    'lr': 0.01,
+    'momentum': 0.9,
+    'nesterov': False,
+    'weight_decay': 5e-4,
+    'schedule': 'step',
+    'decay_epochs': (10, 15),
+    'decay_factor': 0.1,
+    'warmup_epochs': 0.0,
+  }
   return c

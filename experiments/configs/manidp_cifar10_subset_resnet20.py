@@ -13,7 +13,8 @@ lambda_sim 1.0 (the official README's CIFAR example).
   ... --config.method.thre_cls=1e9      (w = 1 for every sample: plain L1 sparsity)
 """
 
-from experiments.configs import defaults, dense_official_cifar10_subset_resnet20 as dense
+from experiments.configs import defaults
+from experiments.configs import dense_official_cifar10_subset_resnet20 as dense
 
 
 def get_config(arg: str | None = None):

@@ -474,9 +474,10 @@ def init(widths: Sequence[int], capacity: int, first_epoch: int = 0) -> State:
   widths = np.asarray(widths, np.int32)
   if widths.ndim != 1 or capacity < 1:
     raise ValueError("init takes a 1-D sequence of group widths and a capacity >= 1")
-  nan = jnp.full((capacity,), jnp.nan, jnp.float32)
+  # Separate buffers: a train step that donates its state must not see one twice.
+  nan = lambda: jnp.full((capacity,), jnp.nan, jnp.float32)
   return State(jnp.zeros((capacity, widths.size), jnp.int32),
-               jnp.zeros((capacity, int(widths.sum())), bool), nan, nan, jnp.asarray(widths),
+               jnp.zeros((capacity, int(widths.sum())), bool), nan(), nan(), jnp.asarray(widths),
                jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
                jnp.asarray(first_epoch, jnp.int32))
 

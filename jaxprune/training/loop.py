@@ -45,12 +45,16 @@ class Hooks(NamedTuple):
       each epoch's last step, before its eval and checkpoint (e.g. a method
       refreshing thresholds or keeping its best mask). Raising stops the loop
       without a checkpoint, as a kill would.
+    stop_when: ``stop_when(state) -> bool``, after each epoch's checkpoint and
+      after a restore: True ends the phase there, as finished (e.g. a method
+      whose trigger fired; a resumed run stops at the same epoch).
   """
 
   train_step: Callable[..., tuple[TrainState, dict]]
   eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
   hparams_fn: Callable[[int], PyTree] | None = None
   on_epoch_end: Callable[[int, TrainState], TrainState | None] | None = None
+  stop_when: Callable[[TrainState], bool] | None = None
 
 
 class Plan(NamedTuple):
@@ -312,7 +316,10 @@ def fit(
   def save():
     ckpt.save(host.step, state, host.meta(train_iter))
 
+  stop = lambda: hooks.stop_when is not None and bool(hooks.stop_when(state))
   try:
+    if resumed_from is not None and stop():
+      return FitResult(state, host.history, resumed_from, False)
     while host.step < target:
       log.open_bar(target)
       batch = _to_device(next(train_iter), mesh)
@@ -331,6 +338,8 @@ def fit(
         save()
       if due or epoch_end:
         host.speed_mark = (time.time(), host.step)  # steps_per_s counts training only
+      if epoch_end and stop():
+        break
       if ckpt is not None and ckpt.reached_preemption(host.step):
         save()
         return FitResult(state, host.history, resumed_from, True)

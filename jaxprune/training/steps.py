@@ -151,7 +151,9 @@ def train_step(
       loss = loss + term
     return loss, (fwd, ce, parts, sets)
 
-  grads, (fwd, ce, parts, sets) = jax.grad(loss_fn, has_aux=True)(trainables(state))
+  # allow_int: a method may keep integer state in extra (counters, records); it gets zero grads.
+  grads, (fwd, ce, parts, sets) = jax.grad(loss_fn, has_aux=True, allow_int=True)(trainables(state))
+  grads = jax.tree.map(lambda g, x: jnp.zeros_like(x) if g.dtype == jax.dtypes.float0 else g, grads, trainables(state))
   loss = ce + parts.get('extra_loss', 0.0)
   updates, opt_state = tx.update(grads, state.opt_state, trainables(state))
   new = optax.apply_updates(trainables(state), updates)
