@@ -77,11 +77,12 @@ def first_step(trees: dict[str, str], tmp: str, reps: int) -> None:
     print(f'| {name} | {np.median(t):.1f} |', flush=True)
 
 
-def test_suites(trees: dict[str, str], tmp: str) -> None:
+def test_suites(trees: dict[str, str], tmp: str, which: list[str]) -> None:
   """The whole suite in each tree, then the quick loop here; each with a fresh cache."""
   suites = {'test suite, now': ('now', []), 'quick loop (-m "not slow"), now': ('now', ['-m', 'not slow'])}
   if 'before' in trees:
     suites = {'test suite, before': ('before', []), **suites}
+  suites = {k: v for k, v in suites.items() if any(w in k for w in which)}
   print('\n| test run | minutes | pytest says |\n|---|---|---|')
   for name, (tree, extra) in suites.items():
     env = environment(trees[tree], os.path.join(tmp, f'tests_{len(extra)}_{tree}'))
@@ -95,6 +96,7 @@ def main() -> None:
   p.add_argument('--before', help='a git revision to compare with (e.g. main)')
   p.add_argument('--reps', type=int, default=2, help='first-step runs per variant (0: none)')
   p.add_argument('--tests', action='store_true', help='also time the test suites (long)')
+  p.add_argument('--suites', default='before,now,quick', help='which of the test runs (with --tests)')
   a = p.parse_args()
   tmp = tempfile.mkdtemp(prefix='startup_')
   try:
@@ -104,7 +106,7 @@ def main() -> None:
     if a.reps:
       first_step(trees, tmp, a.reps)
     if a.tests:
-      test_suites(trees, tmp)
+      test_suites(trees, tmp, a.suites.split(','))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
