@@ -1,0 +1,19 @@
+"""Deploy a pruned network: fold BatchNorms, round widths, export with `jax.export`,
+load and run without model code.
+
+Example:
+  >>> small_model = jaxprune.slim_module(model, graph, masks)
+  >>> jaxprune.deploy.export_module(small_model, "out/net", input_shape=(32, 32, 3),
+  ...                               card={"model": "resnet56", "budget": 0.5})
+  >>> net = jaxprune.deploy.load("out/net")       # no model code needed
+  >>> net(x)                                      # == small_model(x), any batch size
+"""
+from jaxprune.deploy.export import FORMAT, FORMAT_VERSION, export, export_module
+from jaxprune.deploy.fold import (Fold, cast_floats, find_batchnorms, fold_batchnorm,
+                                  leaf_paths)
+from jaxprune.deploy.load import Deployed, IncompatibleArtifactError, check_card, load
+from jaxprune.deploy.modules import BiasAdd, fold_module
+
+__all__ = ["BiasAdd", "Deployed", "FORMAT", "FORMAT_VERSION", "Fold", "IncompatibleArtifactError",
+           "cast_floats", "check_card", "export", "export_module", "find_batchnorms",
+           "fold_batchnorm", "fold_module", "leaf_paths", "load"]
