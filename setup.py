@@ -24,10 +24,13 @@ setup(
         "numpy>=2.4",
         "scipy>=1.17",
         "absl-py>=2.5",
+        "flatbuffers>=25.12.19",  # jax.export serialization (jaxprune.deploy)
     ],
     extras_require={
         "test": ["pytest>=9.2", "hypothesis>=6.170", "nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "nbmake>=1.5.5",
                  "ruff>=0.17.5"],
-        "torch": ["torch==2.13.0"],
+        # benchmarks only: PyTorch and Torch-Pruning side by side (CPU build:
+        # pip install "torch==2.13.0+cpu" first, or pip pulls the CUDA one)
+        "torch": ["torch==2.13.0", "torch-pruning==1.6.1"],
     },
 )
