@@ -46,8 +46,6 @@ import tempfile
 import time
 from typing import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's threads: no spinning between calls
-
 import jax
 import numpy as np
 from flax import nnx
