@@ -13,11 +13,6 @@ checkpoint at the prune epoch rebuilds the slimmed network deterministically.
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,17 +39,6 @@ def start(exp: Experiment) -> Dense:
   return pruning.counted(exp, graphdef, fresh, {})
 
 
-def _taylor(opt_state):
-  """The Taylor accumulator in the optimizer state (the stage chained first)."""
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, epi.TaylorState))
-          if isinstance(x, epi.TaylorState)][0]  # fmt: skip
-
-
-def _with_taylor(opt_state, acc):
-  is_t = lambda x: isinstance(x, epi.TaylorState)
-  return jax.tree.map(lambda x: acc if is_t(x) else x, opt_state, is_leaf=is_t)
-
-
 def _inner(opt_state):
   """The params' optimizer state without the Taylor stage."""
   return opt_state.inner_states['params'].inner_state[1]
@@ -73,11 +57,11 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   extra = {t: epi.init(widths, capacity=epochs + 1) for t in TRACKS.values()}
 
   def record(step, state):  # after each epoch: both criteria's dominant sub-networks
-    v, ex, acc = T.core_variables(state), dict(state.extra), _taylor(state.opt_state)
+    v, ex, acc = T.core_variables(state), dict(state.extra), epi.find_taylor(state.opt_state)
     for c, cfg in cfgs.items():
       sub = epi.dominant(epi.scores(cfg, spec, graph, v, acc), graph, cfg)
       ex[TRACKS[c]], _ = epi.update(ex[TRACKS[c]], sub.counts, sub.flat, cfg)
-    return state._replace(extra=ex, opt_state=_with_taylor(state.opt_state, epi.taylor_init(spec)))
+    return state._replace(extra=ex, opt_state=epi.replace_taylor(state.opt_state, epi.taylor_init(spec)))
 
   def stop(state) -> bool:
     done = int(state.step) // spe
@@ -87,7 +71,8 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
       return done >= int(m.prune_epoch)
     return int(state.extra[TRACKS[m.criterion]].fired) >= 0
 
-  _seed_from(exp, m, spe)
+  if m.dense_from and m.prune_epoch > 0:  # the oracle sweep shares one recorded dense run
+    phases.seed_checkpoint(exp, m.dense_from, 'dense', int(m.prune_epoch) * spe)
   step = phases.Step(on_epoch_end=record, stop_when=stop, tx=tx, schedule=schedule)
   if m.prune_epoch == 0:  # pruning at initialisation: no training before it
     ran = dense.state._replace(extra=extra)
@@ -110,7 +95,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   if m.prune_epoch == 0:
     masks = epi.dominant(epi.scores(cfgs[crit], spec, graph, T.core_variables(ran)), graph, cfgs[crit]).masks
   else:
-    masks = _masks_of(ran.extra[TRACKS[crit]], graph)
+    masks = epi.last_masks(ran.extra[TRACKS[crit]], graph)
   small = epi.slim_state(ran._replace(opt_state=_inner(ran.opt_state)), graph, masks)
   tx2 = T.partition({'params': inner, **frozen})
   opt2 = tx2.init(T.trainables(small))
@@ -128,30 +113,6 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   speed = pruning.measure_speedup(dense.graphdef, dense.state, res.state, exp.info.image_shape)
   details['speedup'] = speed
   return Outcome(accuracy=res.eval.get('accuracy'), cost=cost, details=details)
-
-
-def _masks_of(track: epi.State, graph) -> dict[str, jax.Array]:
-  """The group masks of the tracker's last record (the epoch just ended)."""
-  flat = np.asarray(track.masks[int(track.size) - 1], np.float32)
-  out, o = {}, 0
-  for g in graph.groups:
-    out[g.name] = jnp.asarray(flat[o : o + g.size])
-    o += g.size
-  return out
-
-
-def _seed_from(exp: Experiment, m, spe: int) -> None:
-  """``method.dense_from``: start the dense phase from another run's checkpoint at the
-  prune epoch (the oracle sweep shares one dense run; training is deterministic)."""
-  if not m.dense_from or m.prune_epoch <= 0:
-    return
-  src = os.path.join(m.dense_from, 'dense', 'checkpoints', str(int(m.prune_epoch) * spe))
-  dst = os.path.join(exp.workdir, 'dense', 'checkpoints', str(int(m.prune_epoch) * spe))
-  if not os.path.isdir(src):
-    raise FileNotFoundError(f'method.dense_from: no checkpoint of epoch {m.prune_epoch} at {src} (record the dense '
-                            'run with a large checkpoint.keep)')  # fmt: skip
-  if not os.path.isdir(os.path.join(exp.workdir, 'dense', 'checkpoints')):
-    shutil.copytree(src, dst)
 
 
 def check(exp: Experiment) -> None:

@@ -11,8 +11,6 @@ result is the gated network's accuracy and per-image cost.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,15 +51,8 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   layers = manidp.gate_layers(eval_fn, graph, v, exp.example, squeeze_rate=int(m.squeeze_rate))
   gated_train, gated_eval = (manidp.gated(f, graph, layers, clamp_max=float(m.clamp_max)) for f in (train_fn, eval_fn))
 
-  def apply_fn(v, images, *, train, rng=None, hparams=None):
-    args = (T.core_variables(v), v.extra['gates'], v.extra['thresholds'], images)
-    if train:
-      (logits, stats), res = gated_train(*args)
-      return T.Forward(logits, stats, res)
-    logits, res = gated_eval(*args)
-    return T.Forward(logits, v.batch_stats, res)
-
-  eval_apply = lambda v, images, *, train=False, rng=None, hparams=None: apply_fn(v, images, train=False)
+  args = lambda v: (T.core_variables(v), v.extra['gates'], v.extra['thresholds'])
+  apply_fn, eval_apply = pruning.gated_forward(gated_train, gated_eval, args)
 
   def extra_loss(v, batch, fwd, *, rng=None, hparams=None):
     ce = optax.softmax_cross_entropy_with_integer_labels(fwd.logits.astype(jnp.float32), batch['label'])
@@ -120,25 +111,18 @@ def evaluate(exp: Experiment, graph, layers, gated_eval, state, dense: Dense) ->
 
   per, s = pruning.per_sample(exp, extra=extra, graph=graph, forward=lambda x: _hard(forward(x)))
   per['loss'] = _losses(exp, forward)
-  patterns = np.unique(per.pop('gates') > 0.5, axis=0).shape[0]
   dense_macs, gm = float(dense.cost['macs']), manidp.gate_macs(layers)
   q = np.quantile(per['loss'], [0.25, 0.75])
-  s.update(patterns=int(patterns), gate_macs=gm, dense_macs=dense_macs, macs_ratio=s['macs_mean'] / dense_macs,
+  s.update(gate_macs=gm, dense_macs=dense_macs, macs_ratio=s['macs_mean'] / dense_macs,
            macs_official_mean=float(per['macs_official'].mean()),
            reduction_official=1 - float(per['macs_official'].mean()) / dense_macs,
            kept_mean=float(per['kept'].mean()), kept_easy=float(per['kept'][per['loss'] <= q[0]].mean()),
            kept_hard=float(per['kept'][per['loss'] >= q[1]].mean()),
            kept_loss_corr=float(np.corrcoef(per['kept'], per['loss'])[0, 1]))  # fmt: skip
-  if jax.process_index() == 0:
-    tmp = os.path.join(exp.workdir, 'per_sample.tmp.npz')
-    np.savez(tmp, **per)
-    os.replace(tmp, os.path.join(exp.workdir, 'per_sample.npz'))
-  cost = {k: float(per[k].mean()) for k in ('macs', 'flops', 'flops_paper', 'channels', 'volume')}
-  cost['params'] = dense.cost['params']
   m = exp.config.method
   details = {'target_rate': float(m.target_rate), 'lambda_sparse': float(m.lambda_sparse),
              'lambda_sim': float(m.lambda_sim), 'gates': len(layers)}  # fmt: skip
-  return Outcome(accuracy=s['accuracy'], cost=cost, dynamic=s, details=details)
+  return pruning.dynamic_outcome(exp, per, s, dense, details)
 
 
 def _hard(out):

@@ -10,6 +10,7 @@ again resumes it.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -69,6 +70,20 @@ def experiment(config: config_dict.ConfigDict, workdir: str) -> Experiment:
   return Experiment(config, workdir, T.make_mesh(), {})
 
 
+def seed_checkpoint(exp: Experiment, source: str, phase: str, step: int) -> None:
+  """Start ``phase`` from another run's checkpoint at ``step`` (copied into this run's
+  workdir unless the phase already has checkpoints of its own: a resume wins)."""
+  src = os.path.join(source, phase, 'checkpoints', str(step))
+  dst = os.path.join(exp.workdir, phase, 'checkpoints')
+  if not os.path.isdir(src):
+    raise FileNotFoundError(
+      f'no checkpoint of phase {phase!r} at step {step} in {source} ({src} is missing): record that run '
+      'with a larger checkpoint.keep, or pick a step it kept'
+    )
+  if not os.path.isdir(dst) and jax.process_index() == 0:
+    shutil.copytree(src, os.path.join(dst, str(step)))
+
+
 def timed(exp: Experiment, name: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
   """``fn(*args, **kwargs)``, its wall seconds added to ``exp.times[name]``."""
   t0 = time.time()
@@ -84,13 +99,16 @@ def global_batch(config: config_dict.ConfigDict, key: str = 'batch_size') -> int
 
 
 def build_model(config: config_dict.ConfigDict, *, seed: int | None = None) -> nnx.Module:
-  """The model named in ``config.model`` for ``config.data``'s classes/channels."""
+  """The model named in ``config.model`` for ``config.data``'s classes/channels
+  (``config.model.kwargs.num_classes``, if set, wins: e.g. a multitask model's
+  ``{task: classes}``)."""
   info = data_lib.get_info(config.data.name)
-  kwargs = dict(config.model.kwargs)
+  kwargs = config.model.kwargs.to_dict()
   if info.image_shape[-1] != 3:
     kwargs.setdefault('in_channels', info.image_shape[-1])
+  kwargs.setdefault('num_classes', info.num_classes)  # a multitask model: {task: classes}
   seed = config.seed if seed is None else seed
-  return models_lib.create(config.model.name, num_classes=info.num_classes, rngs=nnx.Rngs(seed), **kwargs)
+  return models_lib.create(config.model.name, rngs=nnx.Rngs(seed), **kwargs)
 
 
 def steps_per_epoch(config: config_dict.ConfigDict, train_cfg: Mapping[str, Any] | None = None) -> int:

@@ -232,7 +232,41 @@ def per_sample(
   per = {k: np.concatenate(x) for k, x in per.items()}
   summary = {'accuracy': float(per['correct'].mean()), 'count': int(per['macs'].size)}
   summary.update({f'macs_{k}': float(getattr(per['macs'], k)()) for k in ('mean', 'std', 'min', 'max')})
+  if 'gates' in per:  # distinct gate patterns over the test set: really per sample, or a few static masks?
+    patterns, counts = np.unique(per.pop('gates') > 0.5, axis=0, return_counts=True)
+    summary.update(patterns=int(len(patterns)), top_pattern_share=float(counts.max() / counts.sum()))
   return per, summary
+
+
+def gated_forward(gated_train: Callable, gated_eval: Callable, args: Callable) -> tuple[Callable, Callable]:
+  """(apply_fn, eval_apply_fn) of a gated network for :class:`phases.Step`.
+
+  ``gated_train(*args(v), images) -> ((logits, batch_stats), aux)`` and
+  ``gated_eval(*args(v), images) -> (logits, aux)``; ``args(v)`` picks the
+  network's inputs from the train state's variables (e.g. its ``extra`` gates).
+  """
+
+  def apply_fn(v, images, *, train, rng=None, hparams=None):
+    if train:
+      (logits, stats), aux = gated_train(*args(v), images)
+      return T.Forward(logits, stats, aux)
+    logits, aux = gated_eval(*args(v), images)
+    return T.Forward(logits, v.batch_stats, aux)
+
+  return apply_fn, lambda v, images, *, train=False, rng=None, hparams=None: apply_fn(v, images, train=False)
+
+
+def dynamic_outcome(exp: Experiment, per: dict[str, np.ndarray], summary: dict[str, Any], dense: Dense,
+                    details: dict[str, Any]) -> Outcome:  # fmt: skip
+  """A dynamic method's :class:`Outcome`: mean per-image cost, every weight stored
+  (params: the dense network's); the per-image arrays go to ``per_sample.npz``."""
+  if jax.process_index() == 0:  # for histograms; experiments.summarize reads the summary
+    tmp = os.path.join(exp.workdir, 'per_sample.tmp.npz')
+    np.savez(tmp, **per)
+    os.replace(tmp, os.path.join(exp.workdir, 'per_sample.npz'))
+  cost = {k: float(per[k].mean()) for k in ('macs', 'flops', 'flops_paper', 'channels', 'volume')}
+  cost['params'] = dense.cost['params']
+  return Outcome(accuracy=summary['accuracy'], cost=cost, dynamic=summary, details=details)
 
 
 def host_copy(tree):

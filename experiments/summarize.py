@@ -68,6 +68,10 @@ COLUMNS: dict[str, Column] = {
   'reduction_legacy': Column(
     "MAC reduction, method's own count (%)", 'dynamic.reduction_legacy', _pct, scale=lambda v: 100 * v
   ),
+  **{
+    f'acc_{t}': Column(f'{t} acc. (%)', f'task_accuracy.{t}', _pct, spread=True, scale=lambda v: 100 * v)
+    for t in ('left', 'right', 'sum')  # the MultiMNIST tasks
+  },
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')

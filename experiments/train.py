@@ -102,8 +102,15 @@ def _static(exp: Experiment, dense: Dense, out: Outcome) -> dict[str, Any]:
     'pruned': small.cost,
     'speedup': small.speedup,
     'kept_per_group': pruning.kept_per_group(out.masks),
+    'task_accuracy': per_task(ft.eval),
+    'dense_task_accuracy': per_task(dense.metrics),
     'group_sizes': {g.name: g.size for g in dense.graph.groups},
   }
+
+
+def per_task(metrics: dict[str, Any]) -> dict[str, float] | None:
+  """A multitask network's test accuracy per task (None for one task)."""
+  return {k.split('/', 1)[1]: v for k, v in metrics.items() if k.startswith('accuracy/')} or None
 
 
 def _final(dense: Dense, out: Outcome) -> dict[str, Any]:

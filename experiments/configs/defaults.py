@@ -147,3 +147,27 @@ def epi() -> config_dict.ConfigDict:
       'units': 'stream',  # stream: channel groups (a residual stream is one group) | branch
     }
   )
+
+
+def pagcp() -> config_dict.ConfigDict:
+  """PAGCP: per-task-loss-aware greedy channel pruning of a multitask network, in rounds."""
+  return config_dict.ConfigDict(
+    {
+      'name': 'pagcp',
+      # all: every task's loss guides (PAGCP); a task name: that task's loss alone (the
+      # single-task ablation); l1: task-blind global L1 of the encoder to `target`
+      'guide': 'all',
+      'delta0': 0.05,  # the first unit's tolerated relative loss rise
+      'total': 1.5,  # T: the product of a round's (1 + delta_i); 1.2-2 for a net of few units
+      'topk': 0.8,  # fraction of the pruned units whose ratio survives the top-k filter
+      'criterion': 'l1',  # per-filter norm: l1 | l2
+      'target': 0.0,  # 0: tolerance-driven; else the fraction of target_unit to keep (stop when met)
+      'target_unit': 'flops',  # flops | macs | params (paper mode: 2 x MACs, the official count)
+      'rounds': 2,  # prune -> finetune rounds
+      'round_finetune': {'epochs': 2, 'lr': 0.01},  # config.train overrides, masked, after each round
+      'oracle_batch': 50,  # images per oracle step (x the candidate ratios of a unit)
+      'official_quirks': False,  # the official handling where no ratio breaks the tolerance
+      'finetune': {'epochs': 4, 'lr': 0.01},
+      'pretrained': config_dict.placeholder(str),
+    }
+  )

@@ -333,6 +333,21 @@ def taylor_transform(spec: ChannelLeaves, *, square: bool = False,
   return optax.GradientTransformation(init, update)
 
 
+def find_taylor(opt_state: Pytree) -> TaylorState:
+  """The `taylor_transform` stage's accumulator inside an optimizer state."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TaylorState))
+           if isinstance(x, TaylorState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one epi.taylor_transform stage in the optimizer state, found {len(found)}")
+  return found[0]
+
+
+def replace_taylor(opt_state: Pytree, acc: TaylorState) -> Pytree:
+  """The optimizer state with its `taylor_transform` accumulator replaced by `acc`."""
+  is_t = lambda x: isinstance(x, TaylorState)
+  return jax.tree.map(lambda x: acc if is_t(x) else x, opt_state, is_leaf=is_t)
+
+
 def scores(config: Config, spec: ChannelLeaves, graph: ChannelGraph, variables: Mapping,
            taylor: TaylorState | None = None, *, collection: str | None = "params"
            ) -> dict[str, jax.Array]:
@@ -519,6 +534,23 @@ def fire_epoch(state: State) -> int | None:
   """The epoch the trigger fired at, or None."""
   f = int(state.fired)
   return None if f < 0 else int(state.first_epoch) + f
+
+
+def last_masks(state: State, graph: ChannelGraph) -> dict[str, jax.Array]:
+  """The group masks of the tracker's last record (the dominant sub-network of the
+  epoch just ended), by group name.
+
+  Example:
+    >>> masks = epi.last_masks(track, graph)        # then jaxprune.slim(v, graph, masks)
+  """
+  if int(state.size) == 0:
+    raise ValueError("the tracker has no record yet: call epi.update after an epoch first")
+  flat = np.asarray(state.masks[int(state.size) - 1], np.float32)
+  out, o = {}, 0
+  for g in graph.groups:
+    out[g.name] = jnp.asarray(flat[o:o + g.size])
+    o += g.size
+  return out
 
 
 def history(state: State) -> dict[str, np.ndarray]:

@@ -33,11 +33,12 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxprune
 from jaxprune.graph import ChannelGraph
@@ -327,3 +328,53 @@ def oracle_masks(gated_fn: Callable, points: tuple[GatePoint, ...], variables: P
     rank = jnp.argsort(jnp.argsort(-aux.peaks[k], axis=-1), axis=-1)
     out[k] = jnp.maximum(m, (rank < min_channels).astype(m.dtype))
   return out
+
+
+def backbone_schedule(epochs: float, steps_per_epoch: int, lr: float, *,
+                      decay_epochs: Iterable[float] = (), decay_factor: float = 0.1) -> optax.Schedule:
+  """The backbone's learning rate: x `decay_factor` at each of `decay_epochs`.
+
+  Default epochs: the official MultiStep milestones 81/122/151 of 200 epochs, as
+  fractions of `epochs` (spec B4). Milestones outside (0, epochs) are ignored.
+
+  Example:
+    >>> s = ftwt.backbone_schedule(200, 10, 0.01)
+    >>> float(s(809)), float(s(810))
+    (0.01, 0.001)
+  """
+  epochs_at = tuple(decay_epochs) or tuple(epochs * f for f in (81 / 200, 122 / 200, 151 / 200))
+  total = max(1, int(round(epochs * steps_per_epoch)))
+  drops = {int(round(e * steps_per_epoch)): float(decay_factor) for e in epochs_at if 0 < e < epochs}
+  return optax.piecewise_constant_schedule(lr, drops or {total + 1: 1.0})
+
+
+def oracle_curve(fn: Callable, variables: Pytree, batches: Iterable[Mapping[str, Any]],
+                 rs: Iterable[float] = (0.8, 0.9, 0.95, 1.0)) -> list[dict[str, float]]:
+  """Before training (spec B6): per r, accuracy and mean per-sample MACs of the network
+  run with FTWT's targets at r as its masks (`oracle_masks`; forward passes only).
+
+  `fn(variables, x)` is the eval-mode network, `batches` (iterated once per r) hold
+  `image` and integer `label` arrays.
+
+  Example:
+    >>> fn, v = jaxprune.functional(model)
+    >>> ftwt.oracle_curve(fn, v, [{"image": x, "label": y}], rs=(0.9,))
+  """
+  batches = list(batches)
+  x1 = jnp.asarray(batches[0]["image"][:1])
+  graph = jaxprune.trace(fn, variables, x1)
+  points = gate_points(fn, graph, variables, x1)
+  gated_fn, run_masked = jax.jit(gated(fn, graph, points)), jax.jit(jaxprune.masked(fn, graph))
+  macs_fn, dense = jax.jit(lambda m: per_sample_cost(graph, m).macs), float(jaxprune.cost(graph).macs)
+  rows = []
+  for r in rs:
+    correct, macs = 0, []
+    for b in batches:
+      x = jnp.asarray(b["image"])
+      m = oracle_masks(gated_fn, points, variables, x, r)
+      correct += int((np.asarray(run_masked(variables, m, x)).argmax(-1) == np.asarray(b["label"])).sum())
+      macs.append(np.asarray(macs_fn(m)))
+    macs = np.concatenate(macs)
+    rows.append({"r": float(r), "accuracy": correct / macs.size, "macs_mean": float(macs.mean()),
+                 "macs_std": float(macs.std()), "macs_reduction": 1 - float(macs.mean()) / dense})
+  return rows

@@ -163,9 +163,11 @@ def evaluate(
       b = {k: v[sharding_lib.process_slice(batch_size)] for k, v in b.items()}
     sums.append(eval_step(state, _to_device(b, mesh), None, hparams))
   sums = jax.device_get(sums)
-  tot = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in ('loss_sum', 'correct', 'count')}
-  n = max(tot['count'], 1.0)
-  return {'loss': tot['loss_sum'] / n, 'accuracy': tot['correct'] / n, 'count': tot['count']}
+  tot = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in sums[0]} if sums else {}
+  n = max(tot.get('count', 0.0), 1.0)
+  out = {'loss': tot.get('loss_sum', 0.0) / n, 'accuracy': tot.get('correct', 0.0) / n, 'count': tot.get('count', 0.0)}
+  out.update({f'accuracy/{k[8:]}': v / n for k, v in tot.items() if k.startswith('correct/')})
+  return out
 
 
 def _restore(ckpt, state, train_iter, writer, phase) -> tuple[TrainState, _Host, int | None]:

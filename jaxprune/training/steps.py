@@ -103,9 +103,48 @@ def _zip_mask(params, mask, fn):
   return fn(params, jnp.asarray(mask))
 
 
+def task_outputs(logits: Any, labels: jax.Array) -> list[tuple[str | None, jax.Array, jax.Array]]:
+  """``(task, logits, labels)`` per task.
+
+  A single-task network returns one logits array for labels ``[B]`` (task None).
+  A multitask one returns ``{task: logits}`` for labels ``[B, T]``: column t is the
+  t-th task in sorted name order (the order the shipped MultiMNIST columns have;
+  jit returns dicts sorted by key).
+  """
+  if not isinstance(logits, Mapping):
+    return [(None, logits, labels)]
+  tasks = sorted(logits)
+  if labels.ndim != 2 or labels.shape[-1] != len(tasks):
+    raise ValueError(
+      f'a multitask network with tasks {tasks} needs labels of shape [batch, {len(tasks)}] (column t for the '
+      f't-th task in sorted order), got labels of shape {labels.shape}'
+    )
+  return [(t, logits[t], labels[:, i]) for i, t in enumerate(tasks)]
+
+
+def per_example_ce(logits: Any, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy per example; a multitask network's is the sum over its tasks
+  (equal weights, as multitask detectors sum their task losses)."""
+  return sum(
+    optax.softmax_cross_entropy_with_integer_labels(y.astype(jnp.float32), t) for _, y, t in task_outputs(logits, labels)
+  )
+
+
+def per_example_correct(logits: Any, labels: jax.Array) -> dict[str | None, jax.Array]:
+  """1.0 where the argmax is the label, per task (key None: single task)."""
+  return {k: (jnp.argmax(y, -1) == t).astype(jnp.float32) for k, y, t in task_outputs(logits, labels)}
+
+
+def _mean_correct(logits: Any, labels: jax.Array) -> jax.Array:
+  """Per example, the fraction of its tasks predicted right (the single task's hit)."""
+  hits = per_example_correct(logits, labels)
+  return sum(hits.values()) / len(hits)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-  """Mean softmax cross-entropy over the (weighted) batch; labels are ints."""
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  """Mean softmax cross-entropy over the (weighted) batch; labels are ints (summed over
+  the tasks of a multitask network, see :func:`task_outputs`)."""
+  per_example = per_example_ce(logits, labels)
   if weights is None:
     return per_example.mean()
   return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
@@ -171,7 +210,8 @@ def train_step(
 def eval_step(
   state: TrainState, batch: Batch, mask: PyTree | None = None, hparams: PyTree | None = None, *, apply_fn: ApplyFn
 ) -> dict[str, jax.Array]:
-  """Sums over a (padded) batch: ``loss_sum``, ``correct``, ``count``.
+  """Sums over a (padded) batch: ``loss_sum``, ``correct``, ``count`` (and per task of
+  a multitask network ``correct/<task>``; ``correct`` then counts the mean over tasks).
 
   Examples with ``batch['weight'] == 0`` (padding) do not count.
   """
@@ -180,14 +220,16 @@ def eval_step(
   fwd = _as_forward(apply_fn(v, batch['image'], train=False, rng=state.rng, hparams=hparams))
   labels = batch['label']
   w = batch.get('weight')
-  w = jnp.ones(labels.shape, jnp.float32) if w is None else w.astype(jnp.float32)
-  per_example = optax.softmax_cross_entropy_with_integer_labels(fwd.logits.astype(jnp.float32), labels)
-  correct = (jnp.argmax(fwd.logits, -1) == labels).astype(jnp.float32)
-  return {'loss_sum': (per_example * w).sum(), 'correct': (correct * w).sum(), 'count': w.sum()}
+  w = jnp.ones(labels.shape[:1], jnp.float32) if w is None else w.astype(jnp.float32)
+  hits = per_example_correct(fwd.logits, labels)
+  out = {'loss_sum': (per_example_ce(fwd.logits, labels) * w).sum(), 'count': w.sum()}
+  out['correct'] = (sum(hits.values()) / len(hits) * w).sum()
+  out.update({f'correct/{k}': (h * w).sum() for k, h in hits.items() if k is not None})
+  return out
 
 
 def _accuracy(logits, labels, weights=None):
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  correct = _mean_correct(logits, labels)
   if weights is None:
     return correct.mean()
   return (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0)

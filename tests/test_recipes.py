@@ -1,0 +1,85 @@
+"""The EPI, ManiDP and PAGCP recipes end to end on the shipped data (tiny settings):
+each run's results hold what its method promises, checked against independent counts."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from experiments import results
+from experiments import train as train_lib
+from jaxprune import training as T
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'configs')
+
+
+def config(name, arg='quick', **train):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(CONFIGS, name))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.progress = False
+  c.train.update(train)
+  return c
+
+
+@pytest.mark.slow
+def test_pagcp_keeps_heads_whole_and_reports_every_task(tmp_path):
+  c = config('pagcp_multimnist_resnet.py')
+  r = train_lib.train_and_evaluate(c, str(tmp_path / 'pagcp'))
+  assert set(r['task_accuracy']) == {'left', 'right'} and set(r['dense_task_accuracy']) == {'left', 'right'}
+  # test accuracy is the mean over the tasks
+  assert np.isclose(r['test_accuracy'], np.mean(list(r['task_accuracy'].values())))
+  sizes, kept = r['group_sizes'], r['kept_per_group']
+  assert all(kept[g] == sizes[g] for g in sizes if not g.startswith('encoder.'))  # heads whole
+  assert all(1 <= kept[g] <= sizes[g] for g in sizes)
+  (rnd,) = r['details']['rounds']
+  for u in rnd['units']:
+    assert u['unit'].startswith('encoder.') and u['sensitive'] in (None, 'left', 'right')
+    assert u['kept_ratio'] in (0.0, u['ratio'])  # the top-k filter keeps a unit's ratio or drops it
+  assert r['pruned']['macs'] < r['dense']['macs']
+
+  # the task-blind baseline at PAGCP's MACs: within one channel's worth of it
+  c = config('pagcp_multimnist_resnet.py')
+  c.method.guide, c.method.target, c.method.pretrained = 'l1', 0.5, str(tmp_path / 'pagcp')
+  b = train_lib.train_and_evaluate(c, str(tmp_path / 'l1'))
+  assert 0.4 < b['ratios']['macs'] <= 0.5 + 1e-6
+  assert all(b['kept_per_group'][g] == s for g, s in b['group_sizes'].items() if not g.startswith('encoder.'))
+
+
+def test_pagcp_refuses_a_single_task_model_and_an_unknown_guide(tmp_path):
+  c = config('pagcp_multimnist_resnet.py')
+  c.method.guide = 'middle'
+  with pytest.raises(ValueError, match="method.guide must be 'all', 'l1' or a task"):
+    train_lib.train_and_evaluate(c, str(tmp_path / 'a'))
+  c = config('pagcp_multimnist_resnet.py')
+  del c.model.kwargs['num_classes']
+  with pytest.raises(ValueError, match='PAGCP needs a multitask model'):
+    train_lib.train_and_evaluate(c, str(tmp_path / 'b'))
+
+
+@pytest.mark.slow
+def test_epi_prunes_at_the_given_epoch_and_continues_the_schedule(tmp_path):
+  c = config('epi_cifar10_subset_resnet20.py', max_steps_per_epoch=3)
+  c.method.prune_epoch = 1
+  r = train_lib.train_and_evaluate(c, str(tmp_path / 'epi'))
+  d = r['details']
+  assert d['prune_epoch'] == 1 and d['pruned_by'] == 'magnitude'
+  assert 0.4 < r['ratios']['macs'] <= 0.5 + 1e-6  # prune_ratio 0.5 of the MACs
+  steps = [rec['step'] for rec in T.read_jsonl(str(tmp_path / 'epi' / 'metrics.jsonl'))
+           if rec.get('phase') == 'pruned' and rec.get('split') == 'test']  # fmt: skip
+  assert steps and steps[-1] == 3 * c.train.epochs  # one schedule: the pruned phase ends at its end
+  assert len(d['curves']['magnitude']['epoch']) == 1  # one epoch recorded before the prune
+
+
+@pytest.mark.slow
+def test_manidp_counts_per_image_cost_below_the_dense_network(tmp_path):
+  c = config('manidp_cifar10_subset_resnet20.py', max_steps_per_epoch=3)
+  r = train_lib.train_and_evaluate(c, str(tmp_path / 'manidp'))
+  dyn = r['dynamic']
+  assert dyn['count'] == 1017 and 0 <= dyn['accuracy'] <= 1
+  assert dyn['macs_min'] <= dyn['macs_mean'] <= dyn['macs_max'] <= r['dense']['macs'] + 1e-3
+  per = np.load(tmp_path / 'manidp' / 'per_sample.npz')
+  assert np.isclose(per['macs'].mean(), r['macs']) and per['macs'].shape == (1017,)
+  assert results.load(str(tmp_path / 'manidp'))['method'] == 'manidp'
