@@ -126,7 +126,8 @@ def per_example_ce(logits: Any, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy per example; a multitask network's is the sum over its tasks
   (equal weights, as multitask detectors sum their task losses)."""
   return sum(
-    optax.softmax_cross_entropy_with_integer_labels(y.astype(jnp.float32), t) for _, y, t in task_outputs(logits, labels)
+    optax.softmax_cross_entropy_with_integer_labels(y.astype(jnp.float32), t)
+    for _, y, t in task_outputs(logits, labels)
   )
 
 
