@@ -82,8 +82,10 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   total = max(1, int(round(m.epochs * spe)))
   lr = optax.cosine_decay_schedule(float(m.lr), total)
   sgd = lambda: optax.sgd(lr, momentum=0.9, nesterov=True)
-  tx = T.partition({'params': optax.chain(optax.add_decayed_weights(m.weight_decay), sgd()), 'gates': sgd(),
-                    **{k: None for k in SUMS}})  # fmt: skip
+  # clipping (per part) is not in the official code; its advice for NaN losses is a lower lr or clipping
+  clip = optax.clip_by_global_norm(float(m.grad_clip_norm)) if m.grad_clip_norm else optax.identity()
+  tx = T.partition({'params': optax.chain(clip, optax.add_decayed_weights(m.weight_decay), sgd()),
+                    'gates': optax.chain(clip, sgd()), **{k: None for k in SUMS}})  # fmt: skip
   c0 = reference_loss(exp, dense.graphdef, dense.state) if not m.get('c_ref') else float(m.c_ref)
   state0 = manidp.init(layers)
   extra = {'gates': manidp.init_gates(int(m.seed), layers), 'thresholds': state0.thresholds,
