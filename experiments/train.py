@@ -94,6 +94,8 @@ def _static(exp: Experiment, dense: Dense, out: Outcome) -> dict[str, Any]:
   """slim -> finetune: the numbers of a statically pruned network."""
   small = phases.timed(exp, 'slim', pruning.slim, exp, dense, out)
   ft = phases.timed(exp, 'finetune', pruning.finetune, exp, dense.graphdef, small.state, out.finetune)
+  graph = dense.graph if out.graph is None else out.graph
+  pruning.save_final(exp.workdir, ft.state, out.masks, graph, graph.leaf_shapes == dense.graph.leaf_shapes)
   return {
     'test_accuracy': ft.eval.get('accuracy'),
     'dense_accuracy': dense.metrics.get('accuracy'),
