@@ -56,7 +56,9 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the experiment ``config`` in ``workdir`` and writes ``workdir/results.json``.
+  """Runs the experiment ``config`` in ``workdir`` and writes ``workdir/results.json``
+  (and, for a static method, its final network in ``workdir/final``: ``python -m
+  experiments.export`` reads it).
 
   Returns the results (see ``experiments.results``), or ``{'stopped_early':
   True, 'reason': ...}`` when a phase stopped early (no results.json then;
