@@ -88,6 +88,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   if m.prune_epoch == NEVER or done >= epochs:  # never pruned: the dense network
     ev = phases.evaluate(exp, dense.graphdef, ran)
     details['prune_epoch'] = None
+    pruning.save_final(exp.workdir, ran, graph.ones(), graph, dense_graph=True)
     return Outcome(accuracy=ev['accuracy'], cost=dense.cost, details=details)
 
   # Prune: the configured criterion's sub-network of this epoch (at init: the weights' magnitudes).
@@ -112,6 +113,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
                  compute={**compute._asdict(), 'saving_vs_train_prune_finetune': compute.saving})  # fmt: skip
   speed = pruning.measure_speedup(dense.graphdef, dense.state, res.state, exp.info.image_shape)
   details['speedup'] = speed
+  pruning.save_final(exp.workdir, res.state, masks, graph, dense_graph=True)
   return Outcome(accuracy=res.eval.get('accuracy'), cost=cost, details=details)
 
 

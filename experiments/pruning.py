@@ -283,6 +283,45 @@ def save_masks(path: str, masks: dict[str, Any], **meta: Any) -> None:
     os.replace(path + '.tmp', path)
 
 
+FINAL = 'final'  # workdir/final: the finished slimmed network, read by `python -m experiments.export`
+
+
+def save_final(
+  workdir: str, state: T.TrainState, masks: dict[str, Any], graph: jaxprune.ChannelGraph, dense_graph: bool
+) -> None:
+  """The run's final (slimmed, finetuned) network: its variables with orbax in
+  ``workdir/final/variables`` and the masks it was slimmed by in ``final/masks.json``.
+
+  ``dense_graph``: whether ``graph`` (the masks' graph) is the trace of the run's dense
+  network (not of an intermediate, already slimmed one); only then can the export pad
+  the widths (``jaxprune.deploy.pad_channels``). Rerunning a finished run rewrites both.
+  """
+  import orbax.checkpoint as ocp
+
+  d = os.path.abspath(os.path.join(workdir, FINAL))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(d, 'variables'), host_copy(T.core_variables(state)), force=True)
+  ckpt.wait_until_finished()
+  save_masks(os.path.join(d, 'masks.json'), masks, branches=graph.has_branches, dense_graph=dense_graph)
+
+
+def load_final(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """What :func:`save_final` wrote: ``(variables, masks meta)``; the meta holds the raw
+  ``masks`` lists, ``branches`` and ``dense_graph``."""
+  import orbax.checkpoint as ocp
+
+  d = os.path.abspath(os.path.join(workdir, FINAL))
+  if not os.path.exists(os.path.join(d, 'masks.json')):
+    raise FileNotFoundError(
+      f'{workdir} has no {FINAL}/ (the final slimmed network): the run was made before runs saved '
+      'it, or its method does not slim. Run the same experiments.main command with the same '
+      '--workdir again: finished phases are restored, not retrained, and final/ is written.'
+    )
+  with open(os.path.join(d, 'masks.json')) as f:
+    meta = json.load(f)
+  return ocp.StandardCheckpointer().restore(os.path.join(d, 'variables')), meta
+
+
 def load_masks(path: str, graph: jaxprune.ChannelGraph) -> tuple[dict[str, jax.Array], dict[str, Any]]:
   """Masks saved by :func:`save_masks`, checked against ``graph``; and their meta."""
   if not os.path.exists(path):

@@ -56,7 +56,9 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the experiment ``config`` in ``workdir`` and writes ``workdir/results.json``.
+  """Runs the experiment ``config`` in ``workdir`` and writes ``workdir/results.json``
+  (and, for a static method, its final network in ``workdir/final``: ``python -m
+  experiments.export`` reads it).
 
   Returns the results (see ``experiments.results``), or ``{'stopped_early':
   True, 'reason': ...}`` when a phase stopped early (no results.json then;
@@ -94,6 +96,8 @@ def _static(exp: Experiment, dense: Dense, out: Outcome) -> dict[str, Any]:
   """slim -> finetune: the numbers of a statically pruned network."""
   small = phases.timed(exp, 'slim', pruning.slim, exp, dense, out)
   ft = phases.timed(exp, 'finetune', pruning.finetune, exp, dense.graphdef, small.state, out.finetune)
+  graph = dense.graph if out.graph is None else out.graph
+  pruning.save_final(exp.workdir, ft.state, out.masks, graph, graph.leaf_shapes == dense.graph.leaf_shapes)
   return {
     'test_accuracy': ft.eval.get('accuracy'),
     'dense_accuracy': dense.metrics.get('accuracy'),

@@ -364,3 +364,122 @@ def test_export_plain_nnx_model_fixed_batch(tmp_path):
   assert_close(net(x), model(x))
   with pytest.raises(ValueError, match="takes"):
     net(x[:2])
+
+
+# ------------------------------------------ experiments.export: a finished run --
+
+def _cli_export(workdir, out, *flags):
+  cmd = [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={out}",
+         "--platforms=cpu", *flags]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A tiny magnitude run (quick config, ResNet-20 at a quarter width, 2 + 1 steps):
+  its channel groups keep uneven widths, which the export pads."""
+  from experiments import train as train_lib
+  from experiments.configs import magnitude_cifar10_subset_resnet20 as mag_config
+  c = mag_config.get_config("quick")
+  c.model.kwargs.widths = (4, 8, 16)
+  c.data.batch_size, c.data.eval_batch_size, c.data.augment = 32, 1024, False
+  c.train.epochs, c.train.max_steps_per_epoch = 1, 2
+  c.method.finetune = {"epochs": 1, "lr": 0.01}
+  c.method.budget = 0.5
+  c.progress = False
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return workdir, train_lib.train_and_evaluate(c, workdir)
+
+
+def _reference(workdir):
+  """The run's final network as the pipeline runs it: model code, BatchNorms unfolded,
+  widths unpadded (the variables the pipeline saved after finetuning)."""
+  from experiments import export as export_cli
+  _, model, variables, meta = export_cli.final_network(workdir)
+  graphdef, _ = jaxprune.nnx_bridge.split(model)
+  return jax.jit(lambda x: jaxprune.nnx_bridge.apply_fn(graphdef)(variables, x)), variables, meta
+
+
+@pytest.mark.slow
+def test_export_cli_on_a_finished_run(finished_run, tmp_path):
+  from jaxprune import data as data_lib
+  workdir, r = finished_run
+  out = str(tmp_path / "art")
+  p = _cli_export(workdir, out)
+  assert p.returncode == 0, p.stderr[-3000:]
+  printed = json.loads(p.stdout.strip().splitlines()[-1])
+  net = deploy.load(out)
+  card = net.card
+  assert printed["out"] == out and printed["macs"] == r["macs"] == card["macs"]
+  assert (card["model"], card["method"], card["dataset"]) == ("resnet20", "magnitude", "cifar10_subset")
+  assert card["budget"] == 0.5 and card["unit"] == "macs" and card["params"] == r["params"]
+  assert card["accuracy"] == r["test_accuracy"] and card["dense_macs"] == r["dense"]["macs"]
+  assert card["folded_batchnorms"] == 19 and card["round_to"] == deploy.round_to("cpu") == 8
+  # padded with zero channels: more MACs than the slimmed network, fewer than the dense
+  assert r["macs"] < card["padded_macs"] < r["dense"]["macs"]
+  info = data_lib.get_info("cifar10_subset")
+  assert card["input"]["normalisation"] == {"mean": list(info.mean), "std": list(info.std)}
+  # the artifact computes the slimmed network, at batch 1 and 64
+  ref, small, meta = _reference(workdir)
+  assert meta["dense_graph"] and not meta["branches"]
+  widths = {tuple(np.shape(w)) for w in jax.tree_util.tree_leaves(small)}
+  assert widths != {tuple(w["shape"]) for w in card["weights"]["leaves"]}   # padded
+  for batch in (1, 64):
+    x = input_((batch, 32, 32, 3), seed=batch)
+    assert_close(net(x), ref(x))
+  # ... and is the network the run evaluated: its test accuracy from uint8 images
+  # through the card's normalisation equals results.json's (one image of slack for
+  # float rounding at an argmax tie)
+  images, labels = data_lib.load_arrays("cifar10_subset", "test")
+  logits = np.concatenate([np.asarray(net(net.preprocess(images[i:i + 512])))
+                           for i in range(0, len(labels), 512)])
+  correct = int((logits.argmax(-1) == labels).sum())
+  assert abs(correct - r["test_accuracy"] * len(labels)) <= 1
+
+
+@pytest.mark.slow
+def test_export_run_unpadded_dense_run_and_errors(finished_run, tmp_path):
+  import shutil
+  from experiments import export as export_cli
+  workdir, r = finished_run
+  ref, small, _ = _reference(workdir)
+  x = input_((3, 32, 32, 3), seed=5)
+  card = export_cli.export_run(workdir, str(tmp_path / "raw"), round_to="1", platforms=("cpu",))
+  assert card["round_to"] == 1 and card["padded_macs"] is None
+  assert [tuple(w["shape"]) for w in card["weights"]["leaves"] if w["name"].endswith("kernel")] == [
+      tuple(np.shape(w)) for n, w in zip(deploy.leaf_paths(small), jax.tree_util.tree_leaves(small))
+      if n.endswith("kernel")]
+  assert_close(deploy.load(str(tmp_path / "raw"))(x), ref(x))
+  # A dense run exports its trained network (here: this run's pretrain checkpoint).
+  dense_dir = str(tmp_path / "dense_run")
+  shutil.copytree(workdir, dense_dir)
+  shutil.rmtree(os.path.join(dense_dir, "final"))
+  res = json.load(open(os.path.join(dense_dir, "results.json")))
+  with open(os.path.join(dense_dir, "results.json"), "w") as f:
+    json.dump(dict(res, method="dense"), f)
+  from ml_collections import config_dict
+
+  from experiments import pruning
+  from jaxprune import training as T
+  graphdef, state = pruning.load_dense(config_dict.ConfigDict(res["config"]), workdir)
+  card = export_cli.export_run(dense_dir, str(tmp_path / "dense"), platforms=("cpu",))
+  assert card["padded_macs"] is None
+  assert_close(deploy.load(str(tmp_path / "dense"))(x),
+               jaxprune.nnx_bridge.apply_fn(graphdef)(T.core_variables(state), x))
+  # Refusals, each saying what to do.
+  with open(os.path.join(dense_dir, "results.json"), "w") as f:
+    json.dump(dict(res, method="ftwt", dynamic={"macs_mean": 1.0}), f)
+  with pytest.raises(ValueError, match="dynamic network"):
+    export_cli.export_run(dense_dir, str(tmp_path / "x"))
+  with open(os.path.join(dense_dir, "results.json"), "w") as f:
+    json.dump(res, f)
+  with pytest.raises(FileNotFoundError, match="same --workdir"):
+    export_cli.export_run(dense_dir, str(tmp_path / "x"))
+  with pytest.raises(FileNotFoundError, match="not a finished run"):
+    export_cli.export_run(str(tmp_path), str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="positive integer or a platform"):
+    export_cli.export_run(workdir, str(tmp_path / "x"), round_to="0")
+  with pytest.raises(FileExistsError, match="overwrite"):
+    export_cli.export_run(workdir, str(tmp_path / "raw"))
+  p = _cli_export(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+  assert p.returncode != 0 and "not a finished run" in p.stderr
