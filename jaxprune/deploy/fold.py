@@ -34,6 +34,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxprune.interpret import CALLS
+from jaxprune.trace import leaf_name
 
 COLLECTIONS = ("params", "batch_stats", "other")  # jaxprune.functional's variables
 
@@ -70,18 +71,7 @@ class Fold:
 
 def leaf_paths(variables: Any) -> list[str]:
   """Dotted names of the leaves in flattening order ('params.layer1.0.conv1.kernel')."""
-  out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    parts = []
-    for k in path:
-      for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-          parts.append(str(getattr(k, attr)))
-          break
-      else:
-        parts.append(str(k))
-    out.append(".".join(parts))
-  return out
+  return [leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
 
 
 # ------------------------------------------------------------------ matching --
