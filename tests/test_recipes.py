@@ -83,3 +83,21 @@ def test_manidp_counts_per_image_cost_below_the_dense_network(tmp_path):
   per = np.load(tmp_path / 'manidp' / 'per_sample.npz')
   assert np.isclose(per['macs'].mean(), r['macs']) and per['macs'].shape == (1017,)
   assert results.load(str(tmp_path / 'manidp'))['method'] == 'manidp'
+
+
+@pytest.mark.slow
+def test_epi_killed_after_the_prune_resumes_to_the_same_result(tmp_path):
+  def run(workdir, **train):
+    c = config('epi_cifar10_subset_resnet20.py', max_steps_per_epoch=3, epochs=3, **train)
+    c.method.prune_epoch = 1
+    return train_lib.train_and_evaluate(c, str(workdir))
+
+  whole = run(tmp_path / 'whole')
+  # dense: steps 0-3, then 'pruned' runs 3-9; four steps into it the run stops (as a kill would)
+  cut = run(tmp_path / 'cut', stop_after_steps=4)
+  assert cut.get('stopped_early')
+  resumed = run(tmp_path / 'cut')
+  assert resumed['test_accuracy'] == whole['test_accuracy']
+  assert resumed['details']['kept_per_group'] == whole['details']['kept_per_group']
+  last = lambda w: [r for r in T.read_jsonl(str(w / 'metrics.jsonl')) if r.get('split') == 'test'][-1]['loss']
+  assert last(tmp_path / 'cut') == last(tmp_path / 'whole')
