@@ -353,3 +353,13 @@ def test_all_gates_closed_and_r_one_on_branch_units():
     pk = np.asarray(aux.peaks[p.name])
     share = pk / np.maximum(pk.sum(-1, keepdims=True), 1e-30)
     np.testing.assert_array_equal(np.asarray(t[p.name]), ((share > 1e-5) & (pk.sum(-1, keepdims=True) > 0)).astype(np.float32))
+
+
+def test_backbone_schedule_drops_at_the_official_milestones():
+  # 200 epochs of 10 steps: x0.1 at epochs 81, 122, 151 (steps 810, 1220, 1510)
+  s = ftwt.backbone_schedule(200, 10, 0.01)
+  got = [float(s(k)) for k in (0, 809, 810, 1219, 1220, 1509, 1510, 1999)]
+  np.testing.assert_allclose(got, [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-6)
+  # explicit epochs, scaled: 20 epochs of 5 steps, x0.5 at epochs 10 and 15; milestones outside dropped
+  s = ftwt.backbone_schedule(20, 5, 0.1, decay_epochs=(10, 15, 25), decay_factor=0.5)
+  np.testing.assert_allclose([float(s(k)) for k in (49, 50, 74, 75, 99)], [0.1, 0.05, 0.05, 0.025, 0.025], rtol=1e-6)
