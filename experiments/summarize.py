@@ -72,6 +72,7 @@ COLUMNS: dict[str, Column] = {
     f'acc_{t}': Column(f'{t} acc. (%)', f'task_accuracy.{t}', _pct, spread=True, scale=lambda v: 100 * v)
     for t in ('left', 'right', 'sum')  # the MultiMNIST tasks
   },
+  'patterns': Column('distinct gate patterns', 'dynamic.patterns', lambda x: f'{x:.0f}'),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
