@@ -88,7 +88,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
                     'gates': optax.chain(clip, sgd()), **{k: None for k in SUMS}})  # fmt: skip
   c0 = reference_loss(exp, dense.graphdef, dense.state) if not m.get('c_ref') else float(m.c_ref)
   state0 = manidp.init(layers)
-  extra = {'gates': manidp.init_gates(int(m.seed), layers), 'thresholds': state0.thresholds,
+  extra = {'gates': manidp.init_gates(int(m.seed), layers, scale=float(m.gate_init_scale)), 'thresholds': state0.thresholds,
            'sal_sum': state0.sal_sum, 'count': state0.count, 'ce_sum': jnp.float32(0.0),
            'ce_ref': jnp.float32(c0)}  # fmt: skip
   step = phases.Step(apply_fn, eval_apply, extra_loss, None, on_epoch_end, tx=tx, schedule=lr)

@@ -119,6 +119,7 @@ def manidp() -> config_dict.ConfigDict:
       'lr': 0.05,  # cosine per step, SGD Nesterov 0.9
       'weight_decay': 5e-4,  # backbone only; none on the gates
       'grad_clip_norm': 0.0,  # 0: off (official); else clip the backbone's and the gates' gradients
+      'gate_init_scale': 1.0,  # 1: official Kaiming init of the gate FCs; < 1 starts the gates nearer 1
       'c_ref': 0.0,  # C before the first epoch; 0: the dense network's mean training CE
       'seed': 0,  # gate init
       'pretrained': config_dict.placeholder(str),

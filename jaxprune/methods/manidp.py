@@ -99,15 +99,24 @@ def gate_layers(fn: Callable, graph: ChannelGraph, variables: Any, *args,
   return layers
 
 
-def init_gates(seed: int, layers: tuple[GateLayer, ...]) -> dict[str, dict[str, jax.Array]]:
+def init_gates(seed: int, layers: tuple[GateLayer, ...], *,
+               scale: float = 1.0) -> dict[str, dict[str, jax.Array]]:
   """`{layer: {'w1': (c_in, h), 'w2': (h, size), 'b2': (size,)}}`: Kaiming-normal
-  weights, bias 1 (gates start open, saliencies around 1). Drawn with numpy."""
+  weights times `scale` (1: official), bias 1 (gates start open, saliencies around 1
+  when the block inputs are small). Drawn with numpy.
+
+  A pretrained network whose block inputs are large gets saliencies far from 1 at
+  the official init, and the product over the blocks blows its logits up; a small
+  `scale` starts every gate near 1, i.e. near the pretrained network.
+  """
+  if not scale > 0:
+    raise ValueError(f"scale must be > 0, got {scale}")
   rng = np.random.default_rng(seed)
   out = {}
   for l in layers:
     out[l.name] = {
-        "w1": jnp.asarray(rng.normal(0, math.sqrt(2.0 / l.c_in), (l.c_in, l.hidden)), jnp.float32),
-        "w2": jnp.asarray(rng.normal(0, math.sqrt(2.0 / l.hidden), (l.hidden, l.size)), jnp.float32),
+        "w1": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.c_in), (l.c_in, l.hidden)), jnp.float32),
+        "w2": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.hidden), (l.hidden, l.size)), jnp.float32),
         "b2": jnp.ones((l.size,), jnp.float32)}
   return out
 
