@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import zlib
 from typing import Any
 
@@ -119,8 +120,9 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       create=not read_only,
       read_only=read_only,
-      cleanup_tmp_directories=not read_only,  # what a killed save left
     )
+    if not read_only and jax.process_index() == 0:
+      self._remove_tmp('*')  # what a killed save left
     self._mngr = self._manager()
 
   def _manager(self) -> ocp.CheckpointManager:
@@ -165,14 +167,26 @@ class Checkpointer:
   def _discard(self, step: int) -> None:
     """Deletes whatever a failed save of ``step`` left and starts a fresh manager
     (the old one may still count the step as in progress)."""
-    try:
-      self._mngr.close()
-    except Exception as e:  # the manager may itself be stuck on the failed write
-      logging.warning('closing the checkpoint manager after a failed save: %s', e)
+    for finish in (self._mngr.wait_until_finished, self._mngr.close):  # other items may still be writing
+      try:
+        finish()
+      except Exception as e:  # their errors, or the same failure again
+        logging.warning('checkpoint manager after a failed save: %s', str(e)[:300])
     if jax.process_index() == 0:
-      for d in glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
-        shutil.rmtree(d, ignore_errors=True)
+      # Writer threads of the other items can outlive the error and recreate
+      # files under the tmp dir: remove it until it stays gone (a restart would too).
+      deadline, quiet = time.monotonic() + 10.0, 0
+      while quiet < 3 and time.monotonic() < deadline:
+        quiet = 0 if self._remove_tmp(str(step)) else quiet + 1
+        time.sleep(0.1)
     self._mngr = self._manager()
+
+  def _remove_tmp(self, step: str) -> bool:
+    """Deletes the tmp dirs of unfinished saves of ``step``; True if there were any."""
+    found = glob.glob(os.path.join(glob.escape(self.directory), f'{step}.orbax-checkpoint-tmp*'))
+    for d in found:
+      shutil.rmtree(d, ignore_errors=True)
+    return bool(found)
 
   def restore(
     self, template: TrainState, step: int | None = None, *, fallback: bool = False
@@ -269,12 +283,12 @@ class Checkpointer:
 
 def _check_structure(path: str, stored: list[list], wanted: list[list]) -> None:
   """A checkpoint of another model or optimizer is not corrupt: say what differs."""
-  s = {p: (shape, dtype) for p, shape, dtype, *_ in stored}
-  w = {p: (shape, dtype) for p, shape, dtype, *_ in wanted}
+  s = {p: f'{dtype}{shape}' for p, shape, dtype, *_ in stored}
+  w = {p: f'{dtype}{shape}' for p, shape, dtype, *_ in wanted}
   if s == w:
     return
   only_s, only_w = sorted(set(s) - set(w)), sorted(set(w) - set(s))
-  differ = [f'{p}: stored {s[p]}, expected {w[p]}' for p in s if p in w and s[p] != w[p]]
+  differ = [f'{p}: {s[p]} in the checkpoint, {w[p]} expected' for p in s if p in w and s[p] != w[p]]
   parts = (
     differ[:3] + [f'only in the checkpoint: {only_s[:3]}'] * bool(only_s) + [f'missing: {only_w[:3]}'] * bool(only_w)
   )

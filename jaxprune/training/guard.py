@@ -45,21 +45,25 @@ def guard_step(
 ) -> Callable[..., tuple[TrainState, dict]]:
   """``train_step`` jitted with the finiteness flag (and, with ``skip``, the skip).
 
+  ``skip`` enters the program as a value, not as its structure: both modes run
+  the same compiled step, so switching them cannot change a run's numbers.
+
   >>> step = guard_step(make_train_step(apply_fn, tx), skip=True)  # doctest: +SKIP
   >>> state, metrics = step(state, batch)  # metrics[FINITE_UPDATE]: 1.0 or 0.0  # doctest: +SKIP
   """
 
-  def guarded(state, batch, mask=None, hparams=None):
+  def guarded(state, batch, mask, hparams, skip):
     new, metrics = train_step(state, batch, mask, hparams)
     finite_update = _all_finite((new.params, new.extra, new.batch_stats, new.opt_state))
-    if skip:
-      ok = finite_update & _all_finite(metrics)
-      kept = state._replace(step=new.step)
-      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, kept)
+    keep_new = (finite_update & _all_finite(metrics)) | ~skip
+    kept = state._replace(step=new.step)
+    new = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, kept)
     return new, {**metrics, FINITE_UPDATE: finite_update.astype(jnp.float32)}
 
   kw = {'out_shardings': sharding_lib.replicated(mesh)} if mesh is not None else {}
-  return jax.jit(guarded, donate_argnums=(0,), **kw)
+  jitted = jax.jit(guarded, donate_argnums=(0,), **kw)
+  flag = jnp.asarray(bool(skip))
+  return lambda state, batch, mask=None, hparams=None: jitted(state, batch, mask, hparams, flag)
 
 
 def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str] | None:
