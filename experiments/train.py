@@ -6,11 +6,14 @@ The method (``config.method.name``) fills in its part through its
 :class:`~experiments.recipe.Recipe` (``experiments.registry``); everything
 else is shared. Each training phase is resumable in ``workdir/<phase>``: a
 run stopped early (``train.stop_after_steps``, a preemption notice or a kill)
-resumes when run again with the same workdir.
+resumes when run again with the same workdir, and a finished one returns its
+results. The workdir must be writable and hold no run of another config
+(``experiments.workdir``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -18,6 +21,7 @@ import jax
 from ml_collections import config_dict
 
 from experiments import phases, pruning, registry, results
+from experiments import workdir as workdir_lib
 from experiments.configs import common
 from experiments.phases import PhaseStopped, global_batch, make_eval_fn
 from experiments.recipe import Dense, Experiment, Outcome, check_method_keys
@@ -49,6 +53,8 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise ValueError(f'Unknown optimizer {config.train.optimizer!r}; valid: {", ".join(T.optim.OPTIMIZERS)}')
   if config.train.schedule not in T.optim.SCHEDULES:
     raise ValueError(f'Unknown schedule {config.train.schedule!r}; valid: {", ".join(T.optim.SCHEDULES)}')
+  if config.train.on_nonfinite not in T.guard.MODES:
+    raise ValueError(f'Unknown train.on_nonfinite {config.train.on_nonfinite!r}; valid: {", ".join(T.guard.MODES)}')
   n_dev = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     if global_batch(config, key) % n_dev:
@@ -63,6 +69,9 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   run again to resume).
   """
   validate(config)
+  forced = workdir_lib.prepare(config, workdir)
+  if not forced and os.path.exists(os.path.join(workdir, results.FILE)):
+    return results.load(workdir)  # finished: nothing to redo
   recipe = registry.get(config.method.name)
   exp = phases.experiment(config, workdir)
   t0 = time.time()
