@@ -71,6 +71,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   validate(config)
   forced = workdir_lib.prepare(config, workdir)
   if not forced and os.path.exists(os.path.join(workdir, results.FILE)):
+    workdir_lib.record(config, workdir, forced)  # neutral changes, if any
     return results.load(workdir)  # finished: nothing to redo
   recipe = registry.get(config.method.name)
   exp = phases.experiment(config, workdir)
@@ -78,6 +79,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   try:
     if recipe.check is not None:
       recipe.check(exp)  # bad method input fails before any training
+    workdir_lib.record(config, workdir, forced)
     dense = phases.timed(exp, 'dense_start', recipe.start or pruning.dense_start, exp)
     out = phases.timed(exp, 'method', recipe.run, exp, dense) if recipe.run else Outcome()
     numbers = _static(exp, dense, out) if out.masks is not None else _final(dense, out)

@@ -59,7 +59,7 @@ def plain(config: config_dict.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
 def flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   out = {}
   for k, v in d.items():
-    if isinstance(v, Mapping) and v:
+    if isinstance(v, Mapping):  # an empty one adds nothing: its keys show on the other side
       out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
@@ -112,9 +112,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def prepare(config: config_dict.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
-  """Checks that ``workdir`` can hold this run (writable; empty, or a run of this
-  config) and records the config in it; returns the forced changes (``{}``
-  without ``force_resume``).
+  """Checks that ``workdir`` can hold this run: writable, and empty or holding a
+  run of this config. Returns the differences ``force_resume`` lets through
+  (``{}`` without it). Nothing is recorded: see :func:`record`.
 
   Raises:
     WorkdirError: the workdir cannot be written.
@@ -122,24 +122,29 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> dict[str, tuple[Any
       differences); ``config.checkpoint.force_resume`` lets it through.
   """
   check_writable(workdir)
-  new = plain(config)
   old, where = _recorded(workdir)
-  changed = {}
-  if old is not None:
-    changed = {p: d for p, d in differences(old, new).items() if not is_neutral(p)}
-    if changed:
-      lines = '\n'.join(f'  {p}: {a!r} -> {b!r}' for p, (a, b) in changed.items())
-      if not config.checkpoint.force_resume:
-        raise ConfigChangedError(
-          f'the workdir {workdir!r} holds a run of another config ({where}); what differs:\n{lines}\n'
-          'Resuming it would mix two experiments. Use a new --workdir for a new experiment, or add '
-          '--config.checkpoint.force_resume=True to continue this run with the new values (its finished '
-          'phases are kept as they are).'
-        )
-      logging.warning('force_resume: continuing %s with a changed config:\n%s', workdir, lines)
-      if jax.process_index() == 0:
-        with open(os.path.join(workdir, CHANGES_FILE), 'a') as f:
-          f.write(json.dumps({'time': time.time(), 'changed': {p: list(d) for p, d in changed.items()}}) + '\n')
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, CONFIG_FILE), new)
+  if old is None:
+    return {}
+  changed = {p: d for p, d in differences(old, plain(config)).items() if not is_neutral(p)}
+  if changed and not config.checkpoint.force_resume:
+    lines = '\n'.join(f'  {p}: {a!r} -> {b!r}' for p, (a, b) in changed.items())
+    raise ConfigChangedError(
+      f'the workdir {workdir!r} holds a run of another config ({where}); what differs:\n{lines}\n'
+      'Resuming it would mix two experiments. Use a new --workdir for a new experiment, or add '
+      '--config.checkpoint.force_resume=True to continue this run with the new values (its finished '
+      'phases are kept as they are).'
+    )
   return changed
+
+
+def record(config: config_dict.ConfigDict, workdir: str, forced: Mapping[str, tuple[Any, Any]]) -> None:
+  """Writes ``workdir/config.json`` (once the run's input passed its checks) and
+  appends forced changes to ``config_changes.jsonl``."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if forced:
+    logging.warning('force_resume: continuing %s with a changed config: %s', workdir, forced)
+    with open(os.path.join(workdir, CHANGES_FILE), 'a') as f:
+      f.write(json.dumps({'time': time.time(), 'changed': {p: list(d) for p, d in forced.items()}}) + '\n')
+  _write_json(os.path.join(workdir, CONFIG_FILE), plain(config))
