@@ -501,3 +501,13 @@ def test_unreachable_magnitude_budget_fails_before_training(tmp_path):
   c.method.budget, c.train.on_nonfinite = 0.5, 'ignore'
   with pytest.raises(ValueError, match="on_nonfinite 'ignore'; valid: stop, skip"):
     train_lib.train_and_evaluate(c, str(tmp_path))
+
+
+def test_cli_prints_what_to_do_and_exits_1(tmp_path):
+  """The CLI turns a user error into its message and exit status 1, no traceback."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  p = _cli(str(blocker / 'run'), f'{R20}:quick')
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith('WorkdirError: cannot write to the workdir')
+  assert 'Traceback' not in p.stderr
