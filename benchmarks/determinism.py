@@ -12,6 +12,8 @@ the default:
   default        this machine as it is (all its cores)
   default_again  the same again: a fresh process must give the same bits
   one_core       ``taskset -c 0``: XLA:CPU sizes its thread pool by the CPU affinity
+  other_core     ``taskset -c 1``: one core, another one
+  two_cores      ``taskset -c 0,1``: two cores (all of them on a 2-core machine)
   eigen_single   ``--xla_cpu_multi_thread_eigen=false``: no intra-op threading
   avx2           ``--xla_cpu_max_isa=AVX2``: code generated as for a CPU without AVX-512
   sse4           ``--xla_cpu_max_isa=SSE4_2``
@@ -34,6 +36,8 @@ VARIANTS = {
   'default': ([], ''),
   'default_again': ([], ''),
   'one_core': (['taskset', '-c', '0'], ''),
+  'other_core': (['taskset', '-c', '1'], ''),
+  'two_cores': (['taskset', '-c', '0,1'], ''),
   'eigen_single': ([], '--xla_cpu_multi_thread_eigen=false'),
   'avx2': ([], '--xla_cpu_max_isa=AVX2'),
   'sse4': ([], '--xla_cpu_max_isa=SSE4_2'),

@@ -8,15 +8,15 @@ Runs ``python -m experiments.main`` with the main job's config
 in another workdir, SIGKILLing the process and starting it again until
 ``--max-kills`` kills or ``--minutes`` have passed, then lets it finish. Kills
 alternate between a random moment (``--min-delay`` seconds after the start up to
-the uninterrupted run's duration: imports, compilation, training, evaluation,
-slimming, ...) and the moment the 1st, 2nd or 3rd checkpoint write of the
+a quarter of the uninterrupted run's duration: imports, compilation, training,
+evaluation, slimming, ...) and the moment the 1st, 2nd or 3rd checkpoint write of the
 process is under way (a new tmp directory of orbax appears). The two runs' ``results.json`` (less timings: speedup, phase and
 wall times) and ``metrics.jsonl`` records (less time and steps/s) must be
 equal; the exit status is 1 otherwise. Prints each kill (when, during what)
 and a JSON summary with the kills survived.
 
-Tiny settings (the default): 2 dense epochs of 12 steps of batch 64, one-shot
-L1 to 50% of the MACs, 1 finetune epoch, checkpoints every 4 steps.
+Tiny settings (the default): 3 dense epochs of 12 steps of batch 64, one-shot
+L1 to 50% of the MACs, 2 finetune epochs, checkpoints every 4 steps.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_JOB = ['-m', 'experiments.main', '--config', 'experiments/configs/magnitude_cifar10_subset_resnet20.py']
 TINY = [
-  '--config.train.epochs=2',
+  '--config.train.epochs=3',
   '--config.train.max_steps_per_epoch=12',
   '--config.data.batch_size=64',
-  '--config.method.finetune.epochs=1',
+  '--config.method.finetune.epochs=2',
   '--config.checkpoint.every_steps=4',
 ]
 TIMINGS = ('speedup', 'phase_times_s', 'wall_time_s')
@@ -65,17 +65,22 @@ def saving(workdir: str) -> list[str]:
 
 
 def doing(workdir: str) -> str:
-  """What the run had reached: its last metrics record, or the files it wrote."""
+  """What the run had reached: its last metrics record and the last file it wrote."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs]
+  if not files:
+    return 'before writing anything'
+  newest = os.path.relpath(max(files, key=os.path.getmtime), workdir)
+  last = 'no step yet'
   path = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(path):
-    lines = open(path).read().splitlines()
-    for line in reversed(lines):
+    for line in reversed(open(path).read().splitlines()):
       try:
         r = json.loads(line)
-        return f'after {r["phase"]} step {r["step"]} ({r["split"]})'
+        last = f'{r["phase"]} step {r["step"]} ({r["split"]})'
+        break
       except (json.JSONDecodeError, KeyError):
         continue
-  return 'before the first step'
+  return f'last record {last}, last file {newest}'
 
 
 def _inode(path: str) -> int | None:
@@ -107,7 +112,7 @@ def kill_when(p: subprocess.Popen, workdir: str, mode: str, delay: float, nth: i
       time.sleep(0.05)
   if p.poll() is not None:
     return False, 'finished'
-  during = 'writing a checkpoint, ' if saving(workdir) else ''
+  during = 'writing a checkpoint, ' if {(d, _inode(d)) for d in saving(workdir)} - seen else ''
   p.send_signal(signal.SIGKILL)
   p.wait()
   return True, during + doing(workdir)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--minutes', type=float, default=5.0, help='stop killing after this long (then finish)')
   ap.add_argument('--max-kills', type=int, default=12)
   ap.add_argument('--min-delay', type=float, default=4.0, help='seconds after a start before a random kill')
-  ap.add_argument('--max-delay', type=float, default=None, help='default: the uninterrupted run\'s duration')
+  ap.add_argument('--max-delay', type=float, default=None, help='default: a quarter of the uninterrupted run')
   ap.add_argument('--seed', type=int, default=0, help='of the kill times')
   ap.add_argument('--full', action='store_true', help="the main job's own settings instead of tiny ones")
   ap.add_argument('--workdir', default=None, help='keep the runs here (default: a temporary folder)')
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(kills) >= args.max_kills or time.time() - t_soak > 60 * args.minutes:
       break
     mode = 'checkpoint' if attempt % 2 == 0 else 'random'
-    longest = args.max_delay or max(ref_s, args.min_delay + 1)  # anywhere in a whole run
+    longest = args.max_delay or max(ref_s / 4, args.min_delay + 1)  # a restart must rarely finish
     delay = rng.uniform(args.min_delay, longest) if mode == 'random' else longest
     t_start = time.time()
     killed, where = kill_when(p, soak, mode, delay, nth=rng.randint(1, 3))

@@ -97,6 +97,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
     wall_time_s=round(time.time() - t0, 2),
     devices=jax.device_count(),
     platform=jax.devices()[0].platform,
+    cpu_cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
   )
   return results.write(workdir, r)
 
