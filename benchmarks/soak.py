@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
   a, b = outputs(ref)[0], outputs(soak)[0]
   summary = {
     'kills_survived': len(kills),
-    'during_checkpoint_writes': sum('checkpoint' in k['during'] for k in kills),
+    'during_checkpoint_writes': sum(k['during'].startswith('writing') for k in kills),
     'starts': attempt,
     'equal_to_uninterrupted': same,
     'test_accuracy': [a['test_accuracy'], b['test_accuracy']],
