@@ -93,7 +93,7 @@ def _recorded(workdir: str) -> tuple[dict[str, Any] | None, str | None]:
 
 def check_writable(workdir: str) -> None:
   """Creates ``workdir``; raises :class:`WorkdirError` saying what to do when it cannot be written."""
-  probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+  probe = os.path.join(workdir, f'.write_test_{jax.process_index()}_{os.getpid()}')  # hosts may share the folder
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, 'w') as f:
