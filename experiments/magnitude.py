@@ -7,8 +7,10 @@ the final budget -> (pipeline) slim -> finetune. ``config.method``: see
 
 from __future__ import annotations
 
+import optax
+
 import jaxprune
-from experiments import pruning
+from experiments import phases, pruning
 from experiments.configs import defaults
 from experiments.recipe import Dense, Experiment, Outcome, Recipe
 from jaxprune import training as T
@@ -30,16 +32,41 @@ def paper_volume(graph):
   return lambda h: chipnet.paper_volume(graph, {n: h[n] for n in units})
 
 
+def _prune(m, v, graph, budget, reference, criterion=None):
+  paper = m.unit == 'volume_paper'  # ChipNet's official volume count, on ChipNet's units
+  return magnitude.prune(
+    v,
+    graph,
+    criterion=criterion or m.criterion,
+    budget=budget,
+    unit=paper_volume(graph) if paper else m.unit,
+    scope=m.scope,
+    min_channels=m.min_channels,
+    round_to=m.round_to,
+    reference=None if paper else reference,
+  )
+
+
+def check(exp: Experiment) -> None:
+  """A budget outside (0, 1] or below what ``min_channels`` allows fails before any
+  training: the final budget is selected once on the untrained network."""
+  m = exp.config.method
+  magnitude.schedule(m.budget, m.steps)
+  if pruning.branch_units(m) and m.steps > 1:
+    raise ValueError(
+      'iterative magnitude pruning (method.steps > 1) re-traces slimmed networks: use '
+      "method.units='stream' (a branch-slimmed network gathers channels by index)"
+    )
+  graphdef, state = T.create_train_state(phases.build_model(exp.config), optax.identity(), 0)
+  graph = pruning.trace(exp, graphdef, state, branches=pruning.branch_units(m))
+  _prune(m, T.core_variables(state), graph, float(m.budget), None, criterion='l1')
+
+
 def run(exp: Experiment, dense: Dense) -> Outcome:
   """Prunes to ``method.budget`` in ``method.steps`` geometric stages, finetuning
   ``iter_finetune_epochs`` after each stage but the last."""
   m = exp.config.method
   branches = pruning.branch_units(m)
-  if branches and m.steps > 1:
-    raise ValueError(
-      'iterative magnitude pruning (method.steps > 1) re-traces slimmed networks: use '
-      "method.units='stream' (a branch-slimmed network gathers channels by index)"
-    )
   state, budgets = dense.state, magnitude.schedule(m.budget, m.steps)
   for k, b in enumerate(budgets):
     if k == 0:
@@ -47,18 +74,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
     else:
       graph = pruning.trace(exp, dense.graphdef, state)
     v = T.core_variables(state)
-    paper = m.unit == 'volume_paper'  # ChipNet's official volume count, on ChipNet's units
-    masks = magnitude.prune(
-      v,
-      graph,
-      criterion=m.criterion,
-      budget=b,
-      unit=paper_volume(graph) if paper else m.unit,
-      scope=m.scope,
-      min_channels=m.min_channels,
-      round_to=m.round_to,
-      reference=None if paper else dense.cost[m.unit],
-    )
+    masks = _prune(m, v, graph, b, dense.cost.get(m.unit))
     if k == len(budgets) - 1:
       details = {'units': m.units, **(volumes(graph, masks) if branches else {})}
       return Outcome(masks=masks, variables=v, graph=graph, budget=float(m.budget), unit=m.unit, details=details)
@@ -67,4 +83,4 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
     state = pruning.finetune(exp, dense.graphdef, small, overrides, phase=f'prune{k}_finetune').state
 
 
-recipe = Recipe(defaults=defaults.magnitude, run=run)
+recipe = Recipe(defaults=defaults.magnitude, run=run, check=check)

@@ -5,7 +5,11 @@
       --workdir runs/r20_quick --config.train.epochs=1
 
 Overrides (``--config.a.b=value``) must name existing keys. Re-running with
-the same ``--workdir`` resumes from the latest checkpoint. Multi-host: add
+the same ``--workdir`` resumes from the latest checkpoint, with the same config
+(apart from logging, checkpoint cadence and the like; add
+``--config.checkpoint.force_resume=True`` to change more). Errors the user can
+act on (a changed config, an unusable workdir, a non-finite loss, a failed or
+corrupt checkpoint) print their message and exit with status 1. Multi-host: add
 ``--config.distributed`` (or set JAXPRUNE_DISTRIBUTED=1).
 
 Compiled programs are kept in JAX's persistent cache (``~/.cache/jaxprune/xla``;
@@ -34,14 +38,20 @@ def main(argv):
   )
   config = _CONFIG.value
   from jaxprune import compilation_cache
+  from jaxprune import training as T
   from jaxprune.training import sharding
 
   compilation_cache.enable()
   # Before any other JAX call: multi-host initialisation, when asked.
   sharding.maybe_initialize_distributed(bool(config.distributed) or None)
   from experiments.train import train_and_evaluate  # after the distributed initialisation
+  from experiments.workdir import ConfigChangedError, WorkdirError
 
-  results = train_and_evaluate(config, _WORKDIR.value)
+  try:
+    results = train_and_evaluate(config, _WORKDIR.value)
+  except (ConfigChangedError, WorkdirError, T.NonFiniteError, T.CheckpointWriteError, T.CorruptCheckpointError) as e:
+    print(f'{type(e).__name__}: {e}', file=sys.stderr)
+    return 1
   if results.get('stopped_early'):
     logging.warning('Stopped early (%s); run again with the same --workdir to resume.', results['reason'])
     print(json.dumps(results))

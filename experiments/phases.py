@@ -252,6 +252,8 @@ def train(
     checkpoint_every=config.checkpoint.every_steps,
     keep=config.checkpoint.keep,
     stop_after_steps=train_cfg.get('stop_after_steps'),
+    on_nonfinite=train_cfg.get('on_nonfinite', 'stop'),
+    max_skipped_steps=train_cfg.get('max_skipped_steps', 10),
   )
   result = T.fit(
     state,

@@ -148,10 +148,10 @@ def load_dense(config, workdir: str) -> tuple[nnx.GraphDef, T.TrainState]:
     raise FileNotFoundError(f'method.pretrained={workdir!r}: no pretrain/ or train/ checkpoints')
   tx, _ = T.optim_from_config(dict(config.train), 1)
   graphdef, template = T.create_train_state(phases.build_model(config), tx, config.seed)
-  ckpt = T.Checkpointer(d)
+  ckpt = T.Checkpointer(d, read_only=True)
   try:
     state, _ = ckpt.restore(template)
-  except Exception as e:  # a structure mismatch: another model or optimizer
+  except ValueError as e:  # a structure mismatch: another model or optimizer (corruption raises as itself)
     raise ValueError(
       f"cannot restore {d} into this config's model and optimizer ({config.model.name}, {config.train.optimizer}): {e}"
     ) from e
@@ -181,18 +181,34 @@ def dense_start(exp: Experiment, *, phase: str = 'pretrain') -> Dense:
   return counted(exp, graphdef, state, metrics)
 
 
+SLIM_FILE = 'slim.json'
+
+
 def slim(exp: Experiment, dense: Dense, out: Outcome) -> Slimmed:
   """Slims ``out.variables`` (default: the dense network) by ``out.masks``; counts,
-  evaluates and times it against the dense network."""
+  evaluates and times it against the dense network.
+
+  The measurements are kept in ``workdir/slim.json``: a resumed run slims again
+  (milliseconds) but does not evaluate and time the slimmed network twice."""
   variables = T.core_variables(dense.state) if out.variables is None else out.variables
   graph = dense.graph if out.graph is None else out.graph
   small = with_variables(dense.state, jaxprune.slim(variables, graph, out.masks))._replace(extra={})
   # Counted on the traced graph: exactly the slimmed network's cost (tested), and a
   # branch-slimmed network (which gathers channels by index) cannot be re-traced.
   cost = count(graph, out.masks)
+  path = os.path.join(exp.workdir, SLIM_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      done = json.load(f)
+    return Slimmed(small, cost, done['accuracy'], done['speedup'])
   accuracy = phases.evaluate(exp, dense.graphdef, small).get('accuracy')
   # Speed depends on shapes only, so the slimmed net is timed before finetuning.
   speed = measure_speedup(dense.graphdef, dense.state, small, exp.info.image_shape)
+  if jax.process_index() == 0:
+    os.makedirs(exp.workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump({'accuracy': accuracy, 'speedup': speed}, f)
+    os.replace(path + '.tmp', path)
   return Slimmed(small, cost, accuracy, speed)
 
 

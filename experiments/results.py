@@ -26,6 +26,8 @@ network, no budget for FTWT):
   phase_times_s      wall seconds per pipeline step in the last process
                      (dense_start, method, slim, finetune, ...)
   wall_time_s, devices, platform
+  cpu_cores          CPU cores the process could use (its affinity): XLA:CPU's
+                     numbers depend on it, see README "Reliability"
   config             the full config
 
 ``python -m experiments.summarize RUN_DIRS...`` reads any mix of them.

@@ -6,11 +6,14 @@ The method (``config.method.name``) fills in its part through its
 :class:`~experiments.recipe.Recipe` (``experiments.registry``); everything
 else is shared. Each training phase is resumable in ``workdir/<phase>``: a
 run stopped early (``train.stop_after_steps``, a preemption notice or a kill)
-resumes when run again with the same workdir.
+resumes when run again with the same workdir, and a finished one returns its
+results. The workdir must be writable and hold no run of another config
+(``experiments.workdir``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -18,6 +21,7 @@ import jax
 from ml_collections import config_dict
 
 from experiments import phases, pruning, registry, results
+from experiments import workdir as workdir_lib
 from experiments.configs import common
 from experiments.phases import PhaseStopped, global_batch, make_eval_fn
 from experiments.recipe import Dense, Experiment, Outcome, check_method_keys
@@ -49,6 +53,8 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise ValueError(f'Unknown optimizer {config.train.optimizer!r}; valid: {", ".join(T.optim.OPTIMIZERS)}')
   if config.train.schedule not in T.optim.SCHEDULES:
     raise ValueError(f'Unknown schedule {config.train.schedule!r}; valid: {", ".join(T.optim.SCHEDULES)}')
+  if config.train.on_nonfinite not in T.guard.MODES:
+    raise ValueError(f'Unknown train.on_nonfinite {config.train.on_nonfinite!r}; valid: {", ".join(T.guard.MODES)}')
   n_dev = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     if global_batch(config, key) % n_dev:
@@ -65,12 +71,17 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   run again to resume).
   """
   validate(config)
+  forced = workdir_lib.prepare(config, workdir)
+  if not forced and os.path.exists(os.path.join(workdir, results.FILE)):
+    workdir_lib.record(config, workdir, forced)  # neutral changes, if any
+    return results.load(workdir)  # finished: nothing to redo
   recipe = registry.get(config.method.name)
   exp = phases.experiment(config, workdir)
   t0 = time.time()
   try:
     if recipe.check is not None:
       recipe.check(exp)  # bad method input fails before any training
+    workdir_lib.record(config, workdir, forced)
     dense = phases.timed(exp, 'dense_start', recipe.start or pruning.dense_start, exp)
     out = phases.timed(exp, 'method', recipe.run, exp, dense) if recipe.run else Outcome()
     numbers = _static(exp, dense, out) if out.masks is not None else _final(dense, out)
@@ -88,6 +99,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
     wall_time_s=round(time.time() - t0, 2),
     devices=jax.device_count(),
     platform=jax.devices()[0].platform,
+    cpu_cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
   )
   return results.write(workdir, r)
 

@@ -432,3 +432,35 @@ def test_variable_size_source_through_the_pipeline(monkeypatch):
     assert [e["image"].shape for e in evals] == [(4, 224, 224, 3), (3, 224, 224, 3)]
     assert np.concatenate([e["label"] for e in evals]).tolist() == list(range(7))
     registry._open_cached.cache_clear()
+
+
+# ------------------------------------------------ bad data, caught on open
+
+
+@pytest.mark.parametrize("name,change,match", [
+    ("empty", lambda x, y: (x[:0], y[:0]), "is empty"),
+    ("float01", lambda x, y: (x / 255.0, y), r"dtype float64.*np.round\(x \* 255\)"),
+    ("grey", lambda x, y: (x[..., 0], y), r"shape \(32, 32\).*\(32, 32, 3\).*x\[\.\.\., None\]"),
+    ("labels1to10", lambda x, y: (x, y + 1), r"labels range over 1\.\.10.*\[0, 10\)"),
+    ("floatlabels", lambda x, y: (x, y.astype(np.float32)), "labels have dtype float32"),
+])
+def test_bad_arrays_are_refused_when_a_data_set_is_opened(name, change, match):
+    """A registered data set whose arrays the pipelines would use silently wrong
+    (real CIFAR-10 subset records, changed one way each)."""
+    x, y = jd.load_arrays("cifar10_subset", "test")
+
+    def loader(split, data_dir):
+        return jd.ArraySource(*change(np.array(x), np.array(y)))
+
+    info = jd.get_info("cifar10_subset")
+    bad = f"bad_{name}"
+    registry.register(registry.dataclasses.replace(info, name=bad), loader, "cifar")
+    try:
+        with pytest.raises(ValueError, match=match):
+            jd.train_iterator(bad, batch_size=8, seed=0, **ONE_HOST)
+        with pytest.raises(ValueError, match=bad):
+            list(jd.eval_batches(bad, "test", batch_size=8))
+    finally:
+        registry._REGISTRY.pop(bad)
+    # the shipped data sets pass the same checks
+    registry.check_arrays(info, "test", x, y)

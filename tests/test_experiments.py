@@ -21,6 +21,7 @@ from ml_collections import config_dict, config_flags
 import jaxprune
 from experiments import phases, pruning, registry, results
 from experiments import train as train_lib
+from experiments import workdir as workdir_lib
 from experiments.recipe import Outcome, Recipe
 from jaxprune import training as T
 
@@ -335,3 +336,178 @@ def test_slim_and_count_against_a_hand_count(tmp_path):
   assert small.cost['macs'] == 8 * 8 * 27 * 4 + 4 * 10
   assert small.cost['params'] == (27 + 1 + 2) * 4 + 4 * 10 + 10  # conv w+b, BN scale+bias, fc
   assert small.speedup['speedup'] > 0 and small.state.params['fc']['kernel'].shape == (4, 10)
+
+
+# ------------------------------------------------------------ reliability
+#
+# The README's main job (magnitude pruning of ResNet-20 on the shipped CIFAR-10
+# subset), shrunk: widths 4-8-16, 3 steps per phase, iterative in 2 stages, so the
+# pipeline has every kind of boundary: pretrain -> method (prune0_finetune) -> slim
+# -> finetune -> results.
+
+MAG = os.path.join(EXPERIMENTS, 'configs', 'magnitude_cifar10_subset_resnet20.py')
+TIMING = ('time', 'steps_per_s')
+MEASURED = ('speedup', 'phase_times_s', 'wall_time_s')  # timings: differ from run to run
+
+
+def tiny_magnitude():
+  c = load_config(MAG, 'quick')
+  c.model.kwargs.widths = (4, 8, 16)
+  c.data.batch_size, c.data.eval_batch_size, c.data.augment = 32, 1024, True
+  c.train.epochs, c.train.max_steps_per_epoch, c.train.log_every = 1, 3, 1
+  c.method.budget, c.method.steps, c.method.iter_finetune_epochs = 0.4, 2, 1
+  c.method.finetune = {'epochs': 1, 'lr': 0.01}
+  c.checkpoint.every_steps = 2
+  c.progress = False
+  return c
+
+
+def outputs(workdir):
+  """A run's results (less its timings) and its metrics records (less theirs)."""
+  r = {k: v for k, v in results.load(workdir).items() if k not in MEASURED}
+  recs = [
+    {k: v for k, v in rec.items() if k not in TIMING} for rec in T.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  ]
+  return r, recs
+
+
+class Killed(BaseException):
+  """Stands in for a SIGKILL at a phase boundary (nothing after it runs)."""
+
+
+@pytest.mark.slow
+def test_kill_at_every_phase_boundary_resumes_without_recomputing(tmp_path, monkeypatch):
+  """Killed after each pipeline step in turn, rerun each time: every rerun trains only
+  the phases not finished yet, slim's evaluation and timing run once, and the results
+  and every metrics record equal those of an uninterrupted run -- the same seed, the
+  same numbers bit for bit (also a determinism check: every phase is computed once,
+  in a different process state than the uninterrupted run's)."""
+  finished_run, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'run')
+  train_lib.train_and_evaluate(tiny_magnitude(), finished_run)
+  timed, fit, speed = phases.timed, T.fit, pruning.measure_speedup
+  trained, measured = [], []
+
+  def counting_fit(state, *args, phase, **kwargs):
+    r = fit(state, *args, phase=phase, **kwargs)
+    trained.append((phase, r.resumed_from, int(r.state.step)))
+    return r
+
+  monkeypatch.setattr(T, 'fit', counting_fit)
+  monkeypatch.setattr(pruning, 'measure_speedup', lambda *a, **k: measured.append(1) or speed(*a, **k))
+  runs = {}
+  for boundary in ('dense_start', 'method', 'slim', 'finetune', None):
+
+    def killing_timed(exp, name, *args, boundary=boundary, **kwargs):
+      out = timed(exp, name, *args, **kwargs)
+      if name == boundary:
+        raise Killed(name)
+      return out
+
+    monkeypatch.setattr(phases, 'timed', killing_timed)
+    trained.clear()
+    measured.clear()
+    try:
+      train_lib.train_and_evaluate(tiny_magnitude(), workdir)
+    except Killed:
+      pass
+    runs[boundary] = ([(p, resumed is None) for p, resumed, _ in trained], len(measured))
+  fresh, restored = True, False
+  assert runs == {
+    'dense_start': ([('pretrain', fresh)], 0),
+    'method': ([('pretrain', restored), ('prune0_finetune', fresh)], 0),
+    'slim': ([('pretrain', restored), ('prune0_finetune', restored)], 1),
+    'finetune': ([('pretrain', restored), ('prune0_finetune', restored), ('finetune', fresh)], 0),
+    None: ([('pretrain', restored), ('prune0_finetune', restored), ('finetune', restored)], 0),
+  }
+  # A restored phase trained nothing: it restored its last step.
+  assert all(resumed == step for _, resumed, step in trained)
+  assert outputs(workdir) == outputs(finished_run)
+  # Run again once finished: its results, nothing trained or measured.
+  trained.clear()
+  assert train_lib.train_and_evaluate(tiny_magnitude(), workdir) == results.load(workdir) and not trained
+
+
+def test_resume_with_a_changed_config_is_refused_with_the_differences(tmp_path):
+  run = str(tmp_path / 'run')
+  workdir_lib.record(tiny_magnitude(), run, {})  # what a run records when it starts
+  c = tiny_magnitude()
+  c.train.lr, c.method.budget = 0.05, 0.3
+  with pytest.raises(workdir_lib.ConfigChangedError) as e:
+    train_lib.train_and_evaluate(c, run)
+  msg = str(e.value)
+  assert 'method.budget: 0.4 -> 0.3' in msg and 'train.lr: 0.1 -> 0.05' in msg
+  assert 'new --workdir' in msg and 'force_resume=True' in msg
+  assert msg.count(' -> ') == 2  # only what differs
+  assert not os.path.exists(os.path.join(run, 'pretrain'))  # refused before any work
+  # Keys that cannot change results may change (also inside per-phase overrides).
+  c = tiny_magnitude()
+  c.train.log_every, c.checkpoint.every_steps, c.checkpoint.keep, c.progress = 5, 100, 3, True
+  c.train.on_nonfinite, c.train.max_skipped_steps, c.train.stop_after_steps = 'skip', 3, 7
+  c.train.eval_every_epochs, c.method.finetune.log_every = 2, 2
+  assert workdir_lib.prepare(c, run) == {}
+
+
+def test_workdir_of_another_experiment_is_refused_also_from_its_results(tmp_path):
+  """A workdir holding a finished dense run (its results.json only, as runs from
+  before config.json have) refuses a magnitude run."""
+  dense = load_config(R20, 'quick')
+  run = str(tmp_path / 'dense_run')
+  os.makedirs(run)
+  results.write(
+    run, results.record(dense, test_accuracy=0.5, dense_accuracy=0.5, dense={'macs': 1.0}, pruned={'macs': 1.0})
+  )
+  with pytest.raises(workdir_lib.ConfigChangedError) as e:
+    train_lib.train_and_evaluate(tiny_magnitude(), run)
+  assert "results.json); what differs" in str(e.value) and "method.name: 'dense' -> 'magnitude'" in str(e.value)
+  assert sorted(os.listdir(run)) == [results.FILE]
+
+
+def test_forced_resume_records_the_change(tmp_path):
+  run = str(tmp_path / 'run')
+  workdir_lib.record(tiny_magnitude(), run, {})
+  c = tiny_magnitude()
+  c.seed, c.checkpoint.force_resume = 1, True
+  forced = workdir_lib.prepare(c, run)
+  assert forced == {'seed': (0, 1)}
+  workdir_lib.record(c, run, forced)
+  (change,) = T.read_jsonl(os.path.join(run, workdir_lib.CHANGES_FILE))
+  assert change['changed'] == {'seed': [0, 1]}
+  assert json.load(open(os.path.join(run, workdir_lib.CONFIG_FILE)))['seed'] == 1
+  c.checkpoint.force_resume = False  # the recorded config is now the forced one
+  assert workdir_lib.prepare(c, run) == {}
+
+
+def test_unwritable_workdir_fails_before_any_work(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  with pytest.raises(workdir_lib.WorkdirError, match=r"cannot write to the workdir.*Pass a --workdir"):
+    train_lib.train_and_evaluate(tiny_magnitude(), str(blocker / 'run'))
+  if os.geteuid() != 0:  # root writes anywhere
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    with pytest.raises(workdir_lib.WorkdirError, match='Permission denied'):
+      train_lib.train_and_evaluate(tiny_magnitude(), str(locked / 'run'))
+
+
+def test_unreachable_magnitude_budget_fails_before_training(tmp_path):
+  c = tiny_magnitude()
+  c.method.budget, c.method.min_channels = 0.01, 4
+  with pytest.raises(ValueError, match='cannot be met.*min_channels'):
+    train_lib.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []  # nothing trained, no config recorded: fix it and run again
+  c.method.budget = 1.5
+  with pytest.raises(ValueError, match=r'\(0, 1\]'):
+    train_lib.train_and_evaluate(c, str(tmp_path))
+  c.method.budget, c.train.on_nonfinite = 0.5, 'ignore'
+  with pytest.raises(ValueError, match="on_nonfinite 'ignore'; valid: stop, skip"):
+    train_lib.train_and_evaluate(c, str(tmp_path))
+
+
+def test_cli_prints_what_to_do_and_exits_1(tmp_path):
+  """The CLI turns a user error into its message and exit status 1, no traceback."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  p = _cli(str(blocker / 'run'), f'{R20}:quick')
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith('WorkdirError: cannot write to the workdir')
+  assert 'Traceback' not in p.stderr

@@ -1,7 +1,9 @@
 """Tests of jaxprune.training: optimizers, steps and hooks, sharding, resume."""
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -478,3 +480,267 @@ def test_learns_on_shipped_cifar_subset(tmp_path):
   assert test[-1]['accuracy'] > 0.35, test
   recs = T.read_jsonl(str(tmp_path / 'metrics.jsonl'))
   assert {'step', 'epoch', 'split', 'loss', 'accuracy', 'lr', 'time'} <= set(recs[0])
+
+
+# ------------------------------------------------ fault injection, real data
+#
+# TinyNet on the shipped CIFAR-10 subset through the real (resumable) input
+# pipeline: 10 steps of batch 16, epochs of 4, checkpoints every 3 steps, 2 kept.
+
+REAL_FIT_SRC = textwrap.dedent('''
+  import numpy as np
+  from jaxprune import data
+  from jaxprune import training as T
+  from jaxprune.training import optim
+
+  _REAL = {}
+
+  def real_fit(workdir, *, num_steps=10, stop_after_steps=None, extra_loss=None, hparams_fn=None, seed=0, **plan):
+    key = id(extra_loss)
+    if key not in _REAL:  # one compilation per loss, shared by the runs of a test
+      tx = optim.make_optimizer('sgd', 0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+      graphdef, _ = T.create_train_state(TinyNet(nnx.Rngs(0)), tx, rng=0)
+      apply_fn = T.nnx_apply(graphdef)
+      evals = [next(data.eval_batches('cifar10_subset', batch_size=64))]
+      ev = T.make_eval_step(apply_fn)
+      _REAL[key] = (tx, T.make_train_step(apply_fn, tx, extra_loss=extra_loss),
+                    lambda s: T.evaluate(ev, s, evals, batch_size=64))
+    tx, step, eval_fn = _REAL[key]
+    _, state = T.create_train_state(TinyNet(nnx.Rngs(0)), tx, rng=0)
+    it = data.train_iterator('cifar10_subset', batch_size=16, seed=seed, augment=True, shard_index=0, shard_count=1)
+    plan = T.Plan(num_steps=num_steps, steps_per_epoch=4, checkpoint_every=3, keep=2, log_every=2,
+                  stop_after_steps=stop_after_steps, **plan)
+    return T.fit(state, it, T.Hooks(step, eval_fn=eval_fn, hparams_fn=hparams_fn), plan,
+                 workdir=workdir, progress=False)
+
+  def summary(result):
+    """What a run ends with: its epoch records (no timing) and a CRC of every final array."""
+    import zlib
+    hist = [{k: v for k, v in r.items() if k not in ('time', 'steps_per_s')} for r in result.history]
+    crc = [zlib.crc32(np.asarray(x).tobytes()) for x in jax.tree.leaves(result.state)]
+    return {'history': hist, 'crc': crc, 'step': int(result.state.step)}
+''')
+_ns = {}
+exec(TINY_NET_SRC + REAL_FIT_SRC, _ns)
+real_fit, summary = _ns['real_fit'], _ns['summary']
+
+KILL_SCRIPT = (
+  TINY_NET_SRC
+  + REAL_FIT_SRC
+  + textwrap.dedent('''
+  import os, signal, sys
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.path import atomicity
+
+  workdir, where, at = sys.argv[1], sys.argv[2], sys.argv[3]
+
+  if where == 'meta':  # while the items of step `at` are written (before the rename)
+    save_fn = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def killed_save_fn(self, x, directory):
+      if directory.parent.name.startswith(at + '.'):  # <step>.orbax-checkpoint-tmp/meta
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await save_fn(self, x, directory)
+
+    ocp.handlers.JsonCheckpointHandler._save_fn = killed_save_fn
+  else:  # every item of step `at` written, the commit marker and the rename to come
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def killed_finalize(self, *args, **kwargs):
+      if self._final_path.name == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = killed_finalize
+  real_fit(workdir)
+  print('NOT KILLED')
+''')
+)
+
+
+def _steps_and_tmp(ckpt_dir):
+  names = os.listdir(ckpt_dir)
+  return sorted(int(n) for n in names if n.isdigit()), [n for n in names if 'tmp' in n]
+
+
+def test_sigkill_during_checkpoint_writes_keeps_the_previous_and_resumes_exactly(tmp_path):
+  """A process SIGKILLed inside orbax's save (while writing the items, then just before
+  the commit rename): the previous checkpoint stays the latest and readable, and the
+  run resumed from it ends bit-identical to an uninterrupted one."""
+  ref = summary(real_fit(str(tmp_path / 'ref')))
+  run, ckpt_dir = str(tmp_path / 'run'), str(tmp_path / 'run' / 'checkpoints')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # 1st process: killed writing step 4's checkpoint; 2nd: resumes at 3, saves 4, killed
+  # committing 6.
+  for where, at, expect_latest in (('meta', '4', 3), ('finalize', '6', 4)):
+    p = subprocess.run(
+      [sys.executable, '-c', KILL_SCRIPT, run, where, at],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert p.returncode == -9, (p.returncode, p.stderr[-3000:])
+    steps, tmp = _steps_and_tmp(ckpt_dir)
+    assert steps[-1] == expect_latest and tmp, (steps, tmp)  # killed mid-write, not marked complete
+    ckpt = T.Checkpointer(ckpt_dir)  # cleans up what the kill left
+    _, tmp = _steps_and_tmp(ckpt_dir)
+    assert ckpt.latest_step() == expect_latest and not tmp
+    tx = optim.make_optimizer('sgd', 0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    template = T.create_train_state(tiny(), tx, rng=0)[1]
+    restored, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, template))  # readable, checksums match
+    assert int(restored.step) == expect_latest and meta['data'] == {'next_index': expect_latest}
+    ckpt.close()
+  resumed = real_fit(run)
+  assert resumed.resumed_from == 4
+  assert summary(resumed) == ref
+
+
+def _corrupt(step_dir, how):
+  state_files = glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+  biggest = max(state_files, key=os.path.getsize)  # a kernel's chunk
+  if how == 'truncate':
+    with open(biggest, 'r+b') as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  elif how == 'flip':  # bytes changed in place: orbax alone restores them without complaint
+    data = bytearray(open(biggest, 'rb').read())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+      data[i] ^= 0x5A
+    open(biggest, 'wb').write(bytes(data))
+  else:  # the JSON item (data position, metric sums) cut short
+    path = os.path.join(step_dir, 'meta', 'metadata')
+    open(path, 'w').write(open(path).read()[:40])
+
+
+@pytest.mark.parametrize('how', ['truncate', 'flip', 'meta'])
+def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, how):
+  ref = summary(real_fit(str(tmp_path / 'ref')))
+  run, ckpt_dir = str(tmp_path / 'run'), str(tmp_path / 'run' / 'checkpoints')
+  assert real_fit(run, stop_after_steps=7).stopped_early
+  assert T.Checkpointer(ckpt_dir).all_steps() == [4, 6]
+  _corrupt(os.path.join(ckpt_dir, '6'), how)
+  ckpt = T.Checkpointer(ckpt_dir)
+  template = jax.tree.map(jnp.zeros_like, real_fit(str(tmp_path / 'short'), num_steps=1).state)
+  with pytest.raises(T.CorruptCheckpointError, match=re.escape(os.path.join(ckpt_dir, '6'))):
+    ckpt.restore(template)
+  assert ckpt.all_steps() == [4, 6]  # without fallback nothing is moved
+  ckpt.close()
+  resumed = real_fit(run)  # falls back to 4, with a warning naming 6
+  assert resumed.resumed_from == 4 and summary(resumed) == ref
+  assert os.path.isdir(os.path.join(ckpt_dir, '6.corrupt'))  # kept for inspection, out of the way
+  assert T.Checkpointer(ckpt_dir).all_steps() == [9, 10]
+
+
+def test_checkpoint_of_another_structure_is_not_called_corrupt(tmp_path):
+  graphdef, state, _ = _setup()
+  ckpt = T.Checkpointer(str(tmp_path))
+  ckpt.save(1, state)
+  _, other, _ = _setup(width=4)
+  with pytest.raises(
+    ValueError, match=r"different state.*\['bn1'\]\['bias'\]: float32\[8\] in the checkpoint, float32\[4\] expected"
+  ):
+    ckpt.restore(other, fallback=True)
+  assert ckpt.all_steps() == [1]  # a mismatch is not moved aside
+
+
+@pytest.mark.parametrize('where', ['meta', 'finalize'])
+def test_failed_write_raises_and_keeps_no_partial_checkpoint(tmp_path, monkeypatch, where):
+  """A disk that fills up while a checkpoint is written (an item, or orbax's commit marker):
+  a clear error, nothing of that step left or marked complete, and the run resumes."""
+  import errno
+
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.path import atomicity
+
+  ref = summary(real_fit(str(tmp_path / 'ref')))
+  run, ckpt_dir = str(tmp_path / 'run'), str(tmp_path / 'run' / 'checkpoints')
+  if where == 'meta':  # writing an item of step 4
+    cls, name = ocp.handlers.JsonCheckpointHandler, '_save_fn'
+    hits = lambda self, x, directory: directory.parent.name.startswith('4.')
+  else:  # writing step 4's commit marker
+    cls, name = atomicity.AtomicRenameTemporaryPath, 'finalize'
+    hits = lambda self: self._final_path.name == '4'
+  original = getattr(cls, name)
+
+  async def full_disk(*args):
+    if hits(*args):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return await original(*args)
+
+  monkeypatch.setattr(cls, name, full_disk)
+  with pytest.raises(T.CheckpointWriteError, match=r'step 4.*No space left.*latest complete checkpoint is step 3'):
+    real_fit(run)
+  monkeypatch.setattr(cls, name, original)
+  assert sorted(os.listdir(ckpt_dir)) == ['3']  # no tmp dir, no step 4
+  resumed = real_fit(run)
+  assert resumed.resumed_from == 3 and summary(resumed) == ref
+
+
+# ------------------------------------------------------- non-finite guard
+
+
+def budget_loss(v, batch, fwd, *, rng, hparams):
+  """A method-style term that goes to -inf when ``hparams['poison']`` is 1 (its gradient stays finite)."""
+  term = 1e-3 * jnp.sum(v.params['fc']['kernel'] ** 2) + jnp.log1p(-hparams['poison'])
+  return term, {'budget': term}
+
+
+def sqrt_loss(v, batch, fwd, *, rng, hparams):
+  """A finite term whose gradient is NaN when ``hparams['poison']`` is 1 (sqrt at 0)."""
+  term = 1e-3 * jnp.sqrt(jnp.sum(v.params['fc']['kernel'] ** 2) * (1.0 - hparams['poison']))
+  return term, {'norm': term}
+
+
+def poison_at(*steps):
+  return lambda step: {'poison': jnp.float32(step in steps)}
+
+
+def test_nonfinite_loss_stops_naming_step_term_and_last_checkpoint(tmp_path):
+  run = str(tmp_path / 'run')
+  with pytest.raises(T.NonFiniteError) as e:
+    real_fit(run, extra_loss=budget_loss, hparams_fn=poison_at(5))  # the 6th update
+  err = e.value
+  last = os.path.join(run, 'checkpoints', '4')
+  assert err.step == 6 and err.terms == ['budget', 'extra_loss', 'loss'] and err.checkpoint == last
+  msg = str(err)
+  assert "step 6 of phase 'train': budget=-inf (and extra_loss=-inf, loss=-inf); finite: " in msg
+  assert re.search(r'finite: .*\bce=\d', msg) and last in msg
+  assert 'on_nonfinite' in msg  # says how to get past it
+  # Nothing non-finite was saved: step 6 was due (every 3 steps) and is not there.
+  assert T.Checkpointer(os.path.join(run, 'checkpoints')).all_steps() == [3, 4]
+  # A NaN that only the gradient sees: named as the update, at the step it happened.
+  with pytest.raises(T.NonFiniteError, match=r'step 2 .*every loss term was finite but the update') as e:
+    real_fit(str(tmp_path / 'grad'), extra_loss=sqrt_loss, hparams_fn=poison_at(1))
+  assert e.value.terms == ['update'] and e.value.checkpoint is None
+
+
+def test_nonfinite_steps_skipped_up_to_a_bound(tmp_path):
+  # A skipped step leaves the state as it was (only the step counter moves on): the
+  # run poisoned at its 6th step ends where a run stopped after 5 steps ends.
+  five = real_fit(str(tmp_path / 'five'), num_steps=5, extra_loss=budget_loss, hparams_fn=poison_at())
+  skip = dict(on_nonfinite='skip', max_skipped_steps=2)
+  six = real_fit(str(tmp_path / 'six'), num_steps=6, extra_loss=budget_loss, hparams_fn=poison_at(5), **skip)
+  assert int(six.state.step) == 6
+  assert allclose_trees(six.state._replace(step=five.state.step), five.state)
+  recs = T.read_jsonl(str(tmp_path / 'six' / 'metrics.jsonl'))
+  assert [(r['step'], r['terms'][0]) for r in recs if r['split'] == 'skipped'] == [(6, 'budget')]
+  assert all(np.isfinite(r['loss']) for r in recs if 'loss' in r)  # skipped steps left out of the means
+  # The bound holds across a restart: 2 skips before the stop, the 3rd stops the run.
+  run = str(tmp_path / 'run')
+  bad = poison_at(1, 5, 6)
+  assert real_fit(run, stop_after_steps=5, extra_loss=budget_loss, hparams_fn=bad, **skip).stopped_early
+  with pytest.raises(T.NonFiniteError, match=r'step 7 .*after 2 skipped step\(s\)') as e:
+    real_fit(run, extra_loss=budget_loss, hparams_fn=bad, **skip)
+  assert e.value.checkpoint == os.path.join(run, 'checkpoints', '6')
+
+
+def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path):
+  """Same seed, same machine: every epoch record and every final array equal bit for
+  bit (fresh workdirs; the data order and augmentation come from the seed). A
+  different data seed is a different run, so the comparison can fail."""
+  a, b = real_fit(str(tmp_path / 'a'), num_steps=6), real_fit(str(tmp_path / 'b'), num_steps=6)
+  assert summary(a) == summary(b)
+  np.testing.assert_array_equal(a.state.params['fc']['kernel'], b.state.params['fc']['kernel'])
+  other = real_fit(str(tmp_path / 'c'), num_steps=6, seed=1)
+  assert summary(other)['crc'] != summary(a)['crc']

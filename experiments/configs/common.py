@@ -22,7 +22,13 @@ Layout (methods add their own keys under ``config.method``)::
   train.max_steps_per_epoch  debug: cap the steps of an epoch (CPU smoke runs)
   train.stop_after_steps     debug: stop a phase after this many steps
                              without a final checkpoint (tests resumption)
+  train.on_nonfinite   'stop': a NaN/Inf loss term or update stops the run naming the
+                       step, the term and the last good checkpoint; 'skip': drop that
+                       step's update and go on
+  train.max_skipped_steps    with 'skip': stop anyway after this many per phase
   checkpoint.every_steps, checkpoint.keep
+  checkpoint.force_resume    resume a workdir whose run had another config
+                             (experiments/workdir.py lists what may change freely)
   method.name          'dense' or a method of jaxprune.methods.available(); its keys: configs/defaults.py
   progress             tqdm progress bar (only on a TTY)
   distributed          call jax.distributed.initialize() (multi-host)
@@ -67,9 +73,11 @@ def base() -> config_dict.ConfigDict:
       'eval_every_epochs': 1,
       'max_steps_per_epoch': config_dict.placeholder(int),
       'stop_after_steps': config_dict.placeholder(int),
+      'on_nonfinite': 'stop',
+      'max_skipped_steps': 10,
     }
   )
-  c.checkpoint = config_dict.ConfigDict({'every_steps': 200, 'keep': 2})
+  c.checkpoint = config_dict.ConfigDict({'every_steps': 200, 'keep': 2, 'force_resume': False})
   c.method = config_dict.ConfigDict({'name': 'dense'})
   c.progress = True
   c.distributed = False

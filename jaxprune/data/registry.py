@@ -177,8 +177,55 @@ def open_split(name: str, split: Split = "train", *,
 @functools.lru_cache(maxsize=16)
 def _open_cached(name: str, split: Split, data_dir: Path | None,
                  loader: Loader) -> RecordSource:
-    del name  # part of the cache key only
-    return loader(split, data_dir)
+    source = loader(split, data_dir)
+    if isinstance(source, ArraySource):
+        check_arrays(_spec(name).info, split, source.images, source.labels)
+    return source
+
+
+def check_arrays(info: DatasetInfo, split: str, images: np.ndarray,
+                 labels: np.ndarray) -> None:
+    """Rejects a split the pipelines would train on silently wrong: empty, images
+    not ``uint8 [N, *info.image_shape]`` (0..255, normalised by the pipelines),
+    or labels outside ``[0, info.num_classes)`` (multi-task labels ``[N, T]``:
+    negative ones). Each error says how to fix it.
+
+    Example:
+      >>> check_arrays(get_info("cifar10_subset"), "test", np.zeros((0, 32, 32, 3), np.uint8),
+      ...              np.zeros((0,), np.int32))
+      Traceback (most recent call last):
+      ...
+      ValueError: data set 'cifar10_subset' (test split) is empty: ...
+    """
+    where = f"data set {info.name!r} ({split} split)"
+    if len(labels) == 0:
+        raise ValueError(
+            f"{where} is empty: its loader returned no records. Check the files "
+            "in data_dir (or the arrays given to the loader).")
+    if images.dtype != np.uint8:
+        hint = ("if they are floats in [0, 1], pass np.round(x * 255).astype(np.uint8)"
+                if np.issubdtype(images.dtype, np.floating) else
+                "convert them to uint8 (0..255)")
+        raise ValueError(
+            f"{where}: images have dtype {images.dtype}; the pipelines read raw "
+            f"uint8 pixels (0..255) and normalise them with the data set's mean/std: "
+            f"{hint}.")
+    if tuple(images.shape[1:]) != tuple(info.image_shape):
+        raise ValueError(
+            f"{where}: images have shape {images.shape[1:]} per record but its "
+            f"DatasetInfo says {tuple(info.image_shape)} (H, W, C): fix the loader "
+            "(grey images need a channel axis: x[..., None]; channels go last) or "
+            "the DatasetInfo.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{where}: labels have dtype {labels.dtype}; they must be class "
+            "indices (integers): np.asarray(y, np.int32).")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (labels.ndim == 1 and high >= info.num_classes):
+        raise ValueError(
+            f"{where}: labels range over {low}..{high} but must lie in [0, "
+            f"{info.num_classes}) (DatasetInfo.num_classes={info.num_classes}): "
+            "remap them to 0..num_classes-1 or fix num_classes.")
 
 
 def load_arrays(name: str, split: Split = "train", *,

@@ -26,7 +26,8 @@ Example (plain training; a method swaps in its own ``apply_fn``,
 """
 
 from jaxprune import compilation_cache
-from jaxprune.training.checkpoint import Checkpointer
+from jaxprune.training.checkpoint import Checkpointer, CheckpointWriteError, CorruptCheckpointError
+from jaxprune.training.guard import NonFiniteError, guard_step
 from jaxprune.training.loop import FitResult, Hooks, Plan, evaluate, fit
 from jaxprune.training.metrics import Means, MetricsWriter, read_jsonl
 from jaxprune.training.optim import from_config as optim_from_config
@@ -58,12 +59,15 @@ from jaxprune.training.steps import (
 compilation_cache.enable()  # on by default; JAXPRUNE_CACHE_DIR moves it or turns it off
 
 __all__ = [
+  'CheckpointWriteError',
   'Checkpointer',
+  'CorruptCheckpointError',
   'FitResult',
   'Forward',
   'Hooks',
   'Means',
   'MetricsWriter',
+  'NonFiniteError',
   'Plan',
   'TrainState',
   'Variables',
@@ -74,6 +78,7 @@ __all__ = [
   'eval_step',
   'evaluate',
   'fit',
+  'guard_step',
   'local_batch_size',
   'make_eval_step',
   'make_mesh',

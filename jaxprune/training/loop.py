@@ -7,12 +7,19 @@ evaluation, per-step hyper-parameters and an epoch-end hook) and a
 :class:`Plan` (how long, how often to log, evaluate and save). Re-running a
 phase with the same workdir resumes it from its latest checkpoint -- train
 state, data-iterator position, metric sums, history -- or returns at once
-when it had finished.
+when it had finished. A corrupt latest checkpoint is moved aside with a
+warning and the one before is restored.
+
+Every step is guarded (:mod:`jaxprune.training.guard`): a NaN or Inf loss
+term or update raises :class:`~jaxprune.training.guard.NonFiniteError`
+before anything non-finite is checkpointed, or (``Plan.on_nonfinite='skip'``)
+drops that step's update, a bounded number of times.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxprune.training import guard
 from jaxprune.training import sharding as sharding_lib
 from jaxprune.training.checkpoint import Checkpointer
 from jaxprune.training.metrics import Means, MetricsWriter, fmt, progress_bar
@@ -70,6 +78,12 @@ class Plan(NamedTuple):
     keep: checkpoints to keep.
     stop_after_steps: debug: return (as a kill would: no extra checkpoint)
       once the phase has done this many steps, to test resumption.
+    on_nonfinite: 'stop': a step whose loss terms or update are NaN/Inf
+      raises ``NonFiniteError`` (naming the step, the terms and the last good
+      checkpoint); 'skip': its update is dropped (the step counter, schedule
+      and data go on) and training continues.
+    max_skipped_steps: with 'skip', the phase stops as with 'stop' at the
+      non-finite step after this many were skipped.
   """
 
   num_steps: int
@@ -79,6 +93,8 @@ class Plan(NamedTuple):
   checkpoint_every: int | None = None
   keep: int = 2
   stop_after_steps: int | None = None
+  on_nonfinite: str = 'stop'
+  max_skipped_steps: int = 10
 
 
 class FitResult(NamedTuple):
@@ -98,18 +114,23 @@ class _Host:
   epoch: Means  # train metrics since the epoch began
   history: list[dict[str, Any]]
   t0: float  # wall-clock start, shifted back by the time before a restart
-  pending: list = dataclasses.field(default_factory=list)  # device metrics not yet fetched
+  pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) not yet fetched
   last: dict = dataclasses.field(default_factory=dict)  # the latest step's metrics
   speed_mark: tuple[float, int] = (0.0, 0)  # (time, step) for steps_per_s
+  skipped: int = 0  # non-finite steps skipped in this phase
+  screen: Callable[[int, dict], bool] | None = None  # False: leave the step out of the means
 
   def flush(self) -> None:
     # One device->host transfer for all steps since the last flush; sums are
     # added step by step so that they do not depend on where flushes fall.
-    for m in jax.device_get(self.pending):
+    pending, self.pending = self.pending, []
+    for step, m in jax.device_get(pending):
+      if self.screen is not None and not self.screen(step, m):
+        continue
+      m.pop(guard.FINITE_UPDATE, None)
       self.window.add(m)
       self.epoch.add(m)
       self.last = m
-    self.pending = []
 
   def meta(self, train_iter) -> dict[str, Any]:
     self.flush()
@@ -119,6 +140,7 @@ class _Host:
       'epoch': self.epoch.to_json(),
       'history': self.history,
       'elapsed': time.time() - self.t0,
+      'skipped': self.skipped,
       'data': train_iter.get_state() if hasattr(train_iter, 'get_state') else None,
     }
 
@@ -175,7 +197,7 @@ def _restore(ckpt, state, train_iter, writer, phase) -> tuple[TrainState, _Host,
   host = _Host(begin=int(state.step), step=int(state.step), window=Means(), epoch=Means(), history=[], t0=time.time())
   if ckpt is None or ckpt.latest_step() is None:
     return state, host, None
-  state, meta = ckpt.restore(state)
+  state, meta = ckpt.restore(state, fallback=True)
   resumed_from = int(state.step)
   if meta.get('data') is not None and hasattr(train_iter, 'set_state'):
     train_iter.set_state(meta['data'])
@@ -186,6 +208,7 @@ def _restore(ckpt, state, train_iter, writer, phase) -> tuple[TrainState, _Host,
     epoch=Means.from_json(meta.get('epoch')),
     history=list(meta.get('history', [])),
     t0=time.time() - meta.get('elapsed', 0.0),
+    skipped=meta.get('skipped', 0),
   )
   writer.truncate_after(resumed_from, phase)
   return state, host, resumed_from
@@ -240,9 +263,37 @@ class _Log:
       self.bar = None
 
 
+def _screen(step: int, metrics: dict, *, host: _Host, plan: Plan, phase: str, writer: MetricsWriter, ckpt) -> bool:
+  """False for a skipped non-finite step; raises when the run must stop."""
+  terms = guard.nonfinite_terms(metrics)
+  if terms is None:
+    return True
+  where = guard.describe(phase, step, metrics, terms)
+  if plan.on_nonfinite == 'skip' and host.skipped < plan.max_skipped_steps:
+    host.skipped += 1
+    logging.warning('Skipped non-finite %s (%d of at most %d)', where, host.skipped, plan.max_skipped_steps)
+    writer.write({'phase': phase, 'step': step, 'split': 'skipped', 'terms': terms})
+    return False
+  last = ckpt.latest_step() if ckpt is not None else None
+  if last is None:
+    good = 'There is no checkpoint of this phase yet; running again starts it over.'
+  else:
+    good = f'The last good checkpoint is step {last} ({ckpt.step_path(last)}); running again resumes from it.'
+  skipped = f' after {host.skipped} skipped step(s)' if plan.on_nonfinite == 'skip' else ''
+  raise guard.NonFiniteError(
+    f'Non-finite training loss at {where}{skipped}. {good} To get past it: lower the learning rate or the '
+    "weight of that term, clip gradients (train.grad_clip_norm), or drop such steps with Plan.on_nonfinite='skip' "
+    '(config: train.on_nonfinite, train.max_skipped_steps).',
+    step=step,
+    terms=terms,
+    checkpoint=None if last is None else ckpt.step_path(last),
+  )
+
+
 def _end_epoch(state: TrainState, hooks: Hooks, log: _Log, target: int) -> TrainState:
   """Epoch-end hook, the epoch's train means and (when due) its eval."""
   h, plan = log.host, log.plan
+  h.flush()  # a non-finite step stops the run before the hook sees its state
   if hooks.on_epoch_end is not None:
     new = hooks.on_epoch_end(h.step, state)
     state = state if new is None else new
@@ -304,6 +355,8 @@ def fit(
     >>> hooks = Hooks(make_train_step(apply_fn, tx), eval_fn=lambda s: ...)  # doctest: +SKIP
     >>> fit(state, it, hooks, Plan(num_steps=100, steps_per_epoch=10), workdir='/tmp/run')  # doctest: +SKIP
   """
+  if plan.on_nonfinite not in guard.MODES:
+    raise ValueError(f'Plan.on_nonfinite must be one of {guard.MODES}, got {plan.on_nonfinite!r}')
   if metrics_path is None and workdir is not None:
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
   writer = MetricsWriter(metrics_path)
@@ -314,6 +367,8 @@ def fit(
   target = host.begin + plan.num_steps
   host.speed_mark = (time.time(), host.step)
   log = _Log(writer, phase, plan, host, progress)
+  train_step = guard.guard_step(hooks.train_step, skip=plan.on_nonfinite == 'skip', mesh=mesh)
+  host.screen = functools.partial(_screen, host=host, plan=plan, phase=phase, writer=writer, ckpt=ckpt)
 
   def save():
     ckpt.save(host.step, state, host.meta(train_iter))
@@ -326,9 +381,9 @@ def fit(
       log.open_bar(target)
       batch = _to_device(next(train_iter), mesh)
       hp = hooks.hparams_fn(host.step) if hooks.hparams_fn is not None else None
-      state, metrics = hooks.train_step(state, batch, None, hp)
+      state, metrics = train_step(state, batch, None, hp)
       host.step += 1
-      host.pending.append(metrics)
+      host.pending.append((host.step, metrics))
       log.bar.update(1)
       epoch_end = (host.step - host.begin) % plan.steps_per_epoch == 0 or host.step == target
       if epoch_end:

@@ -1,0 +1,91 @@
+"""The non-finite guard: a NaN or Inf loss or update stops a run, or skips the step.
+
+:func:`guard_step` wraps a train step (inside one jit): it adds a flag that
+every updated array of the state is finite (a NaN gradient shows up there one
+step before the loss sees it) and, with ``skip=True``, keeps the previous state
+(only ``step`` advances, so the schedule and the data go on) when a metric or
+the update is not finite. The loop reads the flags with the other metrics and
+raises :class:`NonFiniteError` naming the step, the loss terms that went
+non-finite and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.training import sharding as sharding_lib
+from jaxprune.training.state import TrainState
+
+FINITE_UPDATE = '_finite_update'  # the flag guard_step adds to the metrics
+MODES = ('stop', 'skip')
+# Sums of other terms, named after the terms they add up.
+_TOTALS = ('extra_loss', 'loss')
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step whose loss or update was NaN or Inf."""
+
+  def __init__(self, message: str, *, step: int, terms: list[str], checkpoint: str | None):
+    super().__init__(message)
+    self.step, self.terms, self.checkpoint = step, terms, checkpoint
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def guard_step(
+  train_step: Callable[..., tuple[TrainState, dict]], *, skip: bool = False, mesh: jax.sharding.Mesh | None = None
+) -> Callable[..., tuple[TrainState, dict]]:
+  """``train_step`` jitted with the finiteness flag (and, with ``skip``, the skip).
+
+  ``skip`` enters the program as a value, not as its structure: both modes run
+  the same compiled step, so switching them cannot change a run's numbers.
+
+  >>> step = guard_step(make_train_step(apply_fn, tx), skip=True)  # doctest: +SKIP
+  >>> state, metrics = step(state, batch)  # metrics[FINITE_UPDATE]: 1.0 or 0.0  # doctest: +SKIP
+  """
+
+  def guarded(state, batch, mask, hparams, skip):
+    new, metrics = train_step(state, batch, mask, hparams)
+    finite_update = _all_finite((new.params, new.extra, new.batch_stats, new.opt_state))
+    keep_new = (finite_update & _all_finite(metrics)) | ~skip
+    kept = state._replace(step=new.step)
+    new = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, kept)
+    return new, {**metrics, FINITE_UPDATE: finite_update.astype(jnp.float32)}
+
+  kw = {'out_shardings': sharding_lib.replicated(mesh)} if mesh is not None else {}
+  jitted = jax.jit(guarded, donate_argnums=(0,), **kw)
+  flag = jnp.asarray(bool(skip))
+  return lambda state, batch, mask=None, hparams=None: jitted(state, batch, mask, hparams, flag)
+
+
+def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str] | None:
+  """The metrics (loss terms) of one step that are not finite, most specific first
+  (``budget`` before the ``extra_loss`` and ``loss`` it adds to); ``['update']``
+  when every term is finite but the update is not; None when the step is fine."""
+  bad = [k for k, v in metrics.items() if k != FINITE_UPDATE and not math.isfinite(float(v))]
+  if bad:
+    return sorted(bad, key=lambda k: (k in _TOTALS, _TOTALS.index(k) if k in _TOTALS else 0, k))
+  if float(metrics.get(FINITE_UPDATE, 1.0)) != 1.0:
+    return ['update']
+  return None
+
+
+def describe(phase: str, step: int, metrics: Mapping[str, Any], terms: list[str]) -> str:
+  """``'step 7 of phase 'search': budget=nan (and extra_loss=nan, loss=nan); finite: ce=2.3'``."""
+  if terms == ['update']:
+    what = 'every loss term was finite but the update made the parameters (or optimizer state) non-finite'
+  else:
+    first, rest = terms[0], terms[1:]
+    what = f'{first}={float(metrics[first])}'
+    if rest:
+      what += ' (and ' + ', '.join(f'{k}={float(metrics[k])}' for k in rest) + ')'
+  finite = [f'{k}={float(v):.4g}' for k, v in metrics.items() if k not in terms and k != FINITE_UPDATE]
+  return f'step {step} of phase {phase!r}: {what}' + (f'; finite: {", ".join(finite)}' if finite else '')
