@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxprune import training as T
-from jaxprune.training import optim
+from jaxprune.training import guard, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -744,3 +744,24 @@ def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path):
   np.testing.assert_array_equal(a.state.params['fc']['kernel'], b.state.params['fc']['kernel'])
   other = real_fit(str(tmp_path / 'c'), num_steps=6, seed=1)
   assert summary(other)['crc'] != summary(a)['crc']
+
+
+@pytest.mark.parametrize('skip', [False, True])
+def test_guard_leaves_the_steps_numbers_alone(skip):
+  """The guarded step (both modes) gives the unguarded step's states bit for bit, so a
+  run's numbers do not depend on the guard or its mode."""
+  from jaxprune import data
+
+  tx = optim.make_optimizer('sgd', 0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+  graphdef, state = T.create_train_state(tiny(), tx, rng=0)
+  plain = T.make_train_step(T.nnx_apply(graphdef), tx)
+  guarded = T.guard_step(plain, skip=skip)
+  a, b = jax.tree.map(jnp.copy, state), jax.tree.map(jnp.copy, state)
+  it = data.train_iterator('cifar10_subset', batch_size=16, seed=0, shard_index=0, shard_count=1)
+  for _ in range(3):
+    batch = next(it)
+    a, ma = plain(a, batch)
+    b, mb = guarded(b, batch)
+    assert mb.pop(guard.FINITE_UPDATE) == 1.0 and jax.device_get(ma) == jax.device_get(mb)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

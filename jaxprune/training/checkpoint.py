@@ -142,7 +142,9 @@ class Checkpointer:
 
     Raises:
       CheckpointWriteError: the write failed (e.g. no space left); the partial
-        step is deleted and the previous checkpoints are untouched.
+        step is deleted and the previous checkpoints are untouched. (With
+        ``async_save`` a failure surfaces from ``wait``/``close`` as orbax
+        raises it; the next start deletes the partial step.)
     """
     if step in self._mngr.all_steps():
       return False

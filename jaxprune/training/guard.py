@@ -1,16 +1,18 @@
 """The non-finite guard: a NaN or Inf loss or update stops a run, or skips the step.
 
-:func:`guard_step` wraps a train step (inside one jit): it adds a flag that
-every updated array of the state is finite (a NaN gradient shows up there one
-step before the loss sees it) and, with ``skip=True``, keeps the previous state
-(only ``step`` advances, so the schedule and the data go on) when a metric or
-the update is not finite. The loop reads the flags with the other metrics and
+:func:`guard_step` follows a train step with a flag that every updated array
+of the state is finite (a NaN gradient shows up there one step before the loss
+sees it) and, with ``skip=True``, keeps the previous state (only ``step``
+advances, so the schedule and the data go on) when a metric or the update is
+not finite. The step's own program is not changed: guarded and unguarded runs
+give the same numbers. The loop reads the flags with the other metrics and
 raises :class:`NonFiniteError` naming the step, the loss terms that went
 non-finite and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune.training import sharding as sharding_lib
 from jaxprune.training.state import TrainState
 
 FINITE_UPDATE = '_finite_update'  # the flag guard_step adds to the metrics
@@ -43,27 +44,44 @@ def _all_finite(tree: Any) -> jax.Array:
 def guard_step(
   train_step: Callable[..., tuple[TrainState, dict]], *, skip: bool = False, mesh: jax.sharding.Mesh | None = None
 ) -> Callable[..., tuple[TrainState, dict]]:
-  """``train_step`` jitted with the finiteness flag (and, with ``skip``, the skip).
+  """``train_step`` followed by the finiteness check (and, with ``skip``, the skip).
 
-  ``skip`` enters the program as a value, not as its structure: both modes run
-  the same compiled step, so switching them cannot change a run's numbers.
+  The check and the skip are programs of their own, run after the step: the
+  step's own compiled program is untouched, so guarded runs give the numbers
+  unguarded ones gave, bit for bit, in both modes (``skip`` keeps a copy of the
+  state the step donates, and puts it back when the step was not finite).
 
   >>> step = guard_step(make_train_step(apply_fn, tx), skip=True)  # doctest: +SKIP
   >>> state, metrics = step(state, batch)  # metrics[FINITE_UPDATE]: 1.0 or 0.0  # doctest: +SKIP
   """
+  del mesh  # the check and the select keep the (replicated) sharding of their inputs
 
-  def guarded(state, batch, mask, hparams, skip):
-    new, metrics = train_step(state, batch, mask, hparams)
+  @jax.jit
+  def check(new, metrics):
     finite_update = _all_finite((new.params, new.extra, new.batch_stats, new.opt_state))
-    keep_new = (finite_update & _all_finite(metrics)) | ~skip
-    kept = state._replace(step=new.step)
-    new = jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, kept)
-    return new, {**metrics, FINITE_UPDATE: finite_update.astype(jnp.float32)}
+    return finite_update.astype(jnp.float32), finite_update & _all_finite(metrics)
 
-  kw = {'out_shardings': sharding_lib.replicated(mesh)} if mesh is not None else {}
-  jitted = jax.jit(guarded, donate_argnums=(0,), **kw)
-  flag = jnp.asarray(bool(skip))
-  return lambda state, batch, mask=None, hparams=None: jitted(state, batch, mask, hparams, flag)
+  if not skip:
+
+    def guarded(state, batch, mask=None, hparams=None):
+      new, metrics = train_step(state, batch, mask, hparams)
+      return new, {**metrics, FINITE_UPDATE: check(new, metrics)[0]}
+
+    return guarded
+
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def select(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old._replace(step=new.step))
+
+  def guarded_skip(state, batch, mask=None, hparams=None):
+    old = copy(state)  # the step donates its input
+    new, metrics = train_step(state, batch, mask, hparams)
+    finite_update, ok = check(new, metrics)
+    return select(ok, new, old), {**metrics, FINITE_UPDATE: finite_update}
+
+  return guarded_skip
 
 
 def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str] | None:
