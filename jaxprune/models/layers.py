@@ -8,7 +8,7 @@ with the unchanged graphdef.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ __all__ = [
     "global_avg_pool",
     "linear",
     "linear_kernel_init",
+    "residual_stages",
 ]
 
 # PyTorch's BatchNorm momentum 0.1 weights the *new* batch statistic; flax's
@@ -125,6 +126,37 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over the spatial axes of an NHWC tensor -> (N, C)."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def residual_stages(
+    block: Callable[..., nnx.Module],
+    in_planes: int,
+    widths: Sequence[int],
+    blocks_per_stage: int,
+    *,
+    rngs: nnx.Rngs,
+) -> list[nnx.List]:
+    """One ``nnx.List`` of ``blocks_per_stage`` blocks per width in ``widths``.
+
+    ``block(in_planes, planes, stride, rngs=rngs)`` builds a block; the first
+    block of every stage after the first has stride 2. Blocks are built in
+    order, so the rng draws (and the initial weights) follow the network's order.
+
+    Example:
+        >>> from jaxprune.models.resnet_cifar import BasicBlockA
+        >>> stages = residual_stages(BasicBlockA, 16, (16, 32), 2, rngs=nnx.Rngs(0))
+        >>> [len(s) for s in stages]
+        [2, 2]
+    """
+    stages = []
+    for s, planes in enumerate(widths):
+        blocks = []
+        for i in range(blocks_per_stage):
+            stride = 2 if (s > 0 and i == 0) else 1
+            blocks.append(block(in_planes, planes, stride, rngs=rngs))
+            in_planes = planes
+        stages.append(nnx.List(blocks))
+    return stages
 
 
 class ConvBN(nnx.Module):

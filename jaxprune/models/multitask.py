@@ -40,7 +40,7 @@ import jax
 from flax import nnx
 
 from jaxprune.models.layers import (ConvBN, channel_index, expand_channels, gather_channels,
-                                    global_avg_pool, linear)
+                                    global_avg_pool, linear, residual_stages)
 from jaxprune.models.resnet_imagenet import BasicBlock
 
 __all__ = ["MultitaskEncoder", "MultitaskHead", "MultitaskNet", "multitask_resnet"]
@@ -60,18 +60,10 @@ class MultitaskEncoder(nnx.Module):
     def __init__(self, in_channels: int, widths: Sequence[int], blocks_per_stage: int, *,
                  rngs: nnx.Rngs) -> None:
         self.stem = ConvBN(in_channels, widths[0], 3, rngs=rngs)
-        in_planes = widths[0]
-        stages = []
-        for s, planes in enumerate(widths):
-            blocks = []
-            for i in range(blocks_per_stage):
-                stride = 2 if (s > 0 and i == 0) else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, rngs=rngs))
-                in_planes = planes
-            stages.append(nnx.List(blocks))
-        self.stages = nnx.List(stages)
+        self.stages = nnx.List(residual_stages(BasicBlock, widths[0], widths, blocks_per_stage,
+                                               rngs=rngs))
         self.stem_index = channel_index(widths[0])
-        self.out_index = channel_index(in_planes)
+        self.out_index = channel_index(widths[-1])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = expand_channels(nnx.relu(self.stem(x)), self.stem_index)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune.models.layers import (ZeroPad, batch_norm, channel_index, conv, expand_channels,
-                                    gather_channels, global_avg_pool, linear)
+                                    gather_channels, global_avg_pool, linear, residual_stages)
 from jaxprune.models.resnet_imagenet import BasicBlock
 
 __all__ = ["BasicBlockA", "CifarResNet", "cifar_resnet", "wide_resnet"]
@@ -140,16 +140,8 @@ class CifarResNet(nnx.Module):
         self.conv1 = conv(in_channels, stem, 3, 1, rngs=rngs)
         self.bn1 = batch_norm(stem, rngs=rngs)
         self.stem_index = channel_index(stem)
-        in_planes = stem
-        stages = []
-        for s, planes in enumerate(widths):
-            blocks = []
-            for i in range(blocks_per_stage):
-                stride = 2 if (s > 0 and i == 0) else 1
-                blocks.append(block(in_planes, planes, stride, rngs=rngs))
-                in_planes = planes
-            stages.append(nnx.List(blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = residual_stages(block, stem, widths, blocks_per_stage,
+                                                                rngs=rngs)
         self.fc_index = channel_index(widths[-1])
         self.fc = linear(widths[-1], num_classes, rngs=rngs)
 
