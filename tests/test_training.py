@@ -776,3 +776,18 @@ def test_guard_leaves_the_steps_numbers_alone(skip):
     assert mb.pop(guard.FINITE_UPDATE) == 1.0 and jax.device_get(ma) == jax.device_get(mb)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_guard_checks_the_methods_extra_state():
+  """A NaN that appears only in the method's state (gates, records) marks the update non-finite."""
+  tx = optax.sgd(0.1)
+  graphdef, state = T.create_train_state(tiny(), tx, rng=0)
+  state = state._replace(extra={'gate': jnp.ones(3)})
+
+  def step(s, batch, mask=None, hparams=None):  # a method whose gate update went NaN
+    return s._replace(extra={'gate': s.extra['gate'] * jnp.nan}), {'loss': jnp.float32(1.0)}
+
+  _, metrics = T.guard_step(step)(state, None)
+  assert metrics[guard.FINITE_UPDATE] == 0.0
+  _, metrics = T.guard_step(lambda s, *a: (s, {'loss': jnp.float32(1.0)}))(state, None)
+  assert metrics[guard.FINITE_UPDATE] == 1.0

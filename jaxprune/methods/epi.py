@@ -462,12 +462,21 @@ def first(triggers) -> int:
 # The per-epoch tracker: (init, update), plain arrays, checkpointable.
 
 
+UNSET = -1.0  # a tracker value not defined (yet): EPI and Early-Bird distances are >= 0
+
+
+def _unset_to_nan(x: jax.Array) -> jax.Array:
+  return jnp.where(x < 0, jnp.nan, x)
+
+
 class State(NamedTuple):
   """Records of the dominant sub-network, one row per `update` (capacity rows).
 
   counts: int32[capacity, groups] A_k; masks: bool[capacity, channels] its
   flat masks; epi / eb: float32[capacity] EPI and the Early-Bird distance
-  (NaN where undefined or unwritten); widths: int32[groups]; size: records
+  (`UNSET` where undefined or unwritten: both are >= 0 when defined, and a
+  finite state passes the trainer's non-finite guard; `history` gives NaN
+  there); widths: int32[groups]; size: records
   written; fired: the record the trigger fired at (-1: not yet);
   first_epoch: the epoch of record 0 (0 when recording from initialisation).
   """
@@ -490,9 +499,9 @@ def init(widths: Sequence[int], capacity: int, first_epoch: int = 0) -> State:
   if widths.ndim != 1 or capacity < 1:
     raise ValueError("init takes a 1-D sequence of group widths and a capacity >= 1")
   # Separate buffers: a train step that donates its state must not see one twice.
-  nan = lambda: jnp.full((capacity,), jnp.nan, jnp.float32)
+  unset = lambda: jnp.full((capacity,), UNSET, jnp.float32)
   return State(jnp.zeros((capacity, widths.size), jnp.int32),
-               jnp.zeros((capacity, int(widths.sum())), bool), nan(), nan(), jnp.asarray(widths),
+               jnp.zeros((capacity, int(widths.sum())), bool), unset(), unset(), jnp.asarray(widths),
                jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
                jnp.asarray(first_epoch, jnp.int32))
 
@@ -517,13 +526,15 @@ def update(state: State, counts: jax.Array, mask: jax.Array, config: Config
   k = state.size
   hist = state.counts.at[k].set(counts)
   masks = state.masks.at[k].set(mask)
-  epi = state.epi.at[k].set(epi_series(hist, config.r, config.distance_norm, state.widths)[k])
-  eb = state.eb.at[k].set(hamming_series(masks, config.eb_keep)[k])
+  epi_k = epi_series(hist, config.r, config.distance_norm, state.widths)[k]
+  eb_k = hamming_series(masks, config.eb_keep)[k]
+  epi = state.epi.at[k].set(jnp.nan_to_num(epi_k, nan=UNSET))
+  eb = state.eb.at[k].set(jnp.nan_to_num(eb_k, nan=UNSET))
   if config.indicator == "epi":
-    hit = epi_triggers(epi, config.threshold, config.window, strict=config.strict,
+    hit = epi_triggers(_unset_to_nan(epi), config.threshold, config.window, strict=config.strict,
                        full_window=config.full_window)[k]
   else:
-    hit = (eb <= config.eb_eps)[k]
+    hit = ~jnp.isnan(eb_k) & (eb_k <= config.eb_eps)
   fire = hit & (state.fired < 0)
   new = State(hist, masks, epi, eb, state.widths, k + 1, jnp.where(fire, k, state.fired),
               state.first_epoch)
@@ -554,10 +565,11 @@ def last_masks(state: State, graph: ChannelGraph) -> dict[str, jax.Array]:
 
 
 def history(state: State) -> dict[str, np.ndarray]:
-  """The written records as numpy: epoch, counts, epi, eb."""
+  """The written records as numpy: epoch, counts, epi, eb (NaN where undefined)."""
   n = int(state.size)
   return {"epoch": int(state.first_epoch) + np.arange(n), "counts": np.asarray(state.counts[:n]),
-          "epi": np.asarray(state.epi[:n]), "eb": np.asarray(state.eb[:n])}
+          "epi": np.asarray(_unset_to_nan(state.epi[:n])),
+          "eb": np.asarray(_unset_to_nan(state.eb[:n]))}
 
 
 class Calibration(NamedTuple):
@@ -714,7 +726,7 @@ def compare_compute(dense_forward: float, pruned_forward: float, *, epochs: int,
 
 __all__ = [
     "CRITERIA", "Calibration", "ChannelLeaves", "Compute", "Config", "State", "Subnetwork",
-    "TAU", "TRAIN_MACS_PER_FORWARD", "TaylorState", "calibrate_tau", "channel_leaves",
+    "TAU", "TRAIN_MACS_PER_FORWARD", "TaylorState", "UNSET", "calibrate_tau", "channel_leaves",
     "compare_compute", "dominant", "epi_series", "epi_triggers", "fire_epoch", "first",
     "hamming_series", "history", "init", "magnitude_rms", "psi", "scores", "slim_opt_state",
     "slim_state", "taylor_accumulate", "taylor_init", "taylor_scores", "taylor_step",

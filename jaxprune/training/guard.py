@@ -58,9 +58,9 @@ def guard_step(
 
   @jax.jit
   def check(new, metrics):
-    # extra is left out: methods keep NaN-as-unset records there (EPI's tracker); a
-    # non-finite trainable extra shows up in the next step's loss terms instead
-    finite_update = _all_finite((new.params, new.batch_stats, new.opt_state))
+    # extra included: method state must stay finite (EPI's tracker marks unset records
+    # with a finite sentinel), so a NaN in gates or records stops the run here
+    finite_update = _all_finite((new.params, new.extra, new.batch_stats, new.opt_state))
     return finite_update.astype(jnp.float32), finite_update & _all_finite(metrics)
 
   if not skip:
