@@ -73,6 +73,13 @@ COLUMNS: dict[str, Column] = {
     for t in ('left', 'right', 'sum')  # the MultiMNIST tasks
   },
   'patterns': Column('distinct gate patterns', 'dynamic.patterns', lambda x: f'{x:.0f}'),
+  'reduction_official': Column(
+    "MAC reduction, official count (%)", 'dynamic.reduction_official', _pct, scale=lambda v: 100 * v
+  ),
+  # ManiDP's point: hard samples (top loss quartile) keep more gated channels than easy ones
+  'kept_easy': Column('gates kept, easiest 25% (%)', 'dynamic.kept_easy', _pct, scale=lambda v: 100 * v),
+  'kept_hard': Column('gates kept, hardest 25% (%)', 'dynamic.kept_hard', _pct, scale=lambda v: 100 * v),
+  'kept_loss_corr': Column('corr(kept, loss)', 'dynamic.kept_loss_corr', lambda x: f'{x:+.2f}'),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
