@@ -140,13 +140,26 @@ def group(runs: list[dict], by: Sequence[str]) -> list[tuple[tuple, list[dict]]]
   return sorted(groups.items(), key=order)
 
 
+def _headers(by: Sequence[str]) -> list[str]:
+  """Each key's last component, or as many last components as make it unique
+  (``config.method.epochs``, ``config.method.finetune.epochs``: epochs, finetune.epochs)."""
+  parts = [k.split('.') for k in by]
+  out = []
+  for p in parts:
+    n = 1
+    while n < len(p) and sum(q[-n:] == p[-n:] for q in parts) > 1:
+      n += 1
+    out.append('.'.join(p[-n:]))
+  return out
+
+
 def table(runs: list[dict], by: Sequence[str], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
   """The markdown table: one row per group of ``by`` values."""
   unknown = [c for c in columns if c != 'seeds' and c not in COLUMNS]
   if unknown:
     raise ValueError(f'unknown column(s) {unknown}; valid: seeds, {", ".join(COLUMNS)}')
   cols = [c for c in columns if c == 'seeds' or any(_value(r, COLUMNS[c]) is not None for r in runs)]
-  head = [k.split('.')[-1] for k in by] + [('seeds' if c == 'seeds' else COLUMNS[c].header) for c in cols]
+  head = _headers(by) + [('seeds' if c == 'seeds' else COLUMNS[c].header) for c in cols]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for values, rs in group(runs, by):
     cells = [_label(v) for v in values] + [str(len(rs)) if c == 'seeds' else _cell(rs, COLUMNS[c]) for c in cols]

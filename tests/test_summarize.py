@@ -127,3 +127,8 @@ def test_committed_per_run_summaries_follow_the_schema():
     r = results.load(str(path))
     assert 0 <= r['test_accuracy'] <= 1, path
     assert np.isclose(r['macs'], r['pruned']['macs']), path
+
+
+def test_group_keys_with_the_same_last_name_get_unique_headers(runs, tmp_path):
+  md = summarize.main([str(tmp_path), '--by', 'config.method.budget,budget,method', '--columns', 'seeds'])
+  assert md.splitlines()[0] == '| method.budget | budget | method | seeds |'
