@@ -84,13 +84,14 @@ def test_manidp_counts_per_image_cost_below_the_dense_network(tmp_path):
   assert np.isclose(per['macs'].mean(), r['macs']) and per['macs'].shape == (1017,)
   assert results.load(str(tmp_path / 'manidp'))['method'] == 'manidp'
 
-  # killed after the first epoch's threshold refresh, resumed: the same thresholds and result
+  # From the same dense network, killed after the first epoch's threshold refresh and
+  # resumed: the same thresholds and result as the uninterrupted run above.
   def again(workdir, **train):
     c = config('manidp_cifar10_subset_resnet20.py', max_steps_per_epoch=3, **train)
     c.method.pretrained = str(tmp_path / 'manidp')
     return train_lib.train_and_evaluate(c, str(workdir))
 
-  whole = again(tmp_path / 'whole')
+  whole = r
   assert again(tmp_path / 'cut', stop_after_steps=4).get('stopped_early')
   resumed = again(tmp_path / 'cut')
   assert resumed['test_accuracy'] == whole['test_accuracy']
