@@ -11,7 +11,6 @@ result is the gated network's accuracy and per-image cost.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,22 +22,6 @@ from jaxprune import training as T
 from jaxprune.methods import manidp
 
 SUMS = ('thresholds', 'sal_sum', 'count', 'ce_sum', 'ce_ref')  # method state, not trained
-
-
-def reference_loss(exp: Experiment, graphdef, state) -> float:
-  """Mean CE of the dense network over the (augmented) training set, in eval mode: the
-  official code's C before the first epoch."""
-  fwd = jax.jit(lambda v, x: T.nnx_apply(graphdef)(v, x, train=False).logits)
-  it = phases.data_lib.train_iterator(exp.config.data.name, batch_size=phases.global_batch(exp.config),
-                                      seed=exp.config.seed, data_dir=exp.config.data.data_dir,
-                                      holdout=exp.config.data.holdout)  # fmt: skip
-  total, n = 0.0, 0
-  for _ in range(phases.steps_per_epoch(exp.config)):
-    b = next(it)
-    logits = fwd(T.variables(state), jnp.asarray(b['image']))
-    total += float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(b['label'])).sum())
-    n += len(b['label'])
-  return total / n
 
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
@@ -86,7 +69,7 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   clip = optax.clip_by_global_norm(float(m.grad_clip_norm)) if m.grad_clip_norm else optax.identity()
   tx = T.partition({'params': optax.chain(clip, optax.add_decayed_weights(m.weight_decay), sgd()),
                     'gates': optax.chain(clip, sgd()), **{k: None for k in SUMS}})  # fmt: skip
-  c0 = reference_loss(exp, dense.graphdef, dense.state) if not m.get('c_ref') else float(m.c_ref)
+  c0 = phases.mean_train_loss(exp, dense.graphdef, dense.state) if not m.get('c_ref') else float(m.c_ref)
   state0 = manidp.init(layers)
   extra = {'gates': manidp.init_gates(int(m.seed), layers, scale=float(m.gate_init_scale)), 'thresholds': state0.thresholds,
            'sal_sum': state0.sal_sum, 'count': state0.count, 'ce_sum': jnp.float32(0.0),
@@ -112,7 +95,6 @@ def evaluate(exp: Experiment, graph, layers, gated_eval, state, dense: Dense) ->
             'gates': gates.astype(jnp.float32)}  # fmt: skip
 
   per, s = pruning.per_sample(exp, extra=extra, graph=graph, forward=lambda x: _hard(forward(x)))
-  per['loss'] = _losses(exp, forward)
   dense_macs, gm = float(dense.cost['macs']), manidp.gate_macs(layers)
   q = np.quantile(per['loss'], [0.25, 0.75])
   s.update(gate_macs=gm, dense_macs=dense_macs, macs_ratio=s['macs_mean'] / dense_macs,
@@ -131,15 +113,6 @@ def _hard(out):
   """(logits, masks): a channel counts where its gate is open (its saliency > 0)."""
   logits, masks = out
   return logits, {k: (m > 0).astype(jnp.float32) for k, m in masks.items()}
-
-
-def _losses(exp: Experiment, forward) -> np.ndarray:
-  """Per test image CE of the gated network (the samples' difficulty)."""
-  out = []
-  for b in phases.eval_slice(exp.config, 'test'):
-    logits, _ = forward(jnp.asarray(b['image']))
-    out.append(np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(b['label']))))
-  return np.concatenate(out)
 
 
 recipe = Recipe(defaults=defaults.manidp, run=run, check=lambda exp: manidp.check_rate(exp.config.method.target_rate))

@@ -287,3 +287,19 @@ def load_tree(path: str) -> Any:
     return None
   with open(path, 'rb') as f:
     return serialization.msgpack_restore(f.read())
+
+
+def mean_train_loss(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState) -> float:
+  """Mean cross-entropy of a network over one epoch of the (augmented) training data, in
+  eval mode (e.g. ManiDP's reference loss before its first epoch)."""
+  fwd = jax.jit(lambda v, x: T.nnx_apply(graphdef)(v, x, train=False).logits)
+  c = exp.config
+  it = data_lib.train_iterator(c.data.name, batch_size=global_batch(c), seed=c.seed, data_dir=c.data.data_dir,
+                               holdout=c.data.holdout)  # fmt: skip
+  total, n = 0.0, 0
+  for _ in range(steps_per_epoch(c)):
+    b = next(it)
+    logits = fwd(T.variables(state), jnp.asarray(b['image']))
+    total += float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(b['label'])).sum())
+    n += len(b['label'])
+  return total / n

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import jaxprune
@@ -228,8 +229,8 @@ def kept_per_group(masks: dict[str, Any]) -> dict[str, int]:
 def per_sample(
   exp: Experiment, forward: Callable, graph: jaxprune.ChannelGraph, extra: Callable | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """A dynamic network over the test split: per image, ``correct``, ``label``, the
-  core's cost of its masks (``macs``, ``flops``, ``channels``, ``volume``, the papers'
+  """A dynamic network over the test split: per image, ``correct``, ``label``, ``loss``
+  (cross-entropy: the image's difficulty), the core's cost of its masks (``macs``, ``flops``, ``channels``, ``volume``, the papers'
   ``flops_paper``) and ``extra(masks)``'s arrays; and a summary (accuracy, count,
   mean/std/min/max of the per-image MACs). ``forward(images) -> (logits, masks)``, the
   masks with a leading batch axis."""
@@ -242,7 +243,8 @@ def per_sample(
   cost_fn, per = jax.jit(costs), {}
   for b in phases.eval_slice(exp.config, 'test'):
     logits, masks = forward(jnp.asarray(b['image']))
-    hits = {'correct': np.asarray(logits).argmax(-1) == b['label'], 'label': b['label']}
+    ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, jnp.float32), jnp.asarray(b['label']))
+    hits = {'correct': np.asarray(logits).argmax(-1) == b['label'], 'label': b['label'], 'loss': ce}
     for k, x in {**cost_fn(masks), **hits}.items():
       per.setdefault(k, []).append(np.asarray(x))
   per = {k: np.concatenate(x) for k, x in per.items()}
