@@ -40,14 +40,6 @@ def make_apply_fns(graphdef, graph: jaxprune.ChannelGraph):
   return soft, pruning.masked_apply(graphdef, graph, lambda v, hp: v.extra['hard'])
 
 
-def graph_of(exp: Experiment, dense: Dense) -> jaxprune.ChannelGraph:
-  """The graph ChipNet masks: with branch groups on ``method.units='branch'`` (the
-  official units), the channel graph on ``'stream'``."""
-  if pruning.branch_units(exp.config.method):
-    return pruning.trace(exp, dense.graphdef, dense.state, branches=True)
-  return dense.graph
-
-
 def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit: str) -> dict:
   """The soft-pruning phase; returns the best record (step, accuracy, hard, zeta, variables)."""
   config, m, d = exp.config, exp.config.method, os.path.join(exp.workdir, 'soft_prune')
@@ -123,7 +115,7 @@ def start(exp: Experiment) -> Dense:
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
   m = exp.config.method
-  graph = graph_of(exp, dense)
+  graph = pruning.method_graph(exp, dense)
   if m.transfer_from:
     path = os.path.join(m.transfer_from, MASKS_FILE) if os.path.isdir(m.transfer_from) else m.transfer_from
     masks, source = pruning.load_masks(path, graph)

@@ -47,7 +47,7 @@ def _inner(opt_state):
 def run(exp: Experiment, dense: Dense) -> Outcome:
   m, config = exp.config.method, exp.config
   cfgs = configs(m)
-  graph = pruning.trace(exp, dense.graphdef, dense.state, branches=True) if pruning.branch_units(m) else dense.graph
+  graph = pruning.method_graph(exp, dense)
   spec = epi.channel_leaves(graph)
   spe, epochs = phases.steps_per_epoch(config), int(config.train.epochs)
   inner, schedule = T.optim_from_config(dict(config.train), spe)

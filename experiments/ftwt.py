@@ -68,7 +68,7 @@ def evaluate(exp: Experiment, gated_eval, graph, points, state) -> tuple[dict[st
 
 def run(exp: Experiment, dense: Dense) -> Outcome:
   m = exp.config.method
-  graph = pruning.trace(exp, dense.graphdef, dense.state, branches=True) if pruning.branch_units(m) else dense.graph
+  graph = pruning.method_graph(exp, dense)
   v = T.core_variables(dense.state)
   points, apply_fn, eval_apply, gated_eval = setup(dense.graphdef, graph, v, exp.example, pool=m.pool, mode=m.mode)
   spe = phases.steps_per_epoch(exp.config)

@@ -77,6 +77,14 @@ def branch_units(method) -> bool:
   return units == 'branch'
 
 
+def method_graph(exp: Experiment, dense: Dense) -> jaxprune.ChannelGraph:
+  """The graph a method masks: traced with branch groups on ``method.units='branch'``,
+  the dense network's channel graph on ``'stream'``."""
+  if branch_units(exp.config.method):
+    return trace(exp, dense.graphdef, dense.state, branches=True)
+  return dense.graph
+
+
 def masked_apply(graphdef: nnx.GraphDef, graph: jaxprune.ChannelGraph, masks_fn: Callable) -> T.steps.ApplyFn:
   """An ``apply_fn`` running the network with every channel group scaled by
   ``masks_fn(variables, hparams)`` (soft, hard or per sample), through ``jaxprune.masked``,
