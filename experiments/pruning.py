@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 import jaxprune
-from experiments import phases, timing
+from experiments import phases, results, timing
 from experiments.recipe import Dense, Experiment, Outcome
 from jaxprune import nnx_bridge
 from jaxprune import training as T
@@ -215,9 +215,7 @@ def slim(exp: Experiment, dense: Dense, out: Outcome) -> Slimmed:
   speed = measure_speedup(dense.graphdef, dense.state, small, exp.info.image_shape)
   if jax.process_index() == 0:
     os.makedirs(exp.workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump({'accuracy': accuracy, 'speedup': speed}, f)
-    os.replace(path + '.tmp', path)
+    results.write_json(path, {'accuracy': accuracy, 'speedup': speed})
   return Slimmed(small, cost, accuracy, speed)
 
 
@@ -304,9 +302,7 @@ def save_masks(path: str, masks: dict[str, Any], **meta: Any) -> None:
   """Hard masks as JSON (0/1 lists per group) with ``meta`` (budget, model, data, ...)."""
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump({**meta, 'masks': {k: [int(x) for x in np.asarray(m)] for k, m in masks.items()}}, f)
-    os.replace(path + '.tmp', path)
+    results.write_json(path, {**meta, 'masks': {k: [int(x) for x in np.asarray(m)] for k, m in masks.items()}})
 
 
 FINAL = 'final'  # workdir/final: the finished slimmed network, read by `python -m experiments.export`

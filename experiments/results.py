@@ -88,15 +88,20 @@ def record(
   }
 
 
+def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it):
+  a kill leaves the old file or the new one, never half of one."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, **dump_kwargs)
+  os.replace(path + '.tmp', path)
+
+
 def write(workdir: str, results: Mapping[str, Any]) -> dict[str, Any]:
   """Writes ``workdir/results.json`` (process 0), atomically; returns it."""
   out = dict(results)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, FILE + '.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(out, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(workdir, FILE))
+    write_json(os.path.join(workdir, FILE), out, indent=2, default=str)
   return out
 
 

@@ -22,9 +22,11 @@ import jax
 from absl import logging
 from ml_collections import config_dict
 
+from experiments import results
+
 CONFIG_FILE = 'config.json'
 CHANGES_FILE = 'config_changes.jsonl'
-RESULTS_FILE = 'results.json'
+RESULTS_FILE = results.FILE
 # Keys that cannot change a run's results: a dotted path, or a last component
 # (also inside per-phase overrides such as method.finetune). Checkpoint cadence
 # and the non-finite policy are free because a resumed run is bit-identical to
@@ -105,12 +107,6 @@ def check_writable(workdir: str) -> None:
     ) from e
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def prepare(config: config_dict.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
   """Checks that ``workdir`` can hold this run: writable, and empty or holding a
   run of this config. Returns the differences ``force_resume`` lets through
@@ -147,4 +143,4 @@ def record(config: config_dict.ConfigDict, workdir: str, forced: Mapping[str, tu
     logging.warning('force_resume: continuing %s with a changed config: %s', workdir, forced)
     with open(os.path.join(workdir, CHANGES_FILE), 'a') as f:
       f.write(json.dumps({'time': time.time(), 'changed': {p: list(d) for p, d in forced.items()}}) + '\n')
-  _write_json(os.path.join(workdir, CONFIG_FILE), plain(config))
+  results.write_json(os.path.join(workdir, CONFIG_FILE), plain(config), indent=2)
