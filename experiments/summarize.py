@@ -80,6 +80,14 @@ COLUMNS: dict[str, Column] = {
   'kept_easy': Column('gates kept, easiest 25% (%)', 'dynamic.kept_easy', _pct, scale=lambda v: 100 * v),
   'kept_hard': Column('gates kept, hardest 25% (%)', 'dynamic.kept_hard', _pct, scale=lambda v: 100 * v),
   'kept_loss_corr': Column('corr(kept, loss)', 'dynamic.kept_loss_corr', lambda x: f'{x:+.2f}'),
+  # EPI: when the network was pruned, and the training compute that bought
+  'prune_epoch': Column('pruned at epoch', 'details.prune_epoch', lambda x: f'{x:.0f}'),
+  'train_macs': Column('training MACs (P)', 'details.compute.pat', lambda x: f'{x:.2f}', scale=lambda v: v / 1e15),
+  'saving': Column(
+    'less compute than train -> prune -> finetune',
+    'details.compute.saving_vs_train_prune_finetune',
+    lambda x: f'{x:.2f}x',
+  ),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')

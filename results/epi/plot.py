@@ -1,0 +1,98 @@
+"""EPI's experiment in one figure: final test accuracy against the prune epoch (the
+oracle sweep, mean and spread over seeds), the EPI curve of both criteria from the
+recorded dense run on a second axis, and the epoch each criterion's trigger picks
+(at the paper's tau and at tau calibrated on the sweep). Also prints the picks.
+
+  python results/epi/plot.py results/epi/runs --out results/epi/accuracy_vs_prune_epoch.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import results, summarize  # noqa: E402
+from jaxprune.methods import epi  # noqa: E402
+
+COLOURS = {'magnitude': 'tab:orange', 'taylor': 'tab:green'}
+
+
+def picks(runs: list[dict], tolerance: float) -> dict:
+  """Per seed with a recorded dense run: each criterion's EPI curve, the epoch its trigger
+  picks at the paper's tau, and tau calibrated on that seed's sweep (None where the sweep
+  or the curve cannot give one)."""
+  out = {}
+  for dense in [r for r in runs if r['method'] == 'epi' and r['config']['method']['prune_epoch'] == -2]:
+    seed = dense['seed']
+    sweep = sorted((r['details']['prune_epoch'], r['test_accuracy']) for r in runs
+                   if r['method'] == 'epi' and r['seed'] == seed and r['details'].get('prune_epoch') is not None)  # fmt: skip
+    for crit, curve in dense['details']['curves'].items():
+      e = np.asarray(curve['epi'], float)
+      e[e < 0] = np.nan  # the recorded placeholder of epochs without r predecessors
+      cfg = epi.Config(criterion=crit, r=dense['config']['method']['r'], window=dense['config']['method']['window'])
+      fired = np.nonzero(np.asarray(epi.epi_triggers(e, cfg.threshold, cfg.window)))[0]
+      row = {'epochs': curve['epoch'], 'epi': e.tolist(), 'tau': cfg.threshold,
+             'paper_pick': int(curve['epoch'][fired[0]]) if fired.size else None, 'calibrated': None}  # fmt: skip
+      if len(sweep) >= 2:
+        valid = ~np.isnan(e)
+        try:
+          cal = epi.calibrate_tau(e[valid], [s for s, _ in sweep], [a for _, a in sweep], tolerance=tolerance,
+                                  config=cfg, first_epoch=int(np.asarray(curve['epoch'])[valid][0]))  # fmt: skip
+          row['calibrated'] = cal._asdict()
+        except ValueError as err:  # e.g. no plateau after the sweep's best epoch
+          row['calibrated'] = {'error': str(err)}
+      out[(seed, crit)] = row
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('runs', nargs='+')
+  p.add_argument('--out', required=True)
+  p.add_argument('--tolerance', type=float, default=0.005, help='calibration: within this of the best (fraction)')
+  a = p.parse_args(argv)
+  runs = [results.load(f) for f in summarize.find_runs(a.runs)]
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  swept = [r for r in runs if r['method'] == 'epi' and r['details'].get('prune_epoch') is not None]
+  by_epoch: dict[int, list[float]] = {}
+  for r in swept:
+    by_epoch.setdefault(r['details']['prune_epoch'], []).append(100 * r['test_accuracy'])
+  ep = sorted(by_epoch)
+  ax.errorbar(ep, [np.mean(by_epoch[k]) for k in ep], yerr=[np.std(by_epoch[k]) for k in ep], marker='o',
+              capsize=3, c='k', label='prune at epoch e, train on to 30 (mean ± std over seeds)')  # fmt: skip
+  dense = [100 * r['test_accuracy'] for r in runs if r['method'] == 'epi' and r['details'].get('prune_epoch') is None]
+  if dense:
+    ax.axhline(np.mean(dense), ls='--', c='gray', label=f'dense, 30 epochs ({np.mean(dense):.1f}%)')
+  tpf = [100 * r['test_accuracy'] for r in runs if r['method'] == 'magnitude']
+  if tpf:
+    ax.axhline(np.mean(tpf), ls=':', c='tab:blue', label=f'train 20 -> prune -> finetune 10 ({np.mean(tpf):.1f}%)')
+  ax.set(xlabel='prune epoch', ylabel='final test accuracy (%)')
+  twin = ax.twinx()
+  found = picks(runs, a.tolerance)
+  for (seed, crit), row in sorted(found.items()):
+    twin.plot(row['epochs'], row['epi'], c=COLOURS[crit], alpha=0.8 if seed == 0 else 0.4,
+              label=f'EPI, {crit} (seed {seed})')  # fmt: skip
+    for key, ls in (('paper_pick', '-'), ('calibrated', '--')):
+      pick = row[key] if key == 'paper_pick' else (row[key] or {}).get('epoch')
+      if pick is not None:
+        twin.axvline(pick, c=COLOURS[crit], ls=ls, lw=1)
+    print(f'seed {seed} {crit}: paper tau {row["tau"]} fires at {row["paper_pick"]}; calibrated {row["calibrated"]}')
+  twin.set_ylabel('EPI (similarity to the last r sub-networks)')
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = twin.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc='lower right')
+  ax.set_title('EPI: accuracy vs prune epoch (lines: picks; solid paper tau, dashed calibrated)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(a.out, dpi=110)
+  with open(a.out.rsplit('.', 1)[0] + '_picks.json', 'w') as f:
+    json.dump({f'seed{s}_{c}': v for (s, c), v in found.items()}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
