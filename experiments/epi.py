@@ -54,7 +54,8 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   frozen = {t: None for t in TRACKS.values()}
   tx = T.partition({'params': optax.chain(epi.taylor_transform(spec), inner), **frozen})
   widths = [g.size for g in graph.groups]
-  extra = {t: epi.init(widths, capacity=epochs + 1) for t in TRACKS.values()}
+  # record i is taken after epoch i + 1 (no record at initialisation: Taylor needs an epoch's gradients)
+  extra = {t: epi.init(widths, capacity=epochs + 1, first_epoch=1) for t in TRACKS.values()}
 
   def record(step, state):  # after each epoch: both criteria's dominant sub-networks
     v, ex, acc = T.core_variables(state), dict(state.extra), epi.find_taylor(state.opt_state)

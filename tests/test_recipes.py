@@ -60,17 +60,19 @@ def test_pagcp_refuses_a_single_task_model_and_an_unknown_guide(tmp_path):
 
 
 @pytest.mark.slow
-def test_epi_prunes_at_the_given_epoch_and_continues_the_schedule(tmp_path):
-  c = config('epi_cifar10_subset_resnet20.py', max_steps_per_epoch=3)
-  c.method.prune_epoch = 1
+def test_epi_prunes_when_it_fires_and_continues_the_schedule(tmp_path):
+  # Nothing removed (prune_ratio 0): every dominant sub-network is the whole network, so
+  # EPI is 1 from the 2nd record (r = 1) and the trigger (window 1) fires at the 3rd.
+  c = config('epi_cifar10_subset_resnet20.py', max_steps_per_epoch=3, epochs=4)
+  c.method.update(prune_epoch=-1, prune_ratio=0.0, r=1, window=1, tau_magnitude=0.99)
   r = train_lib.train_and_evaluate(c, str(tmp_path / 'epi'))
   d = r['details']
-  assert d['prune_epoch'] == 1 and d['pruned_by'] == 'magnitude'
-  assert 0.4 < r['ratios']['macs'] <= 0.5 + 1e-6  # prune_ratio 0.5 of the MACs
+  # pruned after 3 epochs, and the tracker names that epoch too (records start after epoch 1)
+  assert d['prune_epoch'] == 3 and d['fired']['magnitude'] == 3 and d['pruned_by'] == 'magnitude'
+  assert d['curves']['magnitude']['epoch'] == [1, 2, 3] and d['curves']['magnitude']['epi'] == [-1, 1, 1]
   steps = [rec['step'] for rec in T.read_jsonl(str(tmp_path / 'epi' / 'metrics.jsonl'))
            if rec.get('phase') == 'pruned' and rec.get('split') == 'test']  # fmt: skip
-  assert steps and steps[-1] == 3 * c.train.epochs  # one schedule: the pruned phase ends at its end
-  assert len(d['curves']['magnitude']['epoch']) == 1  # one epoch recorded before the prune
+  assert steps == [3 * 4]  # one schedule: the pruned phase is its last epoch
 
 
 @pytest.mark.slow
@@ -107,6 +109,9 @@ def test_epi_killed_after_the_prune_resumes_to_the_same_result(tmp_path):
     return train_lib.train_and_evaluate(c, str(workdir))
 
   whole = run(tmp_path / 'whole')
+  d = whole['details']
+  assert d['prune_epoch'] == 1 and d['curves']['magnitude']['epoch'] == [1]  # the record after epoch 1
+  assert 0.4 < whole['ratios']['macs'] <= 0.5 + 1e-6  # prune_ratio 0.5 of the MACs
   # dense: steps 0-3, then 'pruned' runs 3-9; four steps into it the run stops (as a kill would)
   cut = run(tmp_path / 'cut', stop_after_steps=4)
   assert cut.get('stopped_early')

@@ -23,6 +23,11 @@ from jaxprune.methods import epi  # noqa: E402
 COLOURS = {'magnitude': 'tab:orange', 'taylor': 'tab:green'}
 
 
+def _sweep(runs: list[dict]) -> list[dict]:
+  """The oracle sweep: runs pruned at a set epoch with the magnitude sub-network."""
+  return [r for r in runs if r['method'] == 'epi' and r['details'].get('pruned_by') == 'magnitude']
+
+
 def picks(runs: list[dict], tolerance: float) -> dict:
   """Per seed with a recorded dense run: each criterion's EPI curve, the epoch its trigger
   picks at the paper's tau, and tau calibrated on that seed's sweep (None where the sweep
@@ -30,8 +35,7 @@ def picks(runs: list[dict], tolerance: float) -> dict:
   out = {}
   for dense in [r for r in runs if r['method'] == 'epi' and r['config']['method']['prune_epoch'] == -2]:
     seed = dense['seed']
-    sweep = sorted((r['details']['prune_epoch'], r['test_accuracy']) for r in runs
-                   if r['method'] == 'epi' and r['seed'] == seed and r['details'].get('prune_epoch') is not None)  # fmt: skip
+    sweep = sorted((r['details']['prune_epoch'], r['test_accuracy']) for r in _sweep(runs) if r['seed'] == seed)
     for crit, curve in dense['details']['curves'].items():
       e = np.asarray(curve['epi'], float)
       e[e < 0] = np.nan  # the recorded placeholder of epochs without r predecessors
@@ -59,13 +63,12 @@ def main(argv=None):
   a = p.parse_args(argv)
   runs = [results.load(f) for f in summarize.find_runs(a.runs)]
   fig, ax = plt.subplots(figsize=(8, 4.5))
-  swept = [r for r in runs if r['method'] == 'epi' and r['details'].get('prune_epoch') is not None]
   by_epoch: dict[int, list[float]] = {}
-  for r in swept:
+  for r in _sweep(runs):
     by_epoch.setdefault(r['details']['prune_epoch'], []).append(100 * r['test_accuracy'])
   ep = sorted(by_epoch)
   ax.errorbar(ep, [np.mean(by_epoch[k]) for k in ep], yerr=[np.std(by_epoch[k]) for k in ep], marker='o',
-              capsize=3, c='k', label='prune at epoch e, train on to 30 (mean ± std over seeds)')  # fmt: skip
+              capsize=3, c='k', label='prune at epoch e (magnitude), train on to 30 (mean ± std over seeds)')  # fmt: skip
   dense = [100 * r['test_accuracy'] for r in runs if r['method'] == 'epi' and r['details'].get('prune_epoch') is None]
   if dense:
     ax.axhline(np.mean(dense), ls='--', c='gray', label=f'dense, 30 epochs ({np.mean(dense):.1f}%)')
@@ -78,6 +81,11 @@ def main(argv=None):
   for (seed, crit), row in sorted(found.items()):
     twin.plot(row['epochs'], row['epi'], c=COLOURS[crit], alpha=0.8 if seed == 0 else 0.4,
               label=f'EPI, {crit} (seed {seed})')  # fmt: skip
+    hit = [r for r in runs if r['method'] == 'epi' and r['seed'] == seed and r['details'].get('pruned_by') == crit
+           and r['details'].get('prune_epoch') == row['paper_pick']]  # fmt: skip
+    if hit:  # the run EPI's trigger would have made: pruned at its pick with its criterion
+      ax.plot([row['paper_pick']], [100 * hit[0]['test_accuracy']], '*', ms=14, c=COLOURS[crit],
+              label=f'EPI pick, {crit} (seed {seed})')  # fmt: skip
     for key, ls in (('paper_pick', '-'), ('calibrated', '--')):
       pick = row[key] if key == 'paper_pick' else (row[key] or {}).get('epoch')
       if pick is not None:
