@@ -82,7 +82,7 @@ COLUMNS: dict[str, Column] = {
   'kept_loss_corr': Column('corr(kept, loss)', 'dynamic.kept_loss_corr', lambda x: f'{x:+.2f}'),
   # EPI: when the network was pruned, and the training compute that bought
   'prune_epoch': Column('pruned at epoch', 'details.prune_epoch', lambda x: f'{x:.0f}'),
-  'train_macs': Column('training MACs (P)', 'details.compute.pat', lambda x: f'{x:.2f}', scale=lambda v: v / 1e15),
+  'train_macs': Column('training MACs (T)', 'details.compute.pat', lambda x: f'{x:.1f}', scale=lambda v: v / 1e12),
   'saving': Column(
     'less compute than train -> prune -> finetune',
     'details.compute.saving_vs_train_prune_finetune',
