@@ -62,41 +62,43 @@ def main(argv=None):
   p.add_argument('--tolerance', type=float, default=0.005, help='calibration: within this of the best (fraction)')
   a = p.parse_args(argv)
   runs = [results.load(f) for f in summarize.find_runs(a.runs)]
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  by_epoch: dict[int, list[float]] = {}
-  for r in _sweep(runs):
-    by_epoch.setdefault(r['details']['prune_epoch'], []).append(100 * r['test_accuracy'])
-  ep = sorted(by_epoch)
-  ax.errorbar(ep, [np.mean(by_epoch[k]) for k in ep], yerr=[np.std(by_epoch[k]) for k in ep], marker='o',
-              capsize=3, c='k', label='prune at epoch e (magnitude), train on to 30 (mean ± std over seeds)')  # fmt: skip
-  dense = [100 * r['test_accuracy'] for r in runs if r['method'] == 'epi' and r['details'].get('prune_epoch') is None]
-  if dense:
-    ax.axhline(np.mean(dense), ls='--', c='gray', label=f'dense, 30 epochs ({np.mean(dense):.1f}%)')
-  tpf = [100 * r['test_accuracy'] for r in runs if r['method'] == 'magnitude']
-  if tpf:
-    ax.axhline(np.mean(tpf), ls=':', c='tab:blue', label=f'train 20 -> prune -> finetune 10 ({np.mean(tpf):.1f}%)')
+  fig, ax = plt.subplots(figsize=(9, 6))
+  seeds = sorted({r['seed'] for r in runs})
+  for seed, (c, m) in zip(seeds, (('k', 'o'), ('dimgray', 's'), ('silver', '^'))):
+    pts = sorted((r['details']['prune_epoch'], 100 * r['test_accuracy']) for r in _sweep(runs) if r['seed'] == seed)
+    if pts:
+      ax.plot(*zip(*pts), marker=m, c=c, label=f'seed {seed}: prune at epoch e (magnitude), train on to 30')
+    for r in runs:
+      if r['seed'] != seed:
+        continue
+      if r['method'] == 'epi' and r['details'].get('prune_epoch') is None:
+        ax.axhline(100 * r['test_accuracy'], ls='--', c=c, lw=1, label=f'seed {seed}: dense, 30 epochs')
+      elif r['method'] == 'magnitude':
+        ax.axhline(100 * r['test_accuracy'], ls=':', c=c, lw=1.5,
+                   label=f'seed {seed}: train 20 -> prune -> finetune 10')  # fmt: skip
   ax.set(xlabel='prune epoch', ylabel='final test accuracy (%)')
   twin = ax.twinx()
   found = picks(runs, a.tolerance)
   for (seed, crit), row in sorted(found.items()):
-    twin.plot(row['epochs'], row['epi'], c=COLOURS[crit], alpha=0.8 if seed == 0 else 0.4,
-              label=f'EPI, {crit} (seed {seed})')  # fmt: skip
+    twin.plot(row['epochs'], row['epi'], c=COLOURS[crit], alpha=0.8 if seed == seeds[0] else 0.4,
+              label=f'EPI curve, {crit} (seed {seed})')  # fmt: skip
     hit = [r for r in runs if r['method'] == 'epi' and r['seed'] == seed and r['details'].get('pruned_by') == crit
            and r['details'].get('prune_epoch') == row['paper_pick']]  # fmt: skip
     if hit:  # the run EPI's trigger would have made: pruned at its pick with its criterion
       ax.plot([row['paper_pick']], [100 * hit[0]['test_accuracy']], '*', ms=14, c=COLOURS[crit],
-              label=f'EPI pick, {crit} (seed {seed})')  # fmt: skip
+              alpha=1 if seed == seeds[0] else 0.5, label=f'run at the EPI pick, {crit} (seed {seed})')  # fmt: skip
     for key, ls in (('paper_pick', '-'), ('calibrated', '--')):
-      pick = row[key] if key == 'paper_pick' else (row[key] or {}).get('epoch')
+      pick = row[key] if key == 'paper_pick' else (row[key] or {}).get('fire_epoch')
       if pick is not None:
-        twin.axvline(pick, c=COLOURS[crit], ls=ls, lw=1)
+        twin.axvline(pick, c=COLOURS[crit], ls=ls, lw=1, alpha=0.8 if seed == seeds[0] else 0.4)
     print(f'seed {seed} {crit}: paper tau {row["tau"]} fires at {row["paper_pick"]}; calibrated {row["calibrated"]}')
   twin.set_ylabel('EPI (similarity to the last r sub-networks)')
   h1, l1 = ax.get_legend_handles_labels()
   h2, l2 = twin.get_legend_handles_labels()
-  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc='lower right')
-  ax.set_title('EPI: accuracy vs prune epoch (lines: picks; solid paper tau, dashed calibrated)', fontsize=9)
-  fig.tight_layout()
+  fig.legend(h1 + h2, l1 + l2, fontsize=7, loc='lower center', ncol=2)
+  ax.set_title('EPI: accuracy vs prune epoch; vertical lines: EPI picks (solid: paper tau, dashed: calibrated)',
+               fontsize=9)  # fmt: skip
+  fig.tight_layout(rect=(0, 0.18, 1, 1))
   fig.savefig(a.out, dpi=110)
   with open(a.out.rsplit('.', 1)[0] + '_picks.json', 'w') as f:
     json.dump({f'seed{s}_{c}': v for (s, c), v in found.items()}, f, indent=1)
