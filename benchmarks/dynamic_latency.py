@@ -92,7 +92,6 @@ def run(name: str, method: str, r: float, samples: int, reps: int, units: str) -
       flush=True,
     )
   return dict(
-    fn=fn,
     state=state,
     x=x,
     graph=graph,
