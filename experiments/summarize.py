@@ -53,6 +53,9 @@ COLUMNS: dict[str, Column] = {
   'macs_kept': Column('MACs kept', 'ratios.macs', lambda x: f'{x:.3f}'),
   'params_kept': Column('params kept', 'ratios.params', lambda x: f'{x:.3f}'),
   'volume_kept': Column('volume kept', 'ratios.volume', lambda x: f'{x:.3f}'),
+  # ChipNet's two volume counts of the final hard masks: the core's exact one, the official one
+  'volume_exact': Column('volume kept (exact)', 'details.volume', lambda x: f'{x:.3f}'),
+  'volume_paper': Column('volume kept (official count)', 'details.volume_paper', lambda x: f'{x:.3f}'),
   'flops_paper_kept': Column('FLOPs kept (paper)', 'ratios.flops_paper', lambda x: f'{x:.3f}'),
   'macs': Column('MACs (M)', 'macs', lambda x: f'{x:.1f}', scale=lambda v: v / 1e6),
   'params': Column('params (K)', 'params', lambda x: f'{x:.0f}', scale=lambda v: v / 1e3),
