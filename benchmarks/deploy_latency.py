@@ -33,6 +33,7 @@ channel j, which the padding puts at j + pad), so its residual-stream
 producers (stem, every block's second conv) are passed as ignored_layers and
 Torch-Pruning prunes the blocks' inner channels only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,12 +59,13 @@ IMAGENET = ("resnet18", "resnet34", "resnet50")
 
 def machine() -> str:
   dev = jax.devices()[0]
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{jax.device_count()}x {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+  return (
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    f"{jax.device_count()}x {dev.device_kind} ({dev.platform}), jax {jax.__version__}"
+  )
 
 
-def time_groups(groups: dict[str, dict[str, Callable[[], object]]], reps: int,
-                seed: int = 0) -> dict[str, float]:
+def time_groups(groups: dict[str, dict[str, Callable[[], object]]], reps: int, seed: int = 0) -> dict[str, float]:
   """Best seconds per call of every candidate over `reps` rounds.
 
   Each round runs every group (a framework) in turn: one untimed call of its
@@ -115,8 +117,7 @@ class JaxModel:
   def masks(self, removed: float, round_to: int = 1):
     """Global L1 masks to (1 - removed) of the MACs, or None if round_to cannot meet it."""
     try:
-      return jaxprune.select.global_topk(self.scores, self.graph, 1 - removed, unit="macs",
-                                         round_to=round_to)
+      return jaxprune.select.global_topk(self.scores, self.graph, 1 - removed, unit="macs", round_to=round_to)
     except ValueError:
       return None
 
@@ -127,8 +128,9 @@ class JaxModel:
     """Fold, export (CPU only) and load `variables` (a slimmed tree of this model)."""
     small = jaxprune.module(self.model, variables)
     path = os.path.join(self.workdir, f"{self.name}_{tag}")
-    deploy.export_module(small, path, input_shape=(self.hw, self.hw, 3), platforms=("cpu",),
-                         card={"model": self.name}, overwrite=True)
+    deploy.export_module(
+      small, path, input_shape=(self.hw, self.hw, 3), platforms=("cpu",), card={"model": self.name}, overwrite=True
+    )
     return deploy.load(path)
 
 
@@ -137,8 +139,7 @@ def check_same(net: deploy.Deployed, fwd, variables, x, what: str) -> None:
   a, b = np.asarray(net(x)), np.asarray(fwd(variables, x))
   scale = max(1.0, float(np.abs(b).max()))
   if np.abs(a - b).max() > 1e-3 * scale:
-    raise AssertionError(f"{what}: deployed output differs from the slimmed network by "
-                         f"{np.abs(a - b).max():.3g}")
+    raise AssertionError(f"{what}: deployed output differs from the slimmed network by {np.abs(a - b).max():.3g}")
 
 
 # ---------------------------------------------------------------------- torch --
@@ -158,7 +159,9 @@ class TorchModel:
 
   def __init__(self, name: str, threads: int, layout: str):
     import torch
+
     from benchmarks.train_step import torch_models
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     self.name, self.layout = name, layout
@@ -169,6 +172,7 @@ class TorchModel:
 
   def count(self, model) -> float:
     import torch_pruning as tp
+
     return float(tp.utils.count_ops_and_params(model, self.example)[0])
 
   def ignored(self, model) -> list:
@@ -179,10 +183,16 @@ class TorchModel:
 
   def prune(self, ratio: float):
     import torch_pruning as tp
+
     m = copy.deepcopy(self.model)
-    tp.pruner.MetaPruner(m, self.example, importance=tp.importance.MagnitudeImportance(p=1),
-                         global_pruning=True, pruning_ratio=ratio,
-                         ignored_layers=self.ignored(m)).step()
+    tp.pruner.MetaPruner(
+      m,
+      self.example,
+      importance=tp.importance.MagnitudeImportance(p=1),
+      global_pruning=True,
+      pruning_ratio=ratio,
+      ignored_layers=self.ignored(m),
+    ).step()
     return m
 
   def prune_to(self, removed: float, tol: float = 0.005, steps: int = 10):
@@ -211,6 +221,7 @@ class TorchModel:
 
   def runner(self, model, batch: int):
     import torch
+
     x = torch.randn(batch, 3, self.hw, self.hw)
     if self.layout == "channels_last":
       model = model.to(memory_format=torch.channels_last)
@@ -219,6 +230,7 @@ class TorchModel:
     def run():
       with torch.inference_mode():
         return model(x)
+
     return run
 
 
@@ -234,26 +246,26 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
   rng = np.random.default_rng(0)
   xs = {b: rng.normal(size=(b, jm.hw, jm.hw, 3)).astype(np.float32) for b in batches}
   cands: dict[str, tuple[float, Callable]] = {}  # key -> (MAC speedup, runner(batch))
-  cands["dense"] = (1.0, lambda b: (lambda: jm.fwd(jm.variables, xs[b])))
+  cands["dense"] = (1.0, lambda b: lambda: jm.fwd(jm.variables, xs[b]))
   for r in removed:
     p = int(round(100 * r))
     masks = jm.masks(r)
     small = jaxprune.slim(jm.variables, jm.graph, masks)
     mac = jm.mac_speedup(masks)
-    cands[f"slim{p}"] = (mac, (lambda s: lambda b: (lambda: jm.fwd(s, xs[b])))(small))
+    cands[f"slim{p}"] = (mac, (lambda s: lambda b: lambda: jm.fwd(s, xs[b]))(small))
     net = jm.deployed(small, f"fold{p}")
     check_same(net, jm.fwd, small, xs[batches[0]], f"{name} fold {p}%")
-    cands[f"fold{p}"] = (mac, (lambda n: lambda b: (lambda: n(xs[b])))(net))
+    cands[f"fold{p}"] = (mac, (lambda n: lambda b: lambda: n(xs[b]))(net))
     mr = jm.masks(r, R)
     if mr is not None:
       sr = jaxprune.slim(jm.variables, jm.graph, mr)
       net = jm.deployed(sr, f"round{p}")
-      cands[f"round{p}"] = (jm.mac_speedup(mr), (lambda n: lambda b: (lambda: n(xs[b])))(net))
+      cands[f"round{p}"] = (jm.mac_speedup(mr), (lambda n: lambda b: lambda: n(xs[b]))(net))
     if args.pad:
       padded, mu = deploy.pad_channels(jm.graph, masks, small, R)
       net = jm.deployed(padded, f"pad{p}")
       check_same(net, jm.fwd, small, xs[batches[0]], f"{name} pad {p}%")
-      cands[f"pad{p}"] = (jm.mac_speedup(mu), (lambda n: lambda b: (lambda: n(xs[b])))(net))
+      cands[f"pad{p}"] = (jm.mac_speedup(mu), (lambda n: lambda b: lambda: n(xs[b]))(net))
   tm = None
   if args.torch and torch_available():
     tm = TorchModel(name, args.threads, args.torch_layout)
@@ -264,19 +276,26 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
   print(f"# {name}: prepared {len(cands)} networks in {time.time() - t0:.0f} s", flush=True)
   rows = []
   for b in batches:
-    groups = {"jax": {k: run(b) for k, (_, run) in cands.items()
-                      if not k.startswith(("torch", "tp"))}}
+    groups = {"jax": {k: run(b) for k, (_, run) in cands.items() if not k.startswith(("torch", "tp"))}}
     if tm is not None:
-      groups["torch"] = {k: run(b) for k, (_, run) in cands.items()
-                         if k.startswith(("torch", "tp"))}
+      groups["torch"] = {k: run(b) for k, (_, run) in cands.items() if k.startswith(("torch", "tp"))}
     reps = args.reps * (5 if b == 1 else 1)
     t = time_groups(groups, reps)
     for k, sec in t.items():
       base = "torch" if k.startswith(("torch", "tp")) else "dense"
       mac = cands[k][0]
       sp = t[base] / sec
-      rows.append({"model": name, "batch": b, "candidate": k, "ms": 1e3 * sec,
-                   "mac_speedup": mac, "speedup": sp, "ratio": sp / mac})
+      rows.append(
+        {
+          "model": name,
+          "batch": b,
+          "candidate": k,
+          "ms": 1e3 * sec,
+          "mac_speedup": mac,
+          "speedup": sp,
+          "ratio": sp / mac,
+        }
+      )
     print(table(rows, name, b), flush=True)
   return rows
 
@@ -286,17 +305,14 @@ def table(rows: list[dict], name: str, batch: int) -> str:
   rs = [r for r in rows if r["model"] == name and r["batch"] == batch]
   by = {r["candidate"]: r for r in rs}
   kinds = [k for k in ("slim", "fold", "round", "pad", "tp") if any(c.startswith(k) for c in by)]
-  budgets = sorted({int(c[len(k):]) for c in by for k in kinds if c.startswith(k)
-                    and c[len(k):].isdigit()})
-  head = f"| {name}, batch {batch} | " + " | ".join(
-      f"{k}: MAC x / measured x (ratio)" for k in kinds) + " |"
+  budgets = sorted({int(c[len(k) :]) for c in by for k in kinds if c.startswith(k) and c[len(k) :].isdigit()})
+  head = f"| {name}, batch {batch} | " + " | ".join(f"{k}: MAC x / measured x (ratio)" for k in kinds) + " |"
   lines = [head, "|---" * (len(kinds) + 1) + "|"]
   for p in budgets:
     cells = []
     for k in kinds:
       r = by.get(f"{k}{p}")
-      cells.append("–" if r is None else
-                   f"{r['mac_speedup']:.2f} / {r['speedup']:.2f} ({r['ratio']:.2f})")
+      cells.append("–" if r is None else f"{r['mac_speedup']:.2f} / {r['speedup']:.2f} ({r['ratio']:.2f})")
     lines.append(f"| -{p}% MACs | " + " | ".join(cells) + " |")
   dense = f"dense {by['dense']['ms']:.1f} ms"
   if "torch" in by:
@@ -336,19 +352,17 @@ def sweep(args, workdir: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="resnet56,resnet50")
   p.add_argument("--removed", default="0.3,0.5,0.7", help="fractions of the MACs removed")
   p.add_argument("--batches", default="1,64")
   p.add_argument("--reps", type=int, default=3, help="timed rounds (x5 at batch 1)")
-  p.add_argument("--round_to", type=int, default=0,
-                 help="channel multiple of 'round' and 'pad' (0: deploy.round_to('cpu'))")
+  p.add_argument(
+    "--round_to", type=int, default=0, help="channel multiple of 'round' and 'pad' (0: deploy.round_to('cpu'))"
+  )
   p.add_argument("--pad", action="store_true", help="also time the zero-padded network")
-  p.add_argument("--branches", action="store_true",
-                 help="prune residual-branch units (trace(..., branches=True))")
-  p.add_argument("--no-torch", dest="torch", action="store_false",
-                 help="skip PyTorch / Torch-Pruning")
+  p.add_argument("--branches", action="store_true", help="prune residual-branch units (trace(..., branches=True))")
+  p.add_argument("--no-torch", dest="torch", action="store_false", help="skip PyTorch / Torch-Pruning")
   p.add_argument("--torch_layout", default="nchw", choices=("nchw", "channels_last"))
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--sweep", action="store_true", help="round_to / pad sweep at one budget")
@@ -358,13 +372,15 @@ def main(argv=None):
   args = p.parse_args(argv)
   print("machine:", machine(), "| load average", " ".join(f"{l:.1f}" for l in os.getloadavg()))
   if args.torch and not torch_available():
-    print("torch / torch_pruning not importable: JAX only (pip install -e '.[torch]')",
-          file=sys.stderr)
+    print("torch / torch_pruning not importable: JAX only (pip install -e '.[torch]')", file=sys.stderr)
   elif args.torch:
     import torch
     import torch_pruning
-    print(f"torch {torch.__version__}, torch_pruning {torch_pruning.__version__}, "
-          f"{args.threads} threads, {args.torch_layout}")
+
+    print(
+      f"torch {torch.__version__}, torch_pruning {torch_pruning.__version__}, "
+      f"{args.threads} threads, {args.torch_layout}"
+    )
   workdir = tempfile.mkdtemp(prefix="deploy_latency_")
   try:
     if args.sweep:

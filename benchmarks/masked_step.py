@@ -6,6 +6,7 @@ nearly free). Also checks that new mask values do not recompile.
   python -m benchmarks.masked_step
   python -m benchmarks.masked_step --models resnet20,vgg11 --batch 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import optax
 from flax import nnx
 
 import jaxprune
-from jaxprune import models
 from experiments.timing import interleaved, machine
+from jaxprune import models
 
 
 def main():
@@ -48,9 +49,11 @@ def main():
     m2 = {k: v * 0.5 for k, v in m1.items()}
     t = interleaved({"plain": lambda: plain(state), "masked": lambda: masked(state, m1)}, reps=args.reps)
     masked(state, m2)
-    print(f"{name:9s} batch {args.batch}: plain {1e3 * t['plain']:.0f} ms, masked {1e3 * t['masked']:.0f} ms, "
-          f"ratio {t['masked'] / t['plain']:.3f} (goal <= 1.05); compilations after a new mask: "
-          f"{masked._cache_size()}")
+    print(
+      f"{name:9s} batch {args.batch}: plain {1e3 * t['plain']:.0f} ms, masked {1e3 * t['masked']:.0f} ms, "
+      f"ratio {t['masked'] / t['plain']:.3f} (goal <= 1.05); compilations after a new mask: "
+      f"{masked._cache_size()}"
+    )
 
 
 if __name__ == "__main__":

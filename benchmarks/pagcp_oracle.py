@@ -16,6 +16,7 @@ what a new shape costs. Goal: batched >= 5x faster than one-by-one.
   python -m benchmarks.pagcp_oracle
   python -m benchmarks.pagcp_oracle --images 512 --batch 8 --single-batch 64 --reps 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,9 @@ from flax import nnx
 
 import jaxprune
 import jaxprune.data as jd
+from experiments.timing import interleaved, machine
 from jaxprune import models, nnx_bridge
 from jaxprune.methods import pagcp
-from experiments.timing import interleaved, machine
 
 TASKS = ("left", "right")
 
@@ -41,14 +42,14 @@ def _network(seed: int):
   model = models.create("multitask_resnet", num_classes=10, rngs=nnx.Rngs(seed))
   graphdef, variables = nnx_bridge.split(model)
   rng = np.random.default_rng(seed)
-  stats = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
-                                 variables["batch_stats"])
+  stats = jax.tree_util.tree_map(
+    lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype), variables["batch_stats"]
+  )
   return graphdef, {**variables, "batch_stats": stats}
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--images", type=int, default=256, help="validation images (multimnist test)")
   p.add_argument("--batch", type=int, default=4, help="images per scan step, batched oracle")
   p.add_argument("--single-batch", type=int, default=64, help="images per step, one-by-one")
@@ -61,8 +62,10 @@ def main():
   fn = nnx_bridge.apply_fn(graphdef)
   x, y = jd.load_arrays("multimnist", "test")
   info = jd.get_info("multimnist")
-  data = {"image": ((x[:args.images] / 255.0 - info.mean[0]) / info.std[0]).astype(np.float32),
-          "label": y[:args.images]}
+  data = {
+    "image": ((x[: args.images] / 255.0 - info.mean[0]) / info.std[0]).astype(np.float32),
+    "label": y[: args.images],
+  }
   graph = jaxprune.trace(fn, v, data["image"][:1])
   losses = pagcp.cross_entropy_losses(TASKS)
   batched = pagcp.make_oracle(fn, graph, losses, data, batch_size=args.batch)
@@ -70,45 +73,53 @@ def main():
   masks = {g.name: np.ones(g.size, np.float32) for g in graph.groups}
   scores = pagcp.filter_scores(v, graph, masks)
   units = [g.name for g in graph.groups if g.name.startswith("encoder.")]
-  print(f"{len(units)} units, {len(pagcp.RATIOS)} candidates each, {args.images} images "
-        f"(batched {args.batch} / one-by-one {args.single_batch} per step), "
-        f"{jax.local_device_count()} device(s)")
+  print(
+    f"{len(units)} units, {len(pagcp.RATIOS)} candidates each, {args.images} images "
+    f"(batched {args.batch} / one-by-one {args.single_batch} per step), "
+    f"{jax.local_device_count()} device(s)"
+  )
 
   total = {"batched": 0.0, "one_by_one": 0.0}
   for u in units:
     live = graph.group(u).size
-    cands = np.stack([pagcp.remove_lowest(masks, u, scores, pagcp.prune_count(r, live))[u]
-                      for r in pagcp.RATIOS])
+    cands = np.stack([pagcp.remove_lowest(masks, u, scores, pagcp.prune_count(r, live))[u] for r in pagcp.RATIOS])
     out_b = batched.evaluate(v, masks, u, cands)
     out_s = np.concatenate([single.evaluate(v, masks, u, c[None]) for c in cands])
     err = float(np.max(np.abs(out_b - out_s) / np.abs(out_s)))
     assert err < 1e-4, f"{u}: batched and one-by-one losses differ by {err:.2e}"
-    t = interleaved({
+    t = interleaved(
+      {
         "batched": lambda: batched.evaluate(v, masks, u, cands),
         "one_by_one": lambda: [single.evaluate(v, masks, u, c[None]) for c in cands],
-    }, reps=args.reps)
+      },
+      reps=args.reps,
+    )
     for k in total:
       total[k] += t[k]
-    print(f"  {u:36s} batched {t['batched']:6.2f} s  one-by-one {t['one_by_one']:6.2f} s  "
-          f"ratio {t['one_by_one'] / t['batched']:5.2f}x  (max rel. loss diff {err:.1e})")
-  print(f"all units: batched {total['batched']:.2f} s, one-by-one {total['one_by_one']:.2f} s, "
-        f"one-by-one / batched = {total['one_by_one'] / total['batched']:.2f}x (goal >= 5x)")
+    print(
+      f"  {u:36s} batched {t['batched']:6.2f} s  one-by-one {t['one_by_one']:6.2f} s  "
+      f"ratio {t['one_by_one'] / t['batched']:5.2f}x  (max rel. loss diff {err:.1e})"
+    )
+  print(
+    f"all units: batched {total['batched']:.2f} s, one-by-one {total['one_by_one']:.2f} s, "
+    f"one-by-one / batched = {total['one_by_one'] / total['batched']:.2f}x (goal >= 5x)"
+  )
 
-  for u in units[:args.slim_units]:
+  for u in units[: args.slim_units]:
     live = graph.group(u).size
-    cands = [pagcp.remove_lowest(masks, u, scores, pagcp.prune_count(r, live))[u]
-             for r in pagcp.RATIOS]
+    cands = [pagcp.remove_lowest(masks, u, scores, pagcp.prune_count(r, live))[u] for r in pagcp.RATIOS]
     run = jax.jit(nnx_bridge.apply_fn(graphdef))
     start = time.perf_counter()
     for c in cands:  # a new shape per candidate: slim, compile, run over the images
       small = jaxprune.slim(v, graph, {**masks, u: c})
       for i in range(0, args.images, args.single_batch):
-        jax.block_until_ready(run(small, data["image"][i:i + args.single_batch]))
+        jax.block_until_ready(run(small, data["image"][i : i + args.single_batch]))
     slimmed = time.perf_counter() - start
-    t = interleaved({"batched": lambda: batched.evaluate(v, masks, u, np.stack(cands))},
-                    reps=args.reps)
-    print(f"slimmed one-by-one (official way, compile per shape) on {u}: {slimmed:.2f} s vs "
-          f"batched {t['batched']:.2f} s: {slimmed / t['batched']:.2f}x")
+    t = interleaved({"batched": lambda: batched.evaluate(v, masks, u, np.stack(cands))}, reps=args.reps)
+    print(
+      f"slimmed one-by-one (official way, compile per shape) on {u}: {slimmed:.2f} s vs "
+      f"batched {t['batched']:.2f} s: {slimmed / t['batched']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from every block at once) and on channel + branch groups (a block drops its
 own branch channels, consumers gather the channels that reach them), and the
 three networks (dense, stream-slimmed, branch-slimmed) are timed side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,18 +34,19 @@ from jaxprune import models
 def _train_step(fn):
   def loss(state, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(fn(state, x), y).mean()
+
   return jax.jit(jax.grad(loss))
 
 
-def run_branches(name: str, hw: int, batch: int, num_classes: int, removed: list[float],
-                 round_to: int, reps: int) -> list[dict]:
+def run_branches(
+  name: str, hw: int, batch: int, num_classes: int, removed: list[float], round_to: int, reps: int
+) -> list[dict]:
   """Stream-level vs branch-level global L1, timed in one run."""
   model = models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0))
   model.eval()
   fn, state = jaxprune.functional(model)
   x = jax.random.normal(jax.random.key(0), (batch, hw, hw, 3))
-  graphs = {"stream": jaxprune.trace(fn, state, x[:1]),
-            "branch": jaxprune.trace(fn, state, x[:1], branches=True)}
+  graphs = {"stream": jaxprune.trace(fn, state, x[:1]), "branch": jaxprune.trace(fn, state, x[:1], branches=True)}
   scores = {k: jaxprune.criteria.l1(state, g) for k, g in graphs.items()}
   dense_macs = float(jaxprune.cost(graphs["stream"]).macs)
   fwd = jax.jit(fn)
@@ -59,16 +61,28 @@ def run_branches(name: str, hw: int, batch: int, num_classes: int, removed: list
     t = interleaved(fns, reps=reps)
     for k in graphs:
       sp = t["dense"] / t[k]
-      rows.append({"model": name, "units": k, "removed": r, "mac_speedup": mac[k],
-                   "infer_speedup": sp, "ratio": sp / mac[k], "dense_ms": 1e3 * t["dense"]})
-      print(f"{name:9s} -{int(100 * r):2d}% MACs, {k:6s} units: MAC speedup {mac[k]:4.2f}x | "
-            f"inference {sp:4.2f}x ({sp / mac[k]:4.2f} of MAC) dense {1e3 * t['dense']:.0f} ms",
-            flush=True)
+      rows.append(
+        {
+          "model": name,
+          "units": k,
+          "removed": r,
+          "mac_speedup": mac[k],
+          "infer_speedup": sp,
+          "ratio": sp / mac[k],
+          "dense_ms": 1e3 * t["dense"],
+        }
+      )
+      print(
+        f"{name:9s} -{int(100 * r):2d}% MACs, {k:6s} units: MAC speedup {mac[k]:4.2f}x | "
+        f"inference {sp:4.2f}x ({sp / mac[k]:4.2f} of MAC) dense {1e3 * t['dense']:.0f} ms",
+        flush=True,
+      )
   return rows
 
 
-def run(name: str, hw: int, batch: int, num_classes: int, removed: list[float], round_to: int,
-        train: bool, reps: int) -> list[dict]:
+def run(
+  name: str, hw: int, batch: int, num_classes: int, removed: list[float], round_to: int, train: bool, reps: int
+) -> list[dict]:
   model = models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0))
   model.eval()
   fn, state = jaxprune.functional(model)
@@ -88,14 +102,21 @@ def run(name: str, hw: int, batch: int, num_classes: int, removed: list[float], 
     if train:
       fns.update({"dense_train": lambda: step(state, x, y), "slim_train": lambda: step(small, x, y)})
     t = interleaved(fns, reps=reps)
-    row = {"model": name, "removed": r, "mac_speedup": mac_speedup,
-           "infer_speedup": t["dense"] / t["slim"], "dense_ms": 1e3 * t["dense"]}
+    row = {
+      "model": name,
+      "removed": r,
+      "mac_speedup": mac_speedup,
+      "infer_speedup": t["dense"] / t["slim"],
+      "dense_ms": 1e3 * t["dense"],
+    }
     if train:
       row["train_speedup"] = t["dense_train"] / t["slim_train"]
     rows.append(row)
-    msg = (f"{name:9s} -{int(100 * r):2d}% MACs: MAC speedup {mac_speedup:4.2f}x | inference "
-           f"{row['infer_speedup']:4.2f}x ({row['infer_speedup'] / mac_speedup:4.2f} of MAC) "
-           f"dense {row['dense_ms']:.0f} ms")
+    msg = (
+      f"{name:9s} -{int(100 * r):2d}% MACs: MAC speedup {mac_speedup:4.2f}x | inference "
+      f"{row['infer_speedup']:4.2f}x ({row['infer_speedup'] / mac_speedup:4.2f} of MAC) "
+      f"dense {row['dense_ms']:.0f} ms"
+    )
     if train:
       msg += f" | train step {row['train_speedup']:4.2f}x ({row['train_speedup'] / mac_speedup:4.2f} of MAC)"
     print(msg, flush=True)
@@ -109,8 +130,7 @@ def main():
   p.add_argument("--round_to", type=int, default=1)
   p.add_argument("--train", action="store_true")
   p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--branches", action="store_true",
-                 help="compare residual-branch units with stream units (inference)")
+  p.add_argument("--branches", action="store_true", help="compare residual-branch units with stream units (inference)")
   args = p.parse_args()
   print("machine:", machine())
   removed = [float(r) for r in args.removed.split(",")]

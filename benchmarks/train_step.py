@@ -17,6 +17,7 @@ here by hand (torchvision is not available): ResNet-20 with option-A
 shortcuts, VGG-16-BN (CIFAR, GAP + one Linear) and ResNet-50 (torchvision's
 layout), matching jaxprune.models. ``ratio`` is JAX img/s / best torch img/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ import statistics
 import sys
 import time
 
-DEFAULT_BATCH = {'resnet20': 128, 'resnet56': 128, 'vgg16': 64, 'vgg11': 64, 'resnet50': 8,
-                 'resnet18': 16}
+DEFAULT_BATCH = {'resnet20': 128, 'resnet56': 128, 'vgg16': 64, 'vgg11': 64, 'resnet50': 8, 'resnet18': 16}
 IMAGE = {'resnet50': 224, 'resnet18': 224}
 
 
@@ -38,14 +38,17 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=3, help='timed steps per model')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps before each block')
   p.add_argument('--rounds', type=int, default=2, help='rounds of blocks; the best counts')
-  p.add_argument('--dtype', default='float32',
-                 help="comma list of 'float32', 'bfloat16' (bf16 compute, f32 state)")
-  p.add_argument('--small-conv', default='auto',
-                 help="comma list of 'xla', 'im2col': JAX conv path for inputs smaller "
-                 "than the kernel (one JAX variant each); 'auto': xla, plus im2col for "
-                 "VGG (the only default model with such convs)")
-  p.add_argument('--torch-layouts', default='nchw,channels_last',
-                 help="comma list of 'nchw', 'channels_last'; '' skips torch")
+  p.add_argument('--dtype', default='float32', help="comma list of 'float32', 'bfloat16' (bf16 compute, f32 state)")
+  p.add_argument(
+    '--small-conv',
+    default='auto',
+    help="comma list of 'xla', 'im2col': JAX conv path for inputs smaller "
+    "than the kernel (one JAX variant each); 'auto': xla, plus im2col for "
+    "VGG (the only default model with such convs)",
+  )
+  p.add_argument(
+    '--torch-layouts', default='nchw,channels_last', help="comma list of 'nchw', 'channels_last'; '' skips torch"
+  )
   p.add_argument('--threads', type=int, default=os.cpu_count())
   p.add_argument('--xla-flags', default=None, help='appended to XLA_FLAGS (before jax starts)')
   p.add_argument('--json', default=None, help='also write the rows to this file')
@@ -54,32 +57,52 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------ JAX
 
-def im2col_small_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                      rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                      precision=None, **conv_kwargs):
+
+def im2col_small_conv(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **conv_kwargs,
+):
   """``lax.conv_general_dilated`` for NHWC/HWIO, but as im2col + matmul when
   the input is spatially smaller than the kernel (stride 1, no dilation, no
   groups); other cases go to XLA's convolution unchanged."""
   import jax
   import jax.numpy as jnp
+
   dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  nhwc = dn.lhs_spec == (0, 3, 1, 2) and dn.rhs_spec == (3, 2, 0, 1) and \
-      dn.out_spec == (0, 3, 1, 2)
+  nhwc = dn.lhs_spec == (0, 3, 1, 2) and dn.rhs_spec == (3, 2, 0, 1) and dn.out_spec == (0, 3, 1, 2)
   kh, kw = rhs.shape[:2]
   small = lhs.shape[1] < kh or lhs.shape[2] < kw
-  plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and
-           all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-           and not isinstance(padding, str))
+  plain = (
+    tuple(window_strides) == (1, 1)
+    and feature_group_count == 1
+    and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+    and not isinstance(padding, str)
+  )
   if not (nhwc and small and plain):
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision, **conv_kwargs)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      **conv_kwargs,
+    )
   (p0, p1), (q0, q1) = padding
   x = jnp.pad(lhs, ((0, 0), (p0, p1), (q0, q1), (0, 0)))
   oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  cols = jnp.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)],
-                         axis=-1)
+  cols = jnp.concatenate([x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
   return jnp.einsum('bhwk,ko->bhwo', cols, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
@@ -89,6 +112,7 @@ def jax_runner(name, batch, *, dtype, small_conv='xla'):
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
+
   from jaxprune import models
   from jaxprune import training as T
 
@@ -115,8 +139,10 @@ def jax_runner(name, batch, *, dtype, small_conv='xla'):
 
   step = T.make_train_step(apply_fn, tx)
   r = np.random.RandomState(0)
-  batch = {'image': jnp.asarray(r.randn(batch, hw, hw, 3).astype(np.float32)),
-           'label': jnp.asarray(r.randint(0, classes, batch).astype(np.int32))}
+  batch = {
+    'image': jnp.asarray(r.randn(batch, hw, hw, 3).astype(np.float32)),
+    'label': jnp.asarray(r.randint(0, classes, batch).astype(np.int32)),
+  }
   t = time.perf_counter()
   holder = {'state': step(state, batch)[0]}
   jax.block_until_ready(holder['state'])
@@ -131,10 +157,10 @@ def jax_runner(name, batch, *, dtype, small_conv='xla'):
 
 # ---------------------------------------------------------------------- torch
 
+
 def torch_models():
-  import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
 
   class BlockA(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -150,7 +176,7 @@ def torch_models():
       out = self.bn2(self.conv2(out))
       sc = x
       if self.stride != 1 or self.pad:
-        sc = x[:, :, ::self.stride, ::self.stride]
+        sc = x[:, :, :: self.stride, :: self.stride]
         lo = self.pad // 2
         sc = F.pad(sc, (0, 0, 0, 0, lo, self.pad - lo))
       return F.relu(out + sc)
@@ -173,9 +199,10 @@ def torch_models():
       x = self.layers(F.relu(self.bn1(self.conv1(x))))
       return self.fc(x.mean((2, 3)))
 
-  VGG_CFG = {11: (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512),
-             16: (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M',
-                  512, 512, 512)}
+  VGG_CFG = {
+    11: (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512),
+    16: (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512),
+  }
 
   class VGG(nn.Module):
     def __init__(self, depth, num_classes=10):
@@ -203,8 +230,7 @@ def torch_models():
       self.c3, self.b3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
       self.down = None
       if stride != 1 or cin != cout:
-        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                  nn.BatchNorm2d(cout))
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
       out = F.relu(self.b1(self.c1(x)))
@@ -215,8 +241,9 @@ def torch_models():
   class ResNet50(nn.Module):
     def __init__(self, num_classes=1000):
       super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+      self.stem = nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+      )
       blocks, cin = [], 64
       for s, (w, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
         for i in range(n):
@@ -228,13 +255,19 @@ def torch_models():
     def forward(self, x):
       return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
-  return {'resnet20': lambda: CifarResNet(20), 'resnet56': lambda: CifarResNet(56),
-          'vgg11': lambda: VGG(11), 'vgg16': lambda: VGG(16), 'resnet50': ResNet50}
+  return {
+    'resnet20': lambda: CifarResNet(20),
+    'resnet56': lambda: CifarResNet(56),
+    'vgg11': lambda: VGG(11),
+    'vgg16': lambda: VGG(16),
+    'resnet50': ResNet50,
+  }
 
 
 def torch_runner(name, batch, *, layout, threads):
   """``run_one_step`` for an eager torch train step, or None for unknown models."""
   import torch
+
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   builders = torch_models()
@@ -248,8 +281,7 @@ def torch_runner(name, batch, *, layout, threads):
   if layout == 'channels_last':
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                        weight_decay=5e-4)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
   model.train()
 
   def run_one():
@@ -288,6 +320,7 @@ def main(argv=None):
   if args.xla_flags:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   import jax
+
   batches = dict(DEFAULT_BATCH)
   for item in filter(None, args.batch.split(',')):
     k, v = item.split('=')
@@ -298,8 +331,10 @@ def main(argv=None):
   except ImportError:
     layouts = []
     print('torch not importable: JAX only', file=sys.stderr)
-  print(f'# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, '
-        f'threads {args.threads}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print(
+    f'# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, '
+    f'threads {args.threads}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+  )
   rows = []
   for name in args.models.split(','):
     b = batches.get(name, 32)
@@ -310,17 +345,14 @@ def main(argv=None):
       if conv_variants == ['auto']:
         conv_variants = ['xla', 'im2col'] if name.startswith('vgg') else ['xla']
       for v in conv_variants:
-        key = '_'.join(['jax'] + (['bf16'] if dtype == 'bfloat16' else []) +
-                       ([v] if v != 'xla' else []))
+        key = '_'.join(['jax'] + (['bf16'] if dtype == 'bfloat16' else []) + ([v] if v != 'xla' else []))
         runners[key], compile_s[key] = jax_runner(name, b, dtype=dtype, small_conv=v)
     for layout in layouts:
       run = torch_runner(name, b, layout=layout, threads=args.threads)
       if run is not None:
         runners[f'torch_{layout}'] = run
-    for k, (med, per_round) in time_blocks(runners, steps=args.steps, warmup=args.warmup,
-                                           rounds=args.rounds).items():
-      row[k] = {'img_s': b / med, 'step_ms': 1e3 * med,
-                'step_ms_per_round': [1e3 * t for t in per_round]}
+    for k, (med, per_round) in time_blocks(runners, steps=args.steps, warmup=args.warmup, rounds=args.rounds).items():
+      row[k] = {'img_s': b / med, 'step_ms': 1e3 * med, 'step_ms_per_round': [1e3 * t for t in per_round]}
       if k in compile_s:
         row[k]['compile_s'] = compile_s[k]
     jax_keys = [k for k in row if k.startswith('jax')]

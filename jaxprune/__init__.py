@@ -16,25 +16,52 @@ The core (everything but `functional`, `module`, `slim_module` and
 `nnx_bridge`, which need flax and are imported on first use) depends on jax,
 numpy and scipy only.
 """
+
 import importlib
 
 from jaxprune.channel_flow import UnsupportedPrimitiveError
 from jaxprune.cost import UNITS, Cost, LayerCosts, cost, ratio
-from jaxprune.gated import GateInput, Gated, Producer, gated, producers
+from jaxprune.gated import Gated, GateInput, Producer, gated, producers
 from jaxprune.graph import ChannelGraph, Expr, Group, Member, check_masks
 from jaxprune.masked import masked
 from jaxprune.slim import expand, slim
 from jaxprune.trace import trace
 
-_LAZY = {"functional": "jaxprune.nnx_bridge", "module": "jaxprune.nnx_bridge",
-         "slim_module": "jaxprune.nnx_bridge", "nnx_bridge": "jaxprune.nnx_bridge",
-         "models": "jaxprune.models", "methods": "jaxprune.methods"}
+_LAZY = {
+  "functional": "jaxprune.nnx_bridge",
+  "module": "jaxprune.nnx_bridge",
+  "slim_module": "jaxprune.nnx_bridge",
+  "nnx_bridge": "jaxprune.nnx_bridge",
+  "models": "jaxprune.models",
+  "methods": "jaxprune.methods",
+}
 
 __all__ = [
-    "ChannelGraph", "Cost", "Expr", "GateInput", "Gated", "Group", "LayerCosts", "Member",
-    "Producer", "UNITS", "UnsupportedPrimitiveError", "check_masks", "cost", "criteria", "expand",
-    "functional", "gated", "masked", "module", "producers", "ratio", "select", "slim",
-    "slim_module", "trace",
+  "ChannelGraph",
+  "Cost",
+  "Expr",
+  "GateInput",
+  "Gated",
+  "Group",
+  "LayerCosts",
+  "Member",
+  "Producer",
+  "UNITS",
+  "UnsupportedPrimitiveError",
+  "check_masks",
+  "cost",
+  "criteria",
+  "expand",
+  "functional",
+  "gated",
+  "masked",
+  "module",
+  "producers",
+  "ratio",
+  "select",
+  "slim",
+  "slim_module",
+  "trace",
 ]
 
 

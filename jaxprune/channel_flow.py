@@ -33,6 +33,7 @@ For residual-branch units (`trace(..., branches=True)`) they also record:
 A primitive with no rule raises `UnsupportedPrimitiveError` when it touches a
 value derived from the variables, naming the primitive and its source line.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -44,7 +45,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend import source_info_util
 
-NONE = -1    # id of a position that is no channel (a constant, e.g. zero padding)
+NONE = -1  # id of a position that is no channel (a constant, e.g. zero padding)
 ALWAYS = -1  # the token of a place that no branch mask can zero
 S_ALWAYS, S_EMPTY = 0, 1  # ids of the liveness sets {ALWAYS} and {}
 
@@ -56,10 +57,11 @@ class UnsupportedPrimitiveError(NotImplementedError):
 @dataclasses.dataclass
 class Value:
   """What is known of one jaxpr value."""
+
   ids: dict[int, np.ndarray]  # channel ids per axis
-  act: bool                    # depends on the example inputs (an activation)
+  act: bool  # depends on the example inputs (an activation)
   origin: frozenset = frozenset()  # tokens of the producers that reach it (activations)
-  zero: bool = False           # known to be exactly zero
+  zero: bool = False  # known to be exactly zero
   index_of: int | None = None  # a non-activation derived from integer leaf `index_of` alone
   index_event: int | None = None  # an activation made by an index marker (`x + 0 * index`)
 
@@ -67,18 +69,20 @@ class Value:
 @dataclasses.dataclass(frozen=True)
 class MaskSite:
   """A conv/dense input: multiplying it by the masks removes the channels."""
+
   path: tuple[int, ...]  # equation index per nesting level
   operand: int
   axis: int
   ids: np.ndarray
   event: int | None = None  # index event of the operand (a gathered input)
-  chain: bool = False       # the operand is one producer's chain (see module docstring)
+  chain: bool = False  # the operand is one producer's chain (see module docstring)
   token: int | None = None  # that producer
 
 
 @dataclasses.dataclass(frozen=True)
 class BranchSite:
   """An operand of a residual add that is producer `token`'s chain."""
+
   path: tuple[int, ...]
   operand: int
   axis: int
@@ -90,29 +94,32 @@ class BranchSite:
 @dataclasses.dataclass(frozen=True)
 class Token:
   """A conv/dense occurrence with a weight leaf (a producer)."""
-  leaf: int | None     # the weight leaf (index), None if the weights are activations
+
+  leaf: int | None  # the weight leaf (index), None if the weights are activations
   out_ids: np.ndarray  # its output channel ids
   name: str
-  path: tuple[int, ...] = ()   # its equation
-  operand: int = 0             # its activation operand
-  in_axis: int = -1            # that operand's feature axis
+  path: tuple[int, ...] = ()  # its equation
+  operand: int = 0  # its activation operand
+  in_axis: int = -1  # that operand's feature axis
   spatial: tuple[int, ...] = ()  # and its other non-batch axes
-  c_in: int = 0                # input features
-  op: str = "conv"             # "conv" | "dense"
-  first: bool = False          # reads the network's input (no producer before it)
+  c_in: int = 0  # input features
+  op: str = "conv"  # "conv" | "dense"
+  first: bool = False  # reads the network's input (no producer before it)
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexEvent:
   """An integer leaf added to an activation as `x + 0 * index` (positions aligned)."""
+
   leaf: int
   leaf_ids: np.ndarray  # the leaf's ids on the merged axis
-  ids: np.ndarray       # the activation's ids at the same positions
+  ids: np.ndarray  # the activation's ids at the same positions
 
 
 @dataclasses.dataclass(frozen=True)
 class Op:
   """Cost record: coef * prod_k sum(mask[ids_k]) (grouped: summed per group)."""
+
   kind: str  # 'conv' | 'dense' | 'elementwise' | 'reduce' | 'volume'
   name: str
   coef: float
@@ -141,11 +148,11 @@ class ChannelFlow:
     self.events: list[IndexEvent] = []
     self.consumers: list[tuple] = []  # (weight in-axis ids, input ids, input's index event)
     self._weight_names: dict[int, str] = {}  # id -> leaf name, for naming ops
-    self._leaf_starts: list[int] = []        # first id of each leaf, for leaf_of
+    self._leaf_starts: list[int] = []  # first id of each leaf, for leaf_of
     self._leaf_index: list[int] = []
     self.arg_id_end = 0  # ids below this belong to the example inputs
     self._calls: list = []  # enclosing call equations, for error locations
-    self._live = np.zeros(1024, np.int32)   # liveness set id per channel id
+    self._live = np.zeros(1024, np.int32)  # liveness set id per channel id
     self._sets: list[frozenset] = [frozenset({ALWAYS}), frozenset()]
     self._set_id: dict[frozenset, int] = {s: i for i, s in enumerate(self._sets)}
 
@@ -158,8 +165,7 @@ class ChannelFlow:
     ids = np.arange(self.num_ids, self.num_ids + n, dtype=np.int64)
     self.num_ids += n
     if self.num_ids > self._live.size:
-      self._live = np.concatenate([self._live, np.zeros(max(self.num_ids, self._live.size),
-                                                        np.int32)])
+      self._live = np.concatenate([self._live, np.zeros(max(self.num_ids, self._live.size), np.int32)])
     self._live[ids] = live
     return ids
 
@@ -214,8 +220,7 @@ class ChannelFlow:
     """Per-position union of liveness set ids."""
     stack = np.stack(parts)
     uniq, inv = np.unique(stack, axis=1, return_inverse=True)
-    out = np.array([self._intern(frozenset().union(*(self._sets[s] for s in col)))
-                    for col in uniq.T], np.int32)
+    out = np.array([self._intern(frozenset().union(*(self._sets[s] for s in col))) for col in uniq.T], np.int32)
     return out[np.ravel(inv)]
 
   def relabel(self, ids: np.ndarray, live: np.ndarray | int, join: bool = False) -> np.ndarray:
@@ -230,8 +235,9 @@ class ChannelFlow:
     return new
 
   # -- driver -------------------------------------------------------------------
-  def run(self, jaxpr: jcore.Jaxpr, consts_in: list[Value], args_in: list[Value],
-          path: tuple[int, ...] = ()) -> list[Value]:
+  def run(
+    self, jaxpr: jcore.Jaxpr, consts_in: list[Value], args_in: list[Value], path: tuple[int, ...] = ()
+  ) -> list[Value]:
     env: dict[Any, Value] = {}
     for v, x in zip(jaxpr.constvars, consts_in):
       env[v] = x
@@ -271,11 +277,12 @@ class ChannelFlow:
   def _unknown(self, eqn, ins: list[Value]):
     if any(self.carries_channels(x) for x in ins):
       raise UnsupportedPrimitiveError(
-          f"jaxprune.trace: primitive '{eqn.primitive.name}' at {self.where(eqn)} "
-          "acts on a value that carries prunable channels, and its channel "
-          "semantics are unknown. Rewrite that part with supported ops "
-          "(conv, dot_general, elementwise, reshape, pad, concatenate, ...), "
-          "or keep it outside the traced function.")
+        f"jaxprune.trace: primitive '{eqn.primitive.name}' at {self.where(eqn)} "
+        "acts on a value that carries prunable channels, and its channel "
+        "semantics are unknown. Rewrite that part with supported ops "
+        "(conv, dot_general, elementwise, reshape, pad, concatenate, ...), "
+        "or keep it outside the traced function."
+      )
     outs = [_out({}, ins) for _ in eqn.outvars]
     return outs if eqn.primitive.multiple_results else outs[0]
 
@@ -283,12 +290,12 @@ class ChannelFlow:
 # ---------------------------------------------------------------------------
 # helpers shared by rules
 
+
 def _shape(v) -> tuple[int, ...]:
   return tuple(v.aval.shape)
 
 
-def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None],
-                join: bool = False) -> np.ndarray | None:
+def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None], join: bool = False) -> np.ndarray | None:
   present = [x for x in ids_list if x is not None]
   if not present:
     return None
@@ -303,8 +310,9 @@ def _merge_axis(fl: ChannelFlow, ids_list: list[np.ndarray | None],
   return out
 
 
-def _out(ids: dict[int, np.ndarray | None], ins: list[Value], *, zero: bool | None = None,
-         index_of: int | None = None) -> Value:
+def _out(
+  ids: dict[int, np.ndarray | None], ins: list[Value], *, zero: bool | None = None, index_of: int | None = None
+) -> Value:
   """An output value: activation and origin from the inputs."""
   act = any(x.act for x in ins)
   origin = frozenset().union(*(x.origin for x in ins if x.act)) if act else frozenset()
@@ -325,8 +333,7 @@ def _is_batch(fl: ChannelFlow, ids: np.ndarray) -> bool:
 
 def _channel_axis(fl: ChannelFlow, x: Value) -> int | None:
   """The one axis of an activation that carries channels of the variables."""
-  axes = [a for a, ids in x.ids.items()
-          if not _is_batch(fl, ids) and (ids >= fl.arg_id_end).any()]
+  axes = [a for a, ids in x.ids.items() if not _is_batch(fl, ids) and (ids >= fl.arg_id_end).any()]
   return axes[0] if len(axes) == 1 else None
 
 
@@ -334,9 +341,11 @@ def _channel_axis(fl: ChannelFlow, x: Value) -> int | None:
 # rules
 
 # f(0) == 0: a zero (dead) channel stays zero.
-_ZERO_PRESERVING = set("""neg abs sign sqrt cbrt square integer_pow tanh sin tan asin atan
+_ZERO_PRESERVING = set(
+  """neg abs sign sqrt cbrt square integer_pow tanh sin tan asin atan
   sinh asinh atanh erf erf_inv expm1 log1p floor ceil round convert_element_type
-  reduce_precision stop_gradient copy copy_p real imag conj""".split())
+  reduce_precision stop_gradient copy copy_p real imag conj""".split()
+)
 # act (op) nonact: zero act stays zero whatever the other operand
 _ZERO_ABSORBING = {"mul", "and"}
 
@@ -404,8 +413,7 @@ def elementwise(fl: ChannelFlow, eqn, ins: list[Value], path) -> Value:
 def _nonact(fl, eqn, ins, same_rank, out_shape) -> Value:
   ids = {a: _merge_axis(fl, [x.ids.get(a) for x, _ in same_rank]) for a in range(len(out_shape))}
   idx = {x.index_of for x in ins if x.index_of is not None}
-  return _out(ids, ins, zero=_known_zero(eqn.primitive.name, ins, eqn),
-              index_of=idx.pop() if len(idx) == 1 else None)
+  return _out(ids, ins, zero=_known_zero(eqn.primitive.name, ins, eqn), index_of=idx.pop() if len(idx) == 1 else None)
 
 
 def _known_zero(name: str, ins: list[Value], eqn) -> bool:
@@ -539,14 +547,20 @@ def _reshape_blocks(src, dst):
     i, j = i + bool(si), j + bool(dj)
     while ps != pd:
       if ps < pd:
-        si.append(i); ps *= src[i]; i += 1
+        si.append(i)
+        ps *= src[i]
+        i += 1
       else:
-        dj.append(j); pd *= dst[j]; j += 1
+        dj.append(j)
+        pd *= dst[j]
+        j += 1
     # absorb trailing size-1 axes into the current block
     while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
-      si.append(i); i += 1
+      si.append(i)
+      i += 1
     while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
-      dj.append(j); j += 1
+      dj.append(j)
+      j += 1
     blocks.append((si, dj))
   return blocks
 
@@ -556,7 +570,7 @@ def slice_(fl, eqn, ins, path) -> Value:
   starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
   strides = eqn.params["strides"] or (1,) * len(starts)
   shape = _shape(eqn.invars[0])
-  ids = {a: x.ids[a][starts[a]:limits[a]:strides[a]] for a in x.ids}
+  ids = {a: x.ids[a][starts[a] : limits[a] : strides[a]] for a in x.ids}
   for a in x.ids:
     if (starts[a], limits[a], strides[a]) != (0, shape[a], 1):
       # Static bounds cannot follow a slimmed channel axis (the slimmed network
@@ -579,14 +593,14 @@ def pad(fl, eqn, ins, path) -> Value:
       cur = spread
     lo, hi = int(lo), int(hi)
     if _is_batch(fl, x.ids[a]) or not (cur >= 0).any():
-      pieces = [np.full(max(lo, 0), NONE), cur[max(-lo, 0): cur.size - max(-hi, 0)],
-                np.full(max(hi, 0), NONE)]
+      pieces = [np.full(max(lo, 0), NONE), cur[max(-lo, 0) : cur.size - max(-hi, 0)], np.full(max(hi, 0), NONE)]
     else:
       # Static pad widths cannot follow a slimmed channel axis: the channels
       # that face the padding (fresh frozen ids) are kept.
       plo, phi = fl.fresh(max(lo, 0), fill), fl.fresh(max(hi, 0), fill)
-      fl.freeze(plo); fl.freeze(phi)
-      pieces = [plo, cur[max(-lo, 0): cur.size - max(-hi, 0)], phi]
+      fl.freeze(plo)
+      fl.freeze(phi)
+      pieces = [plo, cur[max(-lo, 0) : cur.size - max(-hi, 0)], phi]
     ids[a] = np.concatenate([p.astype(np.int64) for p in pieces])
   return _out(ids, ins[:1], zero=x.zero and ins[1].zero)
 
@@ -624,7 +638,7 @@ def split(fl, eqn, ins, path) -> list[Value]:
   for n in eqn.params["sizes"]:
     ids = dict(x.ids)
     if axis in ids:
-      ids[axis] = ids[axis][start:start + n]
+      ids[axis] = ids[axis][start : start + n]
     outs.append(_out(ids, ins))
     start += n
   return outs
@@ -716,8 +730,17 @@ def conv(fl, eqn, ins, path) -> Value:
   out_ids, origin = rhs_out, frozenset()
   if lhs.act and not rhs.act and (rhs_out >= 0).any():
     lshape = _shape(eqn.invars[0])
-    out_ids, t = _producer(fl, rhs_out, name, path=path, operand=0, in_axis=lf,
-                           spatial=tuple(lsp), c_in=int(lshape[lf]), first=not lhs.origin)
+    out_ids, t = _producer(
+      fl,
+      rhs_out,
+      name,
+      path=path,
+      operand=0,
+      in_axis=lf,
+      spatial=tuple(lsp),
+      c_in=int(lshape[lf]),
+      first=not lhs.origin,
+    )
     origin = frozenset({t})
   ids = {of: out_ids}
   if lb in lhs.ids:
@@ -726,8 +749,17 @@ def conv(fl, eqn, ins, path) -> Value:
   if origin:
     out.origin = origin
   if lhs.act and lhs_f is not None:
-    fl.sites.append(MaskSite(path, 0, lf, lhs_f, lhs.index_event, len(lhs.origin) == 1,
-                              next(iter(lhs.origin)) if len(lhs.origin) == 1 else None))
+    fl.sites.append(
+      MaskSite(
+        path,
+        0,
+        lf,
+        lhs_f,
+        lhs.index_event,
+        len(lhs.origin) == 1,
+        next(iter(lhs.origin)) if len(lhs.origin) == 1 else None,
+      )
+    )
   if lhs.act:
     spatial = math.prod(oshape[a] for a in osp) * math.prod(rshape[a] for a in rsp)
     if cin_g == 1 and g > 1:
@@ -777,9 +809,17 @@ def dot_general(fl, eqn, ins, path) -> Value:
         xs = _shape(eqn.invars[act_side])
         spatial = tuple(a for a in range(len(xs)) if a not in cdims and a != 0)
         out_ids[start + k], t = _producer(
-            fl, ids, name, path=path, operand=act_side, in_axis=cdims[0] if cdims else -1,
-            spatial=spatial, c_in=int(math.prod(xs[a] for a in cdims)), op="dense",
-            first=not x.origin)
+          fl,
+          ids,
+          name,
+          path=path,
+          operand=act_side,
+          in_axis=cdims[0] if cdims else -1,
+          spatial=spatial,
+          c_in=int(math.prod(xs[a] for a in cdims)),
+          op="dense",
+          first=not x.origin,
+        )
         origin = origin | {t}
     for a, b in zip(cdims, wc):
       wi = w.ids.get(b)
@@ -792,9 +832,17 @@ def dot_general(fl, eqn, ins, path) -> Value:
     x, cdims = (lhs, lc) if act_side == 0 else (rhs, rc)
     for a in cdims:
       if a in x.ids:
-        fl.sites.append(MaskSite(path, act_side, a, x.ids[a], x.index_event,
-                                 len(x.origin) == 1,
-                                 next(iter(x.origin)) if len(x.origin) == 1 else None))
+        fl.sites.append(
+          MaskSite(
+            path,
+            act_side,
+            a,
+            x.ids[a],
+            x.index_event,
+            len(x.origin) == 1,
+            next(iter(x.origin)) if len(x.origin) == 1 else None,
+          )
+        )
     w, wc = (rhs, rc) if act_side == 0 else (lhs, lc)
     coef, factors = 1.0, []
     # per-sample MACs = prod over contracting axes and both operands' free
@@ -813,10 +861,9 @@ def dot_general(fl, eqn, ins, path) -> Value:
       coef, factors = _factor(fl, lhs.ids.get(a), ls[a], coef, factors)
     name = _leaf_name(fl, w, wc[0]) if wc else "?"
     if name == "?" and not w.act:
-      for b in (rfree if act_side == 0 else lfree):
+      for b in rfree if act_side == 0 else lfree:
         name = _leaf_name(fl, w, b)
-    fl.ops.append(Op("dense", name, coef, tuple(factors), 1,
-                     x.index_event if act_side is not None else None))
+    fl.ops.append(Op("dense", name, coef, tuple(factors), 1, x.index_event if act_side is not None else None))
     vcoef, vfactors = 1.0, []
     for i, n in enumerate(_shape(eqn.outvars[0])):
       vcoef, vfactors = _factor(fl, out.ids.get(i), n, vcoef, vfactors)
@@ -844,7 +891,8 @@ def _closed_call(key: str):
     jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
     consts = [Value({}, False)] * len(getattr(closed, "consts", ()))
     n_in = len(jaxpr.invars)
-    return fl.run(jaxpr, consts, ins[len(ins) - n_in:], path)
+    return fl.run(jaxpr, consts, ins[len(ins) - n_in :], path)
+
   return rule
 
 
@@ -856,25 +904,22 @@ def cond(fl, eqn, ins, path):
   merged = []
   for outs in zip(*outs_per_branch):
     axes = set().union(*(o.ids for o in outs))
-    merged.append(_out({a: _merge_axis(fl, [o.ids.get(a) for o in outs]) for a in axes},
-                       list(outs) + [ins[0]]))
+    merged.append(_out({a: _merge_axis(fl, [o.ids.get(a) for o in outs]) for a in axes}, list(outs) + [ins[0]]))
   return merged
 
 
 def scan(fl, eqn, ins, path):
   p = eqn.params
   nc, ncar = p["num_consts"], p["num_carry"]
-  consts, carry, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+  consts, carry, xs = ins[:nc], ins[nc : nc + ncar], ins[nc + ncar :]
   xs_body = [_out({a - 1: i for a, i in x.ids.items() if a > 0}, [x]) for x in xs]
   body = p["jaxpr"]
-  outs = fl.run(body.jaxpr, [Value({}, False)] * len(body.consts),
-                list(consts) + list(carry) + xs_body, path + (-1,))
+  outs = fl.run(body.jaxpr, [Value({}, False)] * len(body.consts), list(consts) + list(carry) + xs_body, path + (-1,))
   carry_out, ys = outs[:ncar], outs[ncar:]
   res = []
   for cin, cout in zip(carry, carry_out):
     axes = set(cin.ids) | set(cout.ids)
-    res.append(_out({a: _merge_axis(fl, [cin.ids.get(a), cout.ids.get(a)]) for a in axes},
-                    [cin, cout]))
+    res.append(_out({a: _merge_axis(fl, [cin.ids.get(a), cout.ids.get(a)]) for a in axes}, [cin, cout]))
   for y in ys:
     res.append(_out({a + 1: i for a, i in y.ids.items()}, [y]))
   return res
@@ -886,9 +931,10 @@ def gather(fl, eqn, ins, path):
   on the values, which a trace does not see."""
   if any(x.index_of is not None for x in ins[1:]) and fl.carries_channels(ins[0]):
     raise UnsupportedPrimitiveError(
-        f"jaxprune.trace: channels gathered by an index vector at {fl.where(eqn)}: this "
-        "network's residual branches were slimmed. Trace, mask and slim the unslimmed "
-        "network, and count a slimmed one with jaxprune.cost(graph, masks) of the original.")
+      f"jaxprune.trace: channels gathered by an index vector at {fl.where(eqn)}: this "
+      "network's residual branches were slimmed. Trace, mask and slim the unslimmed "
+      "network, and count a slimmed one with jaxprune.cost(graph, masks) of the original."
+    )
   return fl._unknown(eqn, ins)
 
 
@@ -904,7 +950,8 @@ _ELEMENTWISE = """add sub mul div max min pow atan2 rem and or xor ne eq lt le g
   stop_gradient copy copy_p real imag conj add_any select_n clamp""".split()
 
 RULES: dict[str, Any] = {name: elementwise for name in _ELEMENTWISE}
-RULES.update({
+RULES.update(
+  {
     "broadcast_in_dim": broadcast_in_dim,
     "reshape": reshape,
     "transpose": transpose,
@@ -953,4 +1000,5 @@ RULES.update({
     "threefry2x32": _no_channels,
     "sharding_constraint": unary_passthrough,
     "optimization_barrier": lambda fl, eqn, ins, path: [_out(dict(x.ids), [x]) for x in ins],
-})
+  }
+)

@@ -1,4 +1,5 @@
 """`cost`: exact, differentiable cost of a network under channel masks."""
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ class Cost(NamedTuple):
   per_layer: `LayerCosts` of the conv/dense layers, in trace order:
     `per_layer["layer1.0.conv1"]["macs"]`, or arrays `per_layer.macs`.
   """
+
   macs: jax.Array
   flops: jax.Array
   params: jax.Array
@@ -72,12 +74,13 @@ _MACS, _ELEMENTWISE, _VOLUME, _PARAMS = range(4)
 class _Plan(NamedTuple):
   """The graph's cost terms as arrays: the distinct places' exprs, two incidence
   sums and a product."""
-  prod: np.ndarray      # (K, P) flat indices of the distinct places' product factors
-  union: np.ndarray     # (L, P) their union factors (L = 0: none)
-  seg_inc: np.ndarray   # (segments, P): how often each place counts in each segment
+
+  prod: np.ndarray  # (K, P) flat indices of the distinct places' product factors
+  union: np.ndarray  # (L, P) their union factors (L = 0: none)
+  seg_inc: np.ndarray  # (segments, P): how often each place counts in each segment
   row_coef: np.ndarray  # one row per term (per block for grouped convs)
   row_segs: np.ndarray  # [rows, k] segments whose sums multiply (0 = constant 1)
-  row_inc: np.ndarray   # (buckets, rows) 0/1
+  row_inc: np.ndarray  # (buckets, rows) 0/1
   layers: tuple[str, ...]  # per-layer buckets: 4 + 2i (macs), 5 + 2i (params)
 
 
@@ -93,11 +96,11 @@ def _plan(graph: ChannelGraph) -> _Plan:
 
   def place_columns(e: Expr) -> np.ndarray:
     p = np.full((kmax, e.size), ONE, np.int32)
-    p[:e.prod.shape[0]] = e.prod
+    p[: e.prod.shape[0]] = e.prod
     u = np.full((lmax, e.size), ZERO, np.int32)
     if lmax:
       if e.union.shape[0]:
-        u[:e.union.shape[0]] = e.union
+        u[: e.union.shape[0]] = e.union
       else:
         u[0] = ONE
     both = np.ascontiguousarray(np.concatenate([p, u]).T)
@@ -150,9 +153,15 @@ def _plan(graph: ChannelGraph) -> _Plan:
   nb = 4 + 2 * len(layers)
   row_inc = np.zeros((nb, len(rows_bucket)), np.float32)
   row_inc[np.asarray(rows_bucket, np.int64), np.arange(len(rows_bucket))] = 1.0
-  return _Plan(cols[:kmax].astype(np.int32), cols[kmax:].astype(np.int32), seg_inc,
-               np.asarray(rows_coef, np.float32), np.asarray(rows_segs, np.int32).reshape(-1, kf),
-               row_inc, tuple(layers))
+  return _Plan(
+    cols[:kmax].astype(np.int32),
+    cols[kmax:].astype(np.int32),
+    seg_inc,
+    np.asarray(rows_coef, np.float32),
+    np.asarray(rows_segs, np.int32).reshape(-1, kf),
+    row_inc,
+    tuple(layers),
+  )
 
 
 def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact") -> Cost:
@@ -181,8 +190,9 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
     m = np.asarray(m, np.float32)
   if m.ndim != 1:
     raise ValueError(
-        f"cost takes masks without a batch axis (got leading shape {m.shape[:-1]}); "
-        "use jax.vmap(lambda m: jaxprune.cost(graph, m))(masks) for per-sample cost.")
+      f"cost takes masks without a batch axis (got leading shape {m.shape[:-1]}); "
+      "use jax.vmap(lambda m: jaxprune.cost(graph, m))(masks) for per-sample cost."
+    )
   p = _plan(graph)
   # Dense 0/1 matrices instead of scatters: XLA compiles them much faster.
   sums = p.seg_inc @ Expr(p.prod, p.union).value(m)
@@ -192,8 +202,9 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
   flops = 2 * b[_MACS] + (b[_ELEMENTWISE] if mode == "exact" else 0.0)
   per_layer = LayerCosts(p.layers, b[4::2], b[5::2])
   n_ch = sum(g.size for g in graph.groups if g.kind == 'channel')  # channel groups come first
-  return Cost(*(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[FIRST:FIRST + n_ch].sum(), b[_VOLUME])),
-              per_layer)
+  return Cost(
+    *(xp.asarray(v) for v in (b[_MACS], flops, b[_PARAMS], m[FIRST : FIRST + n_ch].sum(), b[_VOLUME])), per_layer
+  )
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,6 +5,7 @@ BatchNorm, the next conv's input slices). Scores combine the members: each
 member's per-channel score is divided by its mean (so no layer dominates by
 scale) and the members are summed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,6 +26,7 @@ def _jit_per_graph(fn: Callable) -> Callable:
   Eagerly, the many small per-member ops would each compile a kernel; one
   program per graph compiles once and also runs inside a caller's jit.
   """
+
   @functools.lru_cache(maxsize=32)
   def compiled(graph: ChannelGraph):
     return jax.jit(lambda variables: fn(variables, graph))
@@ -32,6 +34,7 @@ def _jit_per_graph(fn: Callable) -> Callable:
   @functools.wraps(fn)
   def wrapper(variables: Any, graph: ChannelGraph) -> Scores:
     return compiled(graph)(variables)
+
   return wrapper
 
 
@@ -80,14 +83,14 @@ def l1(variables: Any, graph: ChannelGraph) -> Scores:
 @_jit_per_graph
 def l2(variables: Any, graph: ChannelGraph) -> Scores:
   """L2 norm of each channel's slices in the coupled conv/dense kernels."""
-  return _combine(graph, variables, lambda w: jnp.sqrt((w ** 2).sum(1)),
-                  lambda gr, m: _is_weight(gr, m.leaf))
+  return _combine(graph, variables, lambda w: jnp.sqrt((w**2).sum(1)), lambda gr, m: _is_weight(gr, m.leaf))
 
 
 def _is_scale(graph: ChannelGraph, m: Member) -> bool:
   i = graph.leaf_names.index(m.leaf)
-  return (graph.is_param[i] and len(graph.leaf_shapes[i]) == 1
-          and m.leaf.rsplit(".", 1)[-1] in ("scale", "gamma", "weight"))
+  return (
+    graph.is_param[i] and len(graph.leaf_shapes[i]) == 1 and m.leaf.rsplit(".", 1)[-1] in ("scale", "gamma", "weight")
+  )
 
 
 @_jit_per_graph

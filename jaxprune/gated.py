@@ -9,6 +9,7 @@ the group, which then multiply the group's channels wherever they are consumed
 `masked` evaluator with two hooks, so gated outputs equal the per-sample
 slimmed networks.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -24,28 +25,31 @@ from jaxprune.trace import analyze, components, site_exprs
 
 class Producer(NamedTuple):
   """Where a group's channels are computed: its gate's input."""
-  name: str                     # the group
-  kind: str                     # "channel" | "branch"
-  op: str                       # "conv" | "dense"
-  size: int                     # channels of the group
-  c_in: int                     # features of the producer's input
-  feature_axis: int             # of that input
+
+  name: str  # the group
+  kind: str  # "channel" | "branch"
+  op: str  # "conv" | "dense"
+  size: int  # channels of the group
+  c_in: int  # features of the producer's input
+  feature_axis: int  # of that input
   spatial_axes: tuple[int, ...]  # of that input (pool over them for a per-sample summary)
-  order: int = 0                # program order of the producing layer
-  layer: str = ""               # its weight's name, e.g. "layer1.0.conv2"
-  first: bool = False           # it reads the network's input (a stem)
+  order: int = 0  # program order of the producing layer
+  layer: str = ""  # its weight's name, e.g. "layer1.0.conv2"
+  first: bool = False  # it reads the network's input (a stem)
 
 
 class GateInput(NamedTuple):
   """What a gate sees: its producer's input `x` (upstream gates applied)."""
+
   x: jax.Array
   producer: Producer
 
 
 class Gated(NamedTuple):
   """What `gated` returns beside the network output."""
-  masks: dict[str, jax.Array]     # every group, (batch, size); ungated ones as given
-  aux: dict[str, Any]             # per gated group: what its gate returned beside the mask
+
+  masks: dict[str, jax.Array]  # every group, (batch, size); ungated ones as given
+  aux: dict[str, Any]  # per gated group: what its gate returned beside the mask
   observed: dict[str, jax.Array]  # per gated group: `observe` of its un-masked output
 
 
@@ -84,8 +88,7 @@ def _tokens_of(graph: ChannelGraph, fl, leaf_vals) -> dict[str, Any]:
   return out
 
 
-def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any
-              ) -> dict[str, Producer]:
+def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any) -> dict[str, Producer]:
   """Each group's producer in `fn` (in program order), for sizing gates.
 
   Groups no conv/dense produces (e.g. channels born in a zero padding) are left
@@ -100,13 +103,21 @@ def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any
   for g in graph.groups:
     t = toks.get(g.name)
     if t is not None and t.in_axis >= 0:
-      out[g.name] = Producer(g.name, g.kind, t.op, g.size, t.c_in, t.in_axis, t.spatial,
-                             order[id(t)], t.name.rsplit(".", 1)[0], t.first)
+      out[g.name] = Producer(
+        g.name, g.kind, t.op, g.size, t.c_in, t.in_axis, t.spatial, order[id(t)], t.name.rsplit(".", 1)[0], t.first
+      )
   return dict(sorted(out.items(), key=lambda kv: kv[1].order))
 
 
-def gated(fn: Callable, graph: ChannelGraph, gate: Gate, groups: Sequence[str], *,
-          observe: Observe | None = None, combine: str = "first") -> Callable:
+def gated(
+  fn: Callable,
+  graph: ChannelGraph,
+  gate: Gate,
+  groups: Sequence[str],
+  *,
+  observe: Observe | None = None,
+  combine: str = "first",
+) -> Callable:
   """`g(variables, params, *args, masks=None) -> (fn's output, Gated)`.
 
   For each name in `groups`, `gate(GateInput(x, producer), params[name])` runs
@@ -157,8 +168,7 @@ def gated(fn: Callable, graph: ChannelGraph, gate: Gate, groups: Sequence[str], 
       t = toks.get(name)
       if t is None or t.in_axis < 0:
         raise ValueError(f"gated: group {name!r} has no conv/dense producer to gate at")
-      prod = Producer(name, graph.group(name).kind, t.op, sizes[name], t.c_in, t.in_axis,
-                      t.spatial)
+      prod = Producer(name, graph.group(name).kind, t.op, sizes[name], t.c_in, t.in_axis, t.spatial)
       before.setdefault(t.path, []).append((name, t.operand, prod))
 
     def hook(entries):
@@ -167,22 +177,22 @@ def gated(fn: Callable, graph: ChannelGraph, gate: Gate, groups: Sequence[str], 
           m, aux = gate(GateInput(invals[operand], prod), params[name])
           m = jnp.asarray(m, jnp.float32)
           if m.shape != (batch, sizes[name]):
-            raise ValueError(f"gate for {name!r} returned a mask of shape {m.shape}; "
-                             f"expected {(batch, sizes[name])}")
+            raise ValueError(f"gate for {name!r} returned a mask of shape {m.shape}; expected {(batch, sizes[name])}")
           o = offsets[name]
-          state.flat = state.flat.at[:, o:o + sizes[name]].set(m)
+          state.flat = state.flat.at[:, o : o + sizes[name]].set(m)
           state.seen.setdefault("aux", {})[name] = aux
+
       return run
 
     obs = _observers(graph, sites, groups, observe, combine) if observe is not None else {}
     state = interpret.State(flat)
     leaves = jax.tree_util.tree_leaves((variables, *args))
-    outs = interpret.evaluate(closed, leaves, sites, state,
-                              before={p: hook(e) for p, e in before.items()}, observe=obs)
+    outs = interpret.evaluate(closed, leaves, sites, state, before={p: hook(e) for p, e in before.items()}, observe=obs)
     out = jax.tree_util.tree_unflatten(out_tree, outs)
     f = state.flat
-    result_masks = {n: f[:, offsets[n]:offsets[n] + sizes[n]] for n in names}
+    result_masks = {n: f[:, offsets[n] : offsets[n] + sizes[n]] for n in names}
     return out, Gated(result_masks, state.seen.get("aux", {}), state.seen.get("observed", {}))
+
   return g
 
 
@@ -208,6 +218,7 @@ def _observers(graph: ChannelGraph, sites, groups, observe: Observe, combine: st
         entries.append((n, size, axis, jnp.asarray(sel), jnp.asarray(pos)))
         first_seen.add(n)
     if entries:
+
       def run(x, state, entries=entries):
         seen = state.seen.setdefault("observed", {})
         for n, size, axis, sel, pos in entries:
@@ -216,5 +227,6 @@ def _observers(graph: ChannelGraph, sites, groups, observe: Observe, combine: st
           if acc is None:
             acc = jnp.zeros((s.shape[0], size), s.dtype)
           seen[n] = acc.at[:, pos].set(jnp.maximum(acc[:, pos], s) if combine == "max" else s)
+
       hooks[key] = run
   return hooks

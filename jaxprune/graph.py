@@ -17,6 +17,7 @@ sum, the identity path is never masked, and a stream channel is alive for a
 consumer when its channel mask keeps it and at least one producer reaching the
 consumer keeps it (the union 1 - prod(1 - m)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Masks = Mapping[str, jax.Array]
-ONE, ZERO = 0, 1    # flat indices of the constants
-FIRST = 2           # flat index of the first group entry
+ONE, ZERO = 0, 1  # flat indices of the constants
+FIRST = 2  # flat index of the first group entry
 KINDS = ("channel", "branch")
 
 
@@ -42,6 +43,7 @@ class Expr:
   by a consumer is its channel entry times the union of the branch entries of
   the producers that reach it.
   """
+
   prod: np.ndarray
   union: np.ndarray
 
@@ -74,17 +76,17 @@ class Expr:
   def of(prod: Sequence[np.ndarray], union: Sequence[np.ndarray] = ()) -> "Expr":
     p = np.stack([np.asarray(a, np.int32) for a in prod]) if prod else np.zeros((1, 0), np.int32)
     n = p.shape[1]
-    u = (np.stack([np.asarray(a, np.int32) for a in union]) if len(union)
-         else np.zeros((0, n), np.int32))
+    u = np.stack([np.asarray(a, np.int32) for a in union]) if len(union) else np.zeros((0, n), np.int32)
     return Expr(p, u)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Member:
   """One place a group's channels live: `leaf` axis `axis` at `index`."""
+
   leaf: str
   axis: int
-  index: np.ndarray     # indices along the axis
+  index: np.ndarray  # indices along the axis
   position: np.ndarray  # the group position of each index
 
 
@@ -94,6 +96,7 @@ class Group:
 
   `kind` is "channel" or "branch" (see the module docstring).
   """
+
   name: str
   size: int
   members: tuple[Member, ...]
@@ -103,6 +106,7 @@ class Group:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Term:
   """A cost term: coef * sum_g prod_k sum(factor_k.value(flat) in block g)."""
+
   kind: str
   name: str
   coef: float
@@ -116,6 +120,7 @@ class IndexLeaf:
   expand vectors). `slim` keeps the places `own` keeps and renumbers the values
   into the places `target` keeps (a value whose target is gone becomes the
   sentinel, the kept count)."""
+
   leaf: int
   axis: int
   own: Expr
@@ -127,6 +132,7 @@ class IndexLeaf:
 class Physical:
   """A place where the slimmed network's width is fixed by what the model computes:
   slim can realise `expr` there only where it equals the channel entry alone."""
+
   what: str
   expr: Expr
 
@@ -151,6 +157,7 @@ class ChannelGraph:
     has_branches: traced with `branches=True` (residual sums, if any, have
       branch groups).
   """
+
   groups: tuple[Group, ...]
   leaf_names: tuple[str, ...]
   leaf_shapes: tuple[tuple[int, ...], ...]
@@ -221,8 +228,7 @@ class ChannelGraph:
     check_masks(self, masks)
     batch = jnp.shape(next(iter(masks.values())))[:-1] if self.groups else ()
     parts = [jnp.ones((*batch, 1)), jnp.zeros((*batch, 1))]
-    parts += [jnp.broadcast_to(jnp.asarray(masks[g.name], jnp.float32), (*batch, g.size))
-              for g in self.groups]
+    parts += [jnp.broadcast_to(jnp.asarray(masks[g.name], jnp.float32), (*batch, g.size)) for g in self.groups]
     return jnp.concatenate(parts, axis=-1)
 
   def __repr__(self) -> str:
@@ -240,31 +246,37 @@ def check_masks(graph: ChannelGraph, masks: Masks) -> None:
   missing = [n for n in names if n not in masks]
   if unknown or missing:
     raise ValueError(
-        f"masks do not match the graph: unknown {unknown}, missing {missing}. "
-        "Start from graph.ones() and change values, not keys.")
+      f"masks do not match the graph: unknown {unknown}, missing {missing}. "
+      "Start from graph.ones() and change values, not keys."
+    )
   batch = None
   for g in graph.groups:
     m = masks[g.name]
     dtype = getattr(m, "dtype", None) or np.asarray(m).dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-            or jnp.issubdtype(dtype, jnp.bool_)):
-      raise TypeError(f"mask for group {g.name!r} has dtype {dtype}; masks are real numbers "
-                      "in [0, 1] (float, int or bool arrays).")
+    if not (
+      jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+      raise TypeError(
+        f"mask for group {g.name!r} has dtype {dtype}; masks are real numbers in [0, 1] (float, int or bool arrays)."
+      )
     if not isinstance(m, jax.core.Tracer):
       v = np.asarray(m, np.float64)
       if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
         raise ValueError(
-            f"mask for group {g.name!r} has values outside [0, 1] (min {np.nanmin(v):.4g}, "
-            f"max {np.nanmax(v):.4g}{', non-finite' if not np.isfinite(v).all() else ''}); "
-            "a mask is the kept fraction of each channel: 1 keeps it, 0 removes it.")
+          f"mask for group {g.name!r} has values outside [0, 1] (min {np.nanmin(v):.4g}, "
+          f"max {np.nanmax(v):.4g}{', non-finite' if not np.isfinite(v).all() else ''}); "
+          "a mask is the kept fraction of each channel: 1 keeps it, 0 removes it."
+        )
     shape = jnp.shape(m)
     if len(shape) == 0 or shape[-1] != g.size:
       raise ValueError(
-          f"mask for group {g.name!r} has shape {shape}; expected (..., {g.size}): "
-          "one entry per channel, with optional leading per-sample axes.")
+        f"mask for group {g.name!r} has shape {shape}; expected (..., {g.size}): "
+        "one entry per channel, with optional leading per-sample axes."
+      )
     if batch is None:
       batch = shape[:-1]
     elif shape[:-1] != batch:
       raise ValueError(
-          f"mask for group {g.name!r} has leading shape {shape[:-1]} but others have "
-          f"{batch}; per-sample masks must share one batch shape.")
+        f"mask for group {g.name!r} has leading shape {shape[:-1]} but others have "
+        f"{batch}; per-sample masks must share one batch shape."
+      )

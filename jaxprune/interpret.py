@@ -8,6 +8,7 @@ group's per-sample masks; at a group's first site, the un-masked operand may be
 observed. Nested calls (jit, custom_jvp, checkpoint, ...) are entered only
 when a site or hook lies inside them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -19,10 +20,17 @@ from jax.extend import source_info_util
 
 from jaxprune.graph import Expr
 
-CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-         "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-         "custom_vjp_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
-         "remat2": "jaxpr"}
+CALLS = {
+  "jit": "jaxpr",
+  "pjit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "checkpoint": "jaxpr",
+  "remat": "jaxpr",
+  "remat2": "jaxpr",
+}
 
 Sites = Mapping[tuple[tuple[int, ...], int], tuple[int, Expr]]
 
@@ -36,8 +44,9 @@ def apply_mask(x: jax.Array, axis: int, m: jax.Array) -> jax.Array:
     return x * m.reshape(shape)
   if x.shape[0] != m.shape[0] or axis == 0:
     raise ValueError(
-        f"per-sample masks have batch {m.shape[0]} but the masked activation has shape "
-        f"{x.shape} (batch first expected); pass masks with one row per input sample.")
+      f"per-sample masks have batch {m.shape[0]} but the masked activation has shape "
+      f"{x.shape} (batch first expected); pass masks with one row per input sample."
+    )
   shape[0], shape[axis] = m.shape[0], m.shape[1]
   return x * m.reshape(shape)
 
@@ -54,9 +63,15 @@ class State:
 Hook = Callable[..., None]
 
 
-def evaluate(closed: jcore.ClosedJaxpr, args: list, sites: Sites, state: State, *,
-             before: Mapping[tuple[int, ...], Hook] | None = None,
-             observe: Mapping[tuple[tuple[int, ...], int], Hook] | None = None) -> list:
+def evaluate(
+  closed: jcore.ClosedJaxpr,
+  args: list,
+  sites: Sites,
+  state: State,
+  *,
+  before: Mapping[tuple[int, ...], Hook] | None = None,
+  observe: Mapping[tuple[tuple[int, ...], int], Hook] | None = None,
+) -> list:
   """Evaluates `closed` on `args` with masks applied at `sites`."""
   before, observe = before or {}, observe or {}
   keys = [p for p, _ in sites] + list(before) + [p for p, _ in observe]
@@ -79,14 +94,23 @@ def _eval(jaxpr, consts, args, sites, state, before, observe, inside, path):
     if key is not None and here in inside:
       closed = eqn.params[key]
       inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-      outs = _eval(inner, list(getattr(closed, "consts", ())),
-                   invals[len(invals) - len(inner.invars):], sites, state, before, observe,
-                   inside, here)
+      outs = _eval(
+        inner,
+        list(getattr(closed, "consts", ())),
+        invals[len(invals) - len(inner.invars) :],
+        sites,
+        state,
+        before,
+        observe,
+        inside,
+        here,
+      )
     else:
       if here in inside:
         raise NotImplementedError(
-            f"jaxprune: channels inside '{eqn.primitive.name}' at "
-            f"{source_info_util.summarize(eqn.source_info)} cannot be masked yet.")
+          f"jaxprune: channels inside '{eqn.primitive.name}' at "
+          f"{source_info_util.summarize(eqn.source_info)} cannot be masked yet."
+        )
       for k in range(len(invals)):
         if (here, k) in observe:
           observe[(here, k)](invals[k], state)

@@ -1,4 +1,5 @@
 """`masked`: run a network with channels removed from its computation."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,6 +28,7 @@ def masked(fn: Callable, graph: ChannelGraph) -> Callable:
     >>> g = jaxprune.masked(fn, graph)
     >>> logits = jax.jit(g)(variables, masks, images)
   """
+
   def g(variables, masks: Masks, *args):
     flat = graph.flat(masks)
     if flat.ndim > 2:
@@ -36,4 +38,5 @@ def masked(fn: Callable, graph: ChannelGraph) -> Callable:
     leaves = jax.tree_util.tree_leaves((variables, *args))
     outs = interpret.evaluate(closed, leaves, sites, interpret.State(flat))
     return jax.tree_util.tree_unflatten(out_tree, outs)
+
   return g

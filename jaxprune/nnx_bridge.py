@@ -18,6 +18,7 @@ Example:
   >>> small = jaxprune.slim(variables, graph, masks)
   >>> small_model = jaxprune.module(model, small)          # a runnable, smaller nnx.Module
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,8 +37,11 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, Variables]:
   >>> graphdef, variables = jaxprune.nnx_bridge.split(model)
   """
   graphdef, params, stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  return graphdef, {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats),
-                    "other": nnx.to_pure_dict(other)}
+  return graphdef, {
+    "params": nnx.to_pure_dict(params),
+    "batch_stats": nnx.to_pure_dict(stats),
+    "other": nnx.to_pure_dict(other),
+  }
 
 
 def _graphdef(model_or_graphdef) -> nnx.GraphDef:
@@ -53,8 +57,10 @@ def merge(model_or_graphdef, variables: Variables, *, copy: bool = False) -> nnx
   """
   missing = [c for c in COLLECTIONS if c not in variables]
   if missing:
-    raise ValueError(f"variables must be a dict with keys {COLLECTIONS} (from "
-                     f"jaxprune.functional or nnx_bridge.split); missing {missing}")
+    raise ValueError(
+      f"variables must be a dict with keys {COLLECTIONS} (from "
+      f"jaxprune.functional or nnx_bridge.split); missing {missing}"
+    )
   return nnx.merge(_graphdef(model_or_graphdef), *(variables[c] for c in COLLECTIONS), copy=copy)
 
 
@@ -67,6 +73,7 @@ def apply_fn(graphdef: nnx.GraphDef, *, train: bool = False, method: str = "__ca
 
   >>> eval_fn = apply_fn(graphdef); train_fn = apply_fn(graphdef, train=True)
   """
+
   def fn(v, *args):
     model = merge(graphdef, v, copy=True)  # copy: merging inside a trace otherwise fails on BatchStat
     model.train() if train else model.eval()
@@ -74,6 +81,7 @@ def apply_fn(graphdef: nnx.GraphDef, *, train: bool = False, method: str = "__ca
     if train:
       return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return out
+
   return fn
 
 
@@ -152,10 +160,11 @@ def check_runs(m: nnx.Module, *example_args: Any) -> None:
   except Exception as e:  # any layer error: re-raise with what to do
     where = _failing_layer(e)
     raise ValueError(
-        f"the slimmed module does not run{where}: {type(e).__name__}: {e}. A layer keeps a "
-        "width as a Python attribute that jaxprune cannot update; compute it from the arrays' "
-        "shapes (as the bundled models do), or keep that layer's channels (freeze its group "
-        "with masks of ones).") from e
+      f"the slimmed module does not run{where}: {type(e).__name__}: {e}. A layer keeps a "
+      "width as a Python attribute that jaxprune cannot update; compute it from the arrays' "
+      "shapes (as the bundled models do), or keep that layer's channels (freeze its group "
+      "with masks of ones)."
+    ) from e
 
 
 def _failing_layer(e: Exception) -> str:
@@ -179,6 +188,7 @@ def slim_module(model: nnx.Module, graph, masks) -> nnx.Module:
     >>> small_model(x)    # == jaxprune.masked(fn, graph)(variables, masks, x)
   """
   from jaxprune.slim import slim  # the core; no flax there
+
   _, variables = split(model)
   small = slim(variables, graph, masks)
   args = [np.zeros(s.shape, s.dtype) for s in getattr(graph, "example_args", ())]

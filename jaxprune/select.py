@@ -1,4 +1,5 @@
 """Turn channel scores into hard masks: per group (local) or to a global budget."""
+
 from __future__ import annotations
 
 import functools
@@ -45,13 +46,21 @@ def _orders(graph: ChannelGraph, scores, keep: Sequence[str] = ()) -> dict[str, 
   missing = [g.name for g in graph.groups if g.name not in scores and g.name not in keep]
   if missing:
     raise ValueError(f"scores missing for groups {missing} (pass keep=[...] to keep groups whole)")
-  return {g.name: (np.arange(g.size) if g.name in keep
-                   else np.argsort(-np.asarray(scores[g.name]), kind="stable"))
-          for g in graph.groups}
+  return {
+    g.name: (np.arange(g.size) if g.name in keep else np.argsort(-np.asarray(scores[g.name]), kind="stable"))
+    for g in graph.groups
+  }
 
 
-def local(scores: Mapping[str, jax.Array], graph: ChannelGraph, keep: float, *,
-          min_channels: int = 1, round_to: int = 1, whole: Sequence[str] = ()) -> Masks:
+def local(
+  scores: Mapping[str, jax.Array],
+  graph: ChannelGraph,
+  keep: float,
+  *,
+  min_channels: int = 1,
+  round_to: int = 1,
+  whole: Sequence[str] = (),
+) -> Masks:
   """Keep the top `keep` fraction of every group (groups in `whole` entirely).
 
   Example:
@@ -59,9 +68,10 @@ def local(scores: Mapping[str, jax.Array], graph: ChannelGraph, keep: float, *,
   """
   _check_budget(keep, "keep")
   order = _orders(graph, scores, whole)
-  counts = [g.size if g.name in whole else
-            _keep_count(g.size, math.ceil(keep * g.size), min_channels, round_to)
-            for g in graph.groups]
+  counts = [
+    g.size if g.name in whole else _keep_count(g.size, math.ceil(keep * g.size), min_channels, round_to)
+    for g in graph.groups
+  ]
   return _masks_from_counts(graph, order, counts)
 
 
@@ -71,10 +81,18 @@ def _unit_cost(graph: ChannelGraph, unit: str, mode: str):
   return jax.jit(lambda m: getattr(cost(graph, m, mode=mode), unit))
 
 
-def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
-                unit: str | Callable[[Masks], jax.Array] = "macs", *, min_channels: int = 1,
-                round_to: int = 1, mode: str = "exact", normalize: bool = True,
-                whole: Sequence[str] = ()) -> Masks:
+def global_topk(
+  scores: Mapping[str, jax.Array],
+  graph: ChannelGraph,
+  budget: float,
+  unit: str | Callable[[Masks], jax.Array] = "macs",
+  *,
+  min_channels: int = 1,
+  round_to: int = 1,
+  mode: str = "exact",
+  normalize: bool = True,
+  whole: Sequence[str] = (),
+) -> Masks:
   """Keep the globally best channels while cost(unit) <= budget x dense cost.
 
   Scores are divided by their group's mean so groups compare (`normalize=False`
@@ -110,9 +128,10 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
 
   def masks_after(k: int) -> Masks:
     removed = dict(zip([g.name for g in pruned], np.bincount(ranking[:k], minlength=len(sizes))))
-    counts = [g.size if g.name in whole else
-              _keep_count(g.size, int(g.size - removed[g.name]), min_channels, round_to)
-              for g in graph.groups]
+    counts = [
+      g.size if g.name in whole else _keep_count(g.size, int(g.size - removed[g.name]), min_channels, round_to)
+      for g in graph.groups
+    ]
     return _masks_from_counts(graph, order, counts)
 
   def fits(k: int) -> bool:
@@ -124,9 +143,10 @@ def global_topk(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: fl
   if not fits(hi):
     floor = float(unit_cost(masks_after(hi))) / full
     raise ValueError(
-        f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {min_channels} channel(s) per "
-        f"group already costs {floor:.4f} of the dense network. Raise the budget or "
-        "lower min_channels.")
+      f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {min_channels} channel(s) per "
+      f"group already costs {floor:.4f} of the dense network. Raise the budget or "
+      "lower min_channels."
+    )
   while hi - lo > 1:
     mid = (lo + hi) // 2
     if fits(mid):

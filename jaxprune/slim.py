@@ -1,4 +1,5 @@
 """`slim` and `expand`: masks onto the variables, and physically smaller arrays."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,12 +14,16 @@ from jaxprune.graph import ChannelGraph, Masks
 def _check_structure(graph: ChannelGraph, variables) -> list:
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   if treedef != graph.treedef:
-    raise ValueError("variables do not have the structure the graph was traced with; "
-                     "pass the same tree (e.g. jaxprune.functional's variables) to trace and slim.")
+    raise ValueError(
+      "variables do not have the structure the graph was traced with; "
+      "pass the same tree (e.g. jaxprune.functional's variables) to trace and slim."
+    )
   for x, shape, name in zip(leaves, graph.leaf_shapes, graph.leaf_names):
     if tuple(np.shape(x)) != shape:
-      raise ValueError(f"leaf {name} has shape {np.shape(x)}, traced as {shape}; "
-                       "slim the unslimmed variables the graph was traced from.")
+      raise ValueError(
+        f"leaf {name} has shape {np.shape(x)}, traced as {shape}; "
+        "slim the unslimmed variables the graph was traced from."
+      )
   return leaves
 
 
@@ -26,16 +31,21 @@ def hard_flat(graph: ChannelGraph, masks: Masks) -> np.ndarray:
   """The flat mask vector of hard masks without a batch axis (checked)."""
   flat = np.asarray(graph.flat(masks))
   if flat.ndim != 1:
-    raise ValueError("slim takes one mask per channel (no batch axis); for a per-sample "
-                     "mask, slim once per sample: {k: v[i] for k, v in masks.items()}.")
+    raise ValueError(
+      "slim takes one mask per channel (no batch axis); for a per-sample "
+      "mask, slim once per sample: {k: v[i] for k, v in masks.items()}."
+    )
   if not np.all((flat == 0) | (flat == 1)):
-    raise ValueError("slim needs hard masks (0 or 1); threshold soft masks first, "
-                     "e.g. jax.tree.map(lambda m: (m > 0.5).astype(float), masks).")
+    raise ValueError(
+      "slim needs hard masks (0 or 1); threshold soft masks first, "
+      "e.g. jax.tree.map(lambda m: (m > 0.5).astype(float), masks)."
+    )
   for g, start in zip(graph.groups, graph.offsets.values()):
-    if not flat[start:start + g.size].any():
+    if not flat[start : start + g.size].any():
       raise ValueError(
-          f"every channel of {g.kind} group {g.name!r} is masked: removing the group would cut "
-          "the network. Keep at least one channel (selection does, with min_channels).")
+        f"every channel of {g.kind} group {g.name!r} is masked: removing the group would cut "
+        "the network. Keep at least one channel (selection does, with min_channels)."
+      )
   return flat
 
 
@@ -47,12 +57,12 @@ def keep_indices(graph: ChannelGraph, masks: Masks) -> list[dict[int, np.ndarray
     v, ch = p.expr.value(flat), flat[p.expr.channel]
     if not np.array_equal(v > 0.5, ch > 0.5):
       raise ValueError(
-          f"slim: {p.what}, so it cannot drop a channel that its residual stream keeps "
-          f"({int(((ch > 0.5) & (v < 0.5)).sum())} such channels here). Use masks whose branch "
-          "entries equal the channel entries there, or build the block as the bundled ResNets "
-          "do (gather/expand index vectors, jaxprune.models.layers).")
-  return [{ax: np.nonzero(e.value(flat) > 0.5)[0] for ax, e in axes.items()}
-          for axes in graph.leaf_axes]
+        f"slim: {p.what}, so it cannot drop a channel that its residual stream keeps "
+        f"({int(((ch > 0.5) & (v < 0.5)).sum())} such channels here). Use masks whose branch "
+        "entries equal the channel entries there, or build the block as the bundled ResNets "
+        "do (gather/expand index vectors, jaxprune.models.layers)."
+      )
+  return [{ax: np.nonzero(e.value(flat) > 0.5)[0] for ax, e in axes.items()} for axes in graph.leaf_axes]
 
 
 def slim(variables: Any, graph: ChannelGraph, masks: Masks) -> Any:

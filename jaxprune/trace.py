@@ -1,4 +1,5 @@
 """`trace`: channel (and residual-branch) groups of any function of (variables, *inputs)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,8 +11,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from jaxprune.channel_flow import ALWAYS, NONE, ChannelFlow, Value
-from jaxprune.graph import (FIRST, ONE, ZERO, ChannelGraph, Expr, Group, IndexLeaf, Member,
-                            Physical, Term)
+from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr, Group, IndexLeaf, Member, Physical, Term
 
 COLLECTIONS = ("params", "batch_stats", "other")
 
@@ -50,8 +50,7 @@ def _param_flags(variables, n: int) -> list[bool]:
   collections layout of `jaxprune.functional` and jaxprune.training, or
   Linen's), the leaves under it; otherwise every leaf."""
   if isinstance(variables, dict) and "params" in variables:
-    return [leaf_name(p).split(".", 1)[0] == "params"
-            for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+    return [leaf_name(p).split(".", 1)[0] == "params" for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   return [True] * n
 
 
@@ -111,8 +110,13 @@ class Resolver:
   """Turns channel ids into `Expr`s: channel entries from components, union
   entries from liveness sets, one branch entry per (eligible token, channel)."""
 
-  def __init__(self, fl: ChannelFlow, label: np.ndarray, flat_of_comp: np.ndarray,
-               branch: dict[int, tuple[int, dict[int, int]]] | None):
+  def __init__(
+    self,
+    fl: ChannelFlow,
+    label: np.ndarray,
+    flat_of_comp: np.ndarray,
+    branch: dict[int, tuple[int, dict[int, int]]] | None,
+  ):
     self.fl, self.label, self.flat_of_comp = fl, label, flat_of_comp
     self.branch = branch  # token -> (offset, component -> position); None: no branches
     self._lookup: dict[int, np.ndarray] = {}
@@ -126,8 +130,7 @@ class Resolver:
     if t not in self._lookup:
       off, pos = self.branch[t]
       table = np.full(self.label.max() + 2 if self.label.size else 1, -1, np.int64)
-      table[np.fromiter(pos.keys(), np.int64, len(pos))] = off + np.fromiter(
-          pos.values(), np.int64, len(pos))
+      table[np.fromiter(pos.keys(), np.int64, len(pos))] = off + np.fromiter(pos.values(), np.int64, len(pos))
       self._lookup[t] = table
     return self._lookup[t][comps]
 
@@ -141,7 +144,7 @@ class Resolver:
     comps = np.where(ids >= 0, self.label[np.maximum(ids, 0)], -1)
     sids = fl.live(ids)
     n = ids.size
-    extra = np.full(n, ONE, np.int32)   # one more product factor per place
+    extra = np.full(n, ONE, np.int32)  # one more product factor per place
     unions: list[tuple[np.ndarray, np.ndarray]] = []  # (places, entries (T, w))
     for sid in np.unique(sids).tolist():
       where = np.nonzero(sids == sid)[0]
@@ -166,18 +169,18 @@ class Resolver:
       union[0] = ONE  # no union at this place: factor 1
       for where, ents in unions:
         union[:, where] = ZERO
-        union[:ents.shape[0], where] = ents
+        union[: ents.shape[0], where] = ents
     return Expr(np.stack(prod).astype(np.int32), union)
 
 
 def _pad(e: Expr, k: int, l: int) -> Expr:
   """The same expr with k product rows and l union rows."""
   p = np.full((k, e.size), ONE, np.int32)
-  p[:e.prod.shape[0]] = e.prod
+  p[: e.prod.shape[0]] = e.prod
   u = np.full((l, e.size), ZERO, np.int32)
   if l:
     if e.union.shape[0]:
-      u[:e.union.shape[0]] = e.union
+      u[: e.union.shape[0]] = e.union
     else:
       u[0] = ONE
   return Expr(p, u)
@@ -188,8 +191,7 @@ def _merge_exprs(exprs: list[Expr]) -> Expr:
   k = max(e.prod.shape[0] for e in exprs)
   l = max(e.union.shape[0] for e in exprs)
   padded = [_pad(e, k, l) for e in exprs]
-  return Expr(np.concatenate([e.prod for e in padded], 1),
-              np.concatenate([e.union for e in padded], 1))
+  return Expr(np.concatenate([e.prod for e in padded], 1), np.concatenate([e.union for e in padded], 1))
 
 
 def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = False) -> ChannelGraph:
@@ -267,8 +269,14 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
       t = s.token
       tok = fl.tokens[t]
       comps = label[s.ids[s.ids >= 0]]
-      if (t in token_branch or len(sites_of[t]) != 1 or tok.leaf is None
-          or leaf_tokens[tok.leaf] != 1 or (s.ids < 0).any() or len(set(comps)) != comps.size):
+      if (
+        t in token_branch
+        or len(sites_of[t]) != 1
+        or tok.leaf is None
+        or leaf_tokens[tok.leaf] != 1
+        or (s.ids < 0).any()
+        or len(set(comps)) != comps.size
+      ):
         continue
       token_branch[t] = (offset, {int(c): k for k, c in enumerate(comps)})
       branch_site[t] = s
@@ -289,7 +297,7 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   gathers = {k for k in range(len(fl.events)) if k not in expands}
   consumers = _Consumers(resolver, fl.consumers if token_branch else [], gathers)
   leaf_axes = []
-  for li, v in enumerate(leaf_vals):
+  for v in leaf_vals:
     axes = {}
     for ax, ids in v.ids.items():
       e = _leaf_expr(resolver, ids, chain_label, chain_token, consumers)
@@ -300,17 +308,17 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   all_groups = ch_groups + br_groups
   starts = np.cumsum([FIRST] + [g[1] for g in all_groups])[:-1]
   members = _members(all_groups, starts, names, leaf_axes, index_leaves)
-  groups = tuple(Group(n, size, tuple(m), kind)
-                 for (n, size, kind), m in zip(all_groups, members))
+  groups = tuple(Group(n, size, tuple(m), kind) for (n, size, kind), m in zip(all_groups, members))
 
   def factor_expr(op, k, ids):
     # a conv/dense input read at full width keeps its known-zero channels
     full = op.kind in ("conv", "dense") and k == 0 and op.event not in gathers
     return resolver.expr(ids, empty_alive=full)
 
-  terms = [Term(op.kind, op.name, op.coef,
-                tuple(factor_expr(op, k, f) for k, f in enumerate(op.factors)), op.groups)
-           for op in fl.ops]
+  terms = [
+    Term(op.kind, op.name, op.coef, tuple(factor_expr(op, k, f) for k, f in enumerate(op.factors)), op.groups)
+    for op in fl.ops
+  ]
   flags = _param_flags(variables, len(names))
   for li, shape in enumerate(shapes):
     if not flags[li]:
@@ -327,10 +335,23 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   for il in idx:
     leaf_axes[il.leaf] = {il.axis: il.own}
   physical = _physical(fl, resolver, branch_site, gathers)
-  example = tuple(jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32))
-                  for a in jax.tree_util.tree_leaves(example_args))
-  return ChannelGraph(groups, names, shapes, tuple(flags), tuple(leaf_axes), tuple(terms), treedef,
-                      tuple(idx), tuple(physical), tuple(branch_table), example, branches)
+  example = tuple(
+    jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", np.float32)) for a in jax.tree_util.tree_leaves(example_args)
+  )
+  return ChannelGraph(
+    groups,
+    names,
+    shapes,
+    tuple(flags),
+    tuple(leaf_axes),
+    tuple(terms),
+    treedef,
+    tuple(idx),
+    tuple(physical),
+    tuple(branch_table),
+    example,
+    branches,
+  )
 
 
 def _atoms(label, ncomp, prunable, dims) -> list[np.ndarray]:
@@ -444,8 +465,7 @@ def _members(groups, starts, names, leaf_axes, skip) -> list[list[Member]]:
   return members
 
 
-def _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, names
-                  ) -> list[IndexLeaf]:
+def _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, names) -> list[IndexLeaf]:
   expand_events = {s.event: t for t, s in branch_site.items() if s.event is not None}
   seen: dict[int, int] = {}
   out = []
@@ -455,15 +475,16 @@ def _index_leaves(fl, resolver, token_branch, branch_site, leaf_vals, leaves, na
       continue
     if ev.leaf in seen:
       raise ValueError(
-          f"jaxprune.trace: index vector {names[ev.leaf]} is used at two places; give each "
-          "gather/expand its own vector.")
+        f"jaxprune.trace: index vector {names[ev.leaf]} is used at two places; give each gather/expand its own vector."
+      )
     seen[ev.leaf] = k
     x = leaves[ev.leaf]
     if not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)) and hasattr(x, "shape"):
       if not np.array_equal(np.asarray(x), np.arange(np.size(x))):
         raise ValueError(
-            f"jaxprune.trace: index vector {names[ev.leaf]} is not 0..n-1: this network was "
-            "slimmed. Trace, mask and slim the unslimmed network.")
+          f"jaxprune.trace: index vector {names[ev.leaf]} is not 0..n-1: this network was "
+          "slimmed. Trace, mask and slim the unslimmed network."
+        )
     ch = Expr.of([resolver.channel(ev.ids)])
     if k in expand_events:
       t = expand_events[k]
@@ -485,9 +506,12 @@ def _physical(fl, resolver, branch_site, gathers) -> list[Physical]:
   for t, s in branch_site.items():
     if s.event is None:
       br = resolver.entry(t, resolver.label[s.ids])
-      out.append(Physical(
-          f"{fl.tokens[t].name.rsplit('.', 1)[0]} adds its branch into the residual stream "
-          "without an index vector", Expr.of([resolver.channel(s.ids), br.astype(np.int32)])))
+      out.append(
+        Physical(
+          f"{fl.tokens[t].name.rsplit('.', 1)[0]} adds its branch into the residual stream without an index vector",
+          Expr.of([resolver.channel(s.ids), br.astype(np.int32)]),
+        )
+      )
   expands = {s.event for s in branch_site.values()}
   for site in fl.sites:
     if site.event in gathers:
@@ -496,8 +520,7 @@ def _physical(fl, resolver, branch_site, gathers) -> list[Physical]:
       continue  # reads a producer's own (narrow) output: slim realises it
     e = resolver.expr(site.ids, empty_alive=True)
     if e.prod.shape[0] > 1 or e.union.shape[0]:
-      out.append(Physical(f"the layer at equation {site.path} reads the residual stream "
-                          "without an index vector", e))
+      out.append(Physical(f"the layer at equation {site.path} reads the residual stream without an index vector", e))
   return out
 
 
@@ -549,8 +572,9 @@ def site_exprs(graph: ChannelGraph, fl: ChannelFlow, leaf_vals) -> dict:
   """
   if len(leaf_vals) != len(graph.leaf_shapes):
     raise ValueError(
-        f"variables have {len(leaf_vals)} leaves but the graph was traced with "
-        f"{len(graph.leaf_shapes)}; pass the same variables structure.")
+      f"variables have {len(leaf_vals)} leaves but the graph was traced with "
+      f"{len(graph.leaf_shapes)}; pass the same variables structure."
+    )
   label = components(fl)
   flat_of_comp = np.zeros(int(label.max()) + 2 if label.size else 1, np.int64)
   skip = {il.leaf for il in graph.index_leaves}
@@ -561,8 +585,9 @@ def site_exprs(graph: ChannelGraph, fl: ChannelFlow, leaf_vals) -> dict:
       ids = v.ids[ax]
       if ids.size != e.size:
         raise ValueError(
-            f"leaf {name} axis {ax} has size {ids.size}, traced as {e.size}; "
-            "masked() runs the unslimmed network (trace the slimmed one anew).")
+          f"leaf {name} axis {ax} has size {ids.size}, traced as {e.size}; "
+          "masked() runs the unslimmed network (trace the slimmed one anew)."
+        )
       ch = e.channel
       flat_of_comp[label[ids[ch >= FIRST]]] = ch[ch >= FIRST]
   branch = None

@@ -4,6 +4,7 @@ Models are built abstractly (``nnx.eval_shape``) and filled with numpy random
 values: compiling jax.random initializers costs about a second per kernel
 shape on a small CPU, more than the tests themselves.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,8 @@ class DepthwiseConv(nnx.Module):
 
   def __call__(self, x):
     return jax.lax.conv_general_dilated(
-        x, self.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1])
+      x, self.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
+    )
 
 
 def _bn(c, rngs):
@@ -86,13 +87,14 @@ class Custom(nnx.Module):
     x = nnx.relu(x + self.bnr(self.r(x)) + self.qq(q))
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (1, 2)))
     x = x.transpose(0, 3, 1, 2)
-    x = jax.lax.conv_general_dilated(x, self.p[...], (1, 1), "SAME",
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    x = jax.lax.conv_general_dilated(x, self.p[...], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
     x = nnx.relu(self.bnp(x.transpose(0, 2, 3, 1)))
     s = x[:, ::2, ::2, :]
     lead = s.shape[:-1]
-    sc = jnp.concatenate([jnp.broadcast_to(self.lo[...], lead + self.lo.shape), s,
-                          jnp.broadcast_to(self.hi[...], lead + self.hi.shape)], axis=-1)
+    sc = jnp.concatenate(
+      [jnp.broadcast_to(self.lo[...], lead + self.lo.shape), s, jnp.broadcast_to(self.hi[...], lead + self.hi.shape)],
+      axis=-1,
+    )
     x = nnx.relu(self.bnw(self.w(x)) + sc)
     x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
@@ -153,14 +155,15 @@ def build(cls_or_factory, seed: int = 0, **kwargs) -> nnx.Module:
 
 def zoo(name: str, seed: int = 0, num_classes: int = 10, **kwargs) -> nnx.Module:
   from jaxprune import models
+
   return build(lambda rngs: models.create(name, num_classes=num_classes, rngs=rngs, **kwargs), seed)
 
 
 def abstract_zoo(name: str, num_classes: int = 10, **kwargs):
   """(fn, abstract state) of a zoo model: enough for trace and cost."""
   from jaxprune import models
-  model = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0),
-                                               **kwargs))
+
+  model = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(0), **kwargs))
   model.eval()
   return jaxprune.functional(model)
 
@@ -231,9 +234,11 @@ def abstract_graph(name: str, hw: int, num_classes: int) -> jaxprune.ChannelGrap
 @functools.lru_cache(maxsize=None)
 def jit_cost(graph: jaxprune.ChannelGraph, mode: str = "exact"):
   """One compiled function: masks -> {unit: value} (per_layer dropped)."""
+
   def f(masks):
     c = jaxprune.cost(graph, masks, mode=mode)
     return {u: getattr(c, u) for u in jaxprune.UNITS}
+
   return jax.jit(f)
 
 

@@ -4,6 +4,7 @@ Checked against independent computations: a hand count of a small residual
 network, the physically slimmed networks (the same code on smaller arrays),
 finite differences, a loop over samples.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,19 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import build, input_, jit_masked, param_count, zoo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from custom_models import build, input_, jit_masked, param_count, zoo
 from jaxprune.models.layers import expand_channels, gather_channels
 
 HW, K = 8, 9  # image side, 3x3 kernel
 
 
 def _conv(h, w):
-  return jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def res_net(v, x):
@@ -41,11 +41,20 @@ def res_net(v, x):
 def res_setup():
   rng = np.random.default_rng(0)
   w = lambda *s: jnp.asarray(rng.normal(0, 0.5, s), jnp.float32)
-  v = {"params": {"stem": w(3, 3, 3, 4), "c1a": w(3, 3, 4, 3), "c1b": w(3, 3, 3, 4),
-                  "c2a": w(3, 3, 4, 3), "c2b": w(3, 3, 3, 4), "fc": w(4, 2)},
-       "other": {n: jnp.arange(s, dtype=jnp.int32) for n, s in
-                 [("stem_idx", 4), ("in1", 4), ("out1", 4), ("in2", 4), ("out2", 4),
-                  ("fc_idx", 4)]}}
+  v = {
+    "params": {
+      "stem": w(3, 3, 3, 4),
+      "c1a": w(3, 3, 4, 3),
+      "c1b": w(3, 3, 3, 4),
+      "c2a": w(3, 3, 4, 3),
+      "c2b": w(3, 3, 3, 4),
+      "fc": w(4, 2),
+    },
+    "other": {
+      n: jnp.arange(s, dtype=jnp.int32)
+      for n, s in [("stem_idx", 4), ("in1", 4), ("out1", 4), ("in2", 4), ("out2", 4), ("fc_idx", 4)]
+    },
+  }
   x = input_((3, HW, HW, 3), seed=2)
   return v, x, jaxprune.trace(res_net, v, x[:1], branches=True)
 
@@ -57,10 +66,14 @@ def hand_count(m):
   union = lambda *bs: 1 - np.prod([1 - b for b in bs], axis=0)
   live1, live2, live3 = ch * b0, ch * union(b0, b1), ch * union(b0, b1, b2)
   s = lambda a: float(np.sum(a))
-  layers = {"stem": (3 * s(ch * b0), HW * HW * K),
-            "c1a": (s(live1) * s(g1), HW * HW * K), "c1b": (s(g1) * s(ch * b1), HW * HW * K),
-            "c2a": (s(live2) * s(g2), HW * HW * K), "c2b": (s(g2) * s(ch * b2), HW * HW * K),
-            "fc": (s(live3) * 2, 1)}
+  layers = {
+    "stem": (3 * s(ch * b0), HW * HW * K),
+    "c1a": (s(live1) * s(g1), HW * HW * K),
+    "c1b": (s(g1) * s(ch * b1), HW * HW * K),
+    "c2a": (s(live2) * s(g2), HW * HW * K),
+    "c2b": (s(g2) * s(ch * b2), HW * HW * K),
+    "fc": (s(live3) * 2, 1),
+  }
   macs = sum(n * c for n, c in layers.values())
   params = sum(n * (K if name != "fc" else 1) for name, (n, _) in layers.items())
   return macs, params, {k: n * c for k, (n, c) in layers.items()}
@@ -69,9 +82,14 @@ def hand_count(m):
 def test_groups_of_the_small_residual_network():
   _, _, graph = res_setup()
   kinds = {g.name: (g.kind, g.size) for g in graph.groups}
-  assert kinds == {"stem": ("channel", 4), "c1a": ("channel", 3), "c2a": ("channel", 3),
-                   "stem:branch": ("branch", 4), "c1b:branch": ("branch", 4),
-                   "c2b:branch": ("branch", 4)}
+  assert kinds == {
+    "stem": ("channel", 4),
+    "c1a": ("channel", 3),
+    "c2a": ("channel", 3),
+    "stem:branch": ("branch", 4),
+    "c1b:branch": ("branch", 4),
+    "c2b:branch": ("branch", 4),
+  }
   # the identity path is never a branch: the stream after block 1 owns no group
   assert [n for _, n in graph.branches] != []
 
@@ -82,15 +100,14 @@ def test_cost_equals_hand_count_with_a_channel_refilled_by_a_later_branch():
   cases = []
   m = dict(ones)
   m["stem:branch"] = np.array([0, 1, 1, 1], np.float32)  # channel 0 dies after the stem ...
-  m["c1b:branch"] = np.array([1, 0, 1, 1], np.float32)   # ... block 1 writes it again
+  m["c1b:branch"] = np.array([1, 0, 1, 1], np.float32)  # ... block 1 writes it again
   cases.append(m)
   m2 = dict(m)
   m2["c1b:branch"] = np.array([0, 0, 1, 1], np.float32)  # now nobody refills it before block 2
-  m2["stem"] = np.array([1, 1, 0, 1], np.float32)        # and stream channel 2 is gone
+  m2["stem"] = np.array([1, 1, 0, 1], np.float32)  # and stream channel 2 is gone
   cases.append(m2)
   rng = np.random.default_rng(3)
-  cases += [{k: (rng.random(v.size) < 0.6).astype(np.float32) for k, v in ones.items()}
-            for _ in range(4)]
+  cases += [{k: (rng.random(v.size) < 0.6).astype(np.float32) for k, v in ones.items()} for _ in range(4)]
   for masks in cases:
     c = jaxprune.cost(graph, masks)
     macs, params, per_layer = hand_count(masks)
@@ -99,17 +116,18 @@ def test_cost_equals_hand_count_with_a_channel_refilled_by_a_later_branch():
     for name, want in per_layer.items():
       assert float(c.per_layer[name]["macs"]) == pytest.approx(want), name
   c = jaxprune.cost(graph, cases[0])
-  assert float(c.per_layer["c1a"]["macs"]) == HW * HW * K * 3 * 3   # dead channel 0 skipped
-  assert float(c.per_layer["c2a"]["macs"]) == HW * HW * K * 4 * 3   # refilled by block 1
+  assert float(c.per_layer["c1a"]["macs"]) == HW * HW * K * 3 * 3  # dead channel 0 skipped
+  assert float(c.per_layer["c2a"]["macs"]) == HW * HW * K * 4 * 3  # refilled by block 1
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_soft_cost_is_the_multilinear_hand_count(data):
   _, _, graph = res_setup()
-  masks = {g.name: np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=g.size,
-                                                 max_size=g.size)), np.float32)
-           for g in graph.groups}
+  masks = {
+    g.name: np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=g.size, max_size=g.size)), np.float32)
+    for g in graph.groups
+  }
   macs, params, _ = hand_count(masks)
   c = jaxprune.cost(graph, masks)
   assert float(c.macs) == pytest.approx(macs, rel=1e-5, abs=1e-2)
@@ -130,8 +148,7 @@ def test_cost_gradient_matches_finite_differences():
       fd = (float(f(up)) - float(f(dn))) / (2 * eps)
       assert float(grad[name][i]) == pytest.approx(fd, rel=2e-3, abs=1.0), (name, i)
   # exactly the hand count's derivative through the union of block 2's input
-  h = lambda b0: hand_count({**{k: np.asarray(v) for k, v in m0.items()},
-                             "stem:branch": b0})[0]
+  h = lambda b0: hand_count({**{k: np.asarray(v) for k, v in m0.items()}, "stem:branch": b0})[0]
   b0 = np.asarray(m0["stem:branch"], np.float64)
   e0 = np.eye(4)[0] * 1e-3
   assert float(grad["stem:branch"][0]) == pytest.approx((h(b0 + e0) - h(b0 - e0)) / 2e-3, rel=1e-3)
@@ -141,8 +158,10 @@ def test_masked_equals_slimmed_and_hand_counted_params_on_the_small_network():
   v, x, graph = res_setup()
   rng = np.random.default_rng(11)
   for _ in range(5):
-    masks = {g.name: jnp.asarray((rng.random(g.size) < 0.6).astype(np.float32)).at[
-        rng.integers(g.size)].set(1.0) for g in graph.groups}
+    masks = {
+      g.name: jnp.asarray((rng.random(g.size) < 0.6).astype(np.float32)).at[rng.integers(g.size)].set(1.0)
+      for g in graph.groups
+    }
     small = jaxprune.slim(v, graph, masks)
     out_small = res_net(small, x)
     out_masked = jaxprune.masked(res_net, graph)(v, masks, x)
@@ -151,6 +170,7 @@ def test_masked_equals_slimmed_and_hand_counted_params_on_the_small_network():
 
 
 # ----------------------------------------------------- zoo: masked == slimmed
+
 
 def random_masks(graph, rng, p_keep=0.6):
   out = {}
@@ -164,6 +184,7 @@ def random_masks(graph, rng, p_keep=0.6):
 @functools.lru_cache(maxsize=None)
 def branch_setup(name: str, hw: int):
   from jaxprune import models
+
   if name == "wrn":
     model = build(lambda rngs: models.wide_resnet(14, 2, num_classes=10, rngs=rngs))
   elif name == "resnet20_b":
@@ -175,8 +196,9 @@ def branch_setup(name: str, hw: int):
   return model, fn, v, jaxprune.trace(fn, v, x[:1], branches=True), x
 
 
-@pytest.mark.parametrize("name,hw", [("resnet20", 32), ("resnet56", 16), ("wrn", 16),
-                                     ("resnet50", 64), ("resnet18", 64), ("resnet20_b", 16)])
+@pytest.mark.parametrize(
+  "name,hw", [("resnet20", 32), ("resnet56", 16), ("wrn", 16), ("resnet50", 64), ("resnet18", 64), ("resnet20_b", 16)]
+)
 def test_masked_equals_slimmed_with_branch_masks(name, hw):
   model, fn, v, graph, x = branch_setup(name, hw)
   assert any(g.kind == "branch" for g in graph.groups)
@@ -202,8 +224,8 @@ def test_per_sample_branch_masks_equal_a_loop_over_samples():
   stacked = {k: jnp.stack([m[k] for m in per]) for k in per[0]}
   out = jit_masked(fn, graph)(v, stacked, x)
   for i in range(3):
-    ref = jit_masked(fn, graph)(v, per[i], x[i:i + 1])
-    np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=1e-5)
+    ref = jit_masked(fn, graph)(v, per[i], x[i : i + 1])
+    np.testing.assert_allclose(np.asarray(out[i : i + 1]), np.asarray(ref), atol=1e-5)
   costs = jax.vmap(lambda m: jaxprune.cost(graph, m).macs)(stacked)
   for i in range(3):
     assert float(costs[i]) == pytest.approx(float(jaxprune.cost(graph, per[i]).macs))
@@ -212,8 +234,7 @@ def test_per_sample_branch_masks_equal_a_loop_over_samples():
 def test_branches_false_keeps_the_channel_groups_and_their_costs():
   _, fn, v, graph, x = branch_setup("resnet20", 32)
   plain = jaxprune.trace(fn, v, x[:1])
-  assert [(g.name, g.size) for g in plain.groups] == [
-      (g.name, g.size) for g in graph.groups if g.kind == "channel"]
+  assert [(g.name, g.size) for g in plain.groups] == [(g.name, g.size) for g in graph.groups if g.kind == "channel"]
   assert all(g.kind == "channel" for g in plain.groups)
   rng = np.random.default_rng(1)
   for _ in range(3):
@@ -227,6 +248,7 @@ def test_branches_false_keeps_the_channel_groups_and_their_costs():
 def test_slim_refuses_branch_masks_a_model_cannot_realise():
   # The custom model adds its residual branch without index vectors.
   from custom_models import Custom
+
   model = build(Custom)
   fn, v = jaxprune.functional(model)
   x = input_((2, 16, 16, 3))
@@ -249,14 +271,17 @@ def test_global_selection_ranks_branch_and_channel_groups_together():
   masks = jaxprune.select.global_topk(scores, graph, budget=0.5, unit="macs")
   r = float(jaxprune.ratio(graph, masks, "macs"))
   assert r <= 0.5 + 1e-6
-  kinds = {k: sum(float(np.asarray(masks[g.name]).sum() < g.size) for g in graph.groups
-                  if g.kind == k) for k in ("channel", "branch")}
+  kinds = {
+    k: sum(float(np.asarray(masks[g.name]).sum() < g.size) for g in graph.groups if g.kind == k)
+    for k in ("channel", "branch")
+  }
   assert kinds["channel"] > 0 and kinds["branch"] > 0
   small = jaxprune.slim(v, graph, masks)
   assert param_count(small) == float(jaxprune.cost(graph, masks).params)
 
 
 # ------------------------------------------------------------------ gated ----
+
 
 def test_gated_equals_masked_with_the_same_per_sample_masks():
   model, fn, v, graph, _ = branch_setup("resnet20", 32)
@@ -265,8 +290,7 @@ def test_gated_equals_masked_with_the_same_per_sample_masks():
   names = [g.name for g in graph.groups if g.name in prods and prods[g.name].op == "conv"]
   assert any(graph.group(n).kind == "branch" for n in names)
   rng = np.random.default_rng(0)
-  params = {n: jnp.asarray(rng.normal(size=(prods[n].c_in, prods[n].size)), jnp.float32)
-            for n in names}
+  params = {n: jnp.asarray(rng.normal(size=(prods[n].c_in, prods[n].size)), jnp.float32) for n in names}
 
   def gate(inp, w):
     s = inp.x.mean(inp.producer.spatial_axes) @ w
@@ -301,6 +325,7 @@ def test_gate_reads_its_producer_input_with_upstream_gates_applied():
 def test_no_copy_of_the_interpreter_outside_the_core():
   # Methods gate and mask through the core; the core evaluates jaxprs in one place.
   import pathlib
+
   root = pathlib.Path(jaxprune.__file__).parent
   for path in [*root.glob("*.py"), *(root / "methods").glob("*.py")]:
     if path.name == "interpret.py":

@@ -1,4 +1,5 @@
 """The core depends on jax, numpy and scipy only; the NNX bridge slims a user's own NNX model."""
+
 from __future__ import annotations
 
 import ast
@@ -10,18 +11,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import build, input_
 from flax import nnx
 
 import jaxprune
-from custom_models import build, input_
 
 ROOT = pathlib.Path(jaxprune.__file__).parent
-CORE = ["channel_flow", "cost", "criteria", "gated", "graph", "interpret", "masked", "select",
-        "slim", "trace"]
-ALLOWED = {"jax", "numpy", "scipy", "jaxprune", "__future__", "dataclasses", "functools",
-           "typing", "math", "numbers", "bisect", "importlib", "collections"}
-FORBIDDEN = ("jaxprune.models", "jaxprune.data", "jaxprune.training", "jaxprune.methods",
-             "jaxprune.nnx_bridge", "flax", "jax._src")
+CORE = ["channel_flow", "cost", "criteria", "gated", "graph", "interpret", "masked", "select", "slim", "trace"]
+ALLOWED = {
+  "jax",
+  "numpy",
+  "scipy",
+  "jaxprune",
+  "__future__",
+  "dataclasses",
+  "functools",
+  "typing",
+  "math",
+  "numbers",
+  "bisect",
+  "importlib",
+  "collections",
+}
+FORBIDDEN = (
+  "jaxprune.models",
+  "jaxprune.data",
+  "jaxprune.training",
+  "jaxprune.methods",
+  "jaxprune.nnx_bridge",
+  "flax",
+  "jax._src",
+)
 
 
 def imports(path: pathlib.Path) -> list[str]:
@@ -49,14 +69,17 @@ def test_the_hygiene_check_catches_a_bad_import(tmp_path):
 
 
 def test_importing_jaxprune_loads_no_flax():
-  code = ("import sys, jaxprune; jaxprune.trace; jaxprune.cost; "
-          "assert not any(m == 'flax' or m.startswith('flax.') for m in sys.modules), "
-          "[m for m in sys.modules if m.startswith('flax')][:3]; print('ok')")
+  code = (
+    "import sys, jaxprune; jaxprune.trace; jaxprune.cost; "
+    "assert not any(m == 'flax' or m.startswith('flax.') for m in sys.modules), "
+    "[m for m in sys.modules if m.startswith('flax')][:3]; print('ok')"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
 # ------------------------------------------------ a user's own plain-NNX model
+
 
 class Plain(nnx.Module):
   """Written as a new user would: flax's own layers, depthwise and grouped convs
@@ -95,9 +118,10 @@ def test_plain_nnx_model_slims_through_the_bridge_to_a_module_equal_to_masked():
   assert small_model.grouped.feature_group_count == 2
   assert small_model.fc1.in_features == small_model.fc1.kernel[...].shape[0]
   # without the bridge, flax's stale attributes break the slimmed depthwise conv
-  stale = nnx.merge(nnx.graphdef(model), *(jaxprune.slim(v, graph, masks)[c]
-                                          for c in ("params", "batch_stats", "other")))
-  with pytest.raises(Exception):
+  stale = nnx.merge(
+    nnx.graphdef(model), *(jaxprune.slim(v, graph, masks)[c] for c in ("params", "batch_stats", "other"))
+  )
+  with pytest.raises((TypeError, ValueError)):
     stale(x)
 
 

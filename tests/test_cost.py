@@ -1,16 +1,16 @@
 """`jaxprune.cost` against hand counts, XLA's own count, published numbers,
 finite differences and a Python loop (per-sample)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import abstract_graph, custom_setup, jit_cost
 from flax import nnx
 
 import jaxprune
-from custom_models import abstract_graph, custom_setup, jit_cost
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -45,14 +45,14 @@ def valid_taps(n, k, s, d, pad):
 # ----------------------------------------------------------- single layers ----
 
 CONV_CASES = [
-    # (kernel hw, stride, dilation, padding, bias)
-    ((3, 3), (1, 1), (1, 1), "VALID", False),
-    ((3, 3), (1, 1), (1, 1), "VALID", True),
-    ((1, 1), (1, 1), (1, 1), "VALID", False),
-    ((3, 5), (2, 1), (2, 2), "VALID", True),
-    ((3, 3), (2, 2), (1, 1), "SAME", False),
-    ((5, 3), (1, 2), (1, 2), "SAME", True),
-    ((3, 3), (1, 1), (1, 1), ((1, 2), (0, 1)), False),
+  # (kernel hw, stride, dilation, padding, bias)
+  ((3, 3), (1, 1), (1, 1), "VALID", False),
+  ((3, 3), (1, 1), (1, 1), "VALID", True),
+  ((1, 1), (1, 1), (1, 1), "VALID", False),
+  ((3, 5), (2, 1), (2, 2), "VALID", True),
+  ((3, 3), (2, 2), (1, 1), "SAME", False),
+  ((5, 3), (1, 2), (1, 2), "SAME", True),
+  ((3, 3), (1, 1), (1, 1), ((1, 2), (0, 1)), False),
 ]
 
 
@@ -65,8 +65,7 @@ def test_single_conv_by_hand_and_xla(kernel, stride, dil, pad, bias):
   padding = pad if isinstance(pad, str) else list(pad)
 
   def f(p, x):
-    y = jax.lax.conv_general_dilated(x, p["kernel"], stride, padding, rhs_dilation=dil,
-                                     dimension_numbers=DN)
+    y = jax.lax.conv_general_dilated(x, p["kernel"], stride, padding, rhs_dilation=dil, dimension_numbers=DN)
     return y + p["bias"] if "bias" in p else y
 
   x = jnp.ones((B, H, W, cin))
@@ -99,8 +98,7 @@ def test_depthwise_and_grouped_conv(cin, groups, cout):
   # grouped: every output reads cin / groups inputs.
   H, B = 9, 2
   k = jnp.ones((3, 3, cin // groups, cout))
-  f = lambda p, x: jax.lax.conv_general_dilated(x, p, (1, 1), "VALID", dimension_numbers=DN,
-                                                feature_group_count=groups)
+  f = lambda p, x: jax.lax.conv_general_dilated(x, p, (1, 1), "VALID", dimension_numbers=DN, feature_group_count=groups)
   x = jnp.ones((B, H, H, cin))
   c = jaxprune.cost(jaxprune.trace(f, k, x))
   macs = (H - 2) ** 2 * 9 * (cin // groups) * cout
@@ -158,18 +156,22 @@ def test_global_average_pool_and_plain_dict_params():
 
 # ---------------------------------------------------- masks: chains by hand ----
 
+
 def _chain(groups2=1, depthwise=False):
   """conv1 (3 -> 8) -> relu -> conv2 (8 -> 6, `groups2` groups, or depthwise
   8 -> 8) -> relu -> conv3 (-> 4), 3x3 SAME, no bias, on 10x10."""
   c2 = 8 if depthwise else 6
   g2 = 8 if depthwise else groups2
-  p = {"conv1": {"kernel": jnp.ones((3, 3, 3, 8))},
-       "conv2": {"kernel": jnp.ones((3, 3, 8 // g2, c2))},
-       "conv3": {"kernel": jnp.ones((3, 3, c2, 4))}}
+  p = {
+    "conv1": {"kernel": jnp.ones((3, 3, 3, 8))},
+    "conv2": {"kernel": jnp.ones((3, 3, 8 // g2, c2))},
+    "conv3": {"kernel": jnp.ones((3, 3, c2, 4))},
+  }
 
   def f(p, x):
-    conv = lambda x, k, g=1: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,
-                                                          feature_group_count=g)
+    conv = lambda x, k, g=1: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=g
+    )
     x = jax.nn.relu(conv(x, p["conv1"]["kernel"]))
     x = jax.nn.relu(conv(x, p["conv2"]["kernel"], g2))
     return conv(x, p["conv3"]["kernel"])
@@ -195,8 +197,9 @@ def test_soft_masks_conv_chain_by_hand():
   np.testing.assert_allclose(float(c.per_layer["conv2"]["params"]), k2 * s1 * s2, rtol=1e-5)
   cp = jaxprune.cost(graph, {g1.name: m1, g2.name: m2}, mode="paper")
   np.testing.assert_allclose(float(cp.flops), 2 * macs, rtol=1e-5)
-  np.testing.assert_allclose(float(jaxprune.ratio(graph, {g1.name: m1, g2.name: m2}, "macs")),
-                             macs / (HW * k2 * (24 + 48 + 24)), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(jaxprune.ratio(graph, {g1.name: m1, g2.name: m2}, "macs")), macs / (HW * k2 * (24 + 48 + 24)), rtol=1e-5
+  )
 
 
 def test_soft_masks_grouped_chain_by_hand():
@@ -227,6 +230,7 @@ def test_soft_masks_depthwise_chain_by_hand():
 
 # ------------------------------------------------------- literature counts ----
 
+
 def resnet_cifar_hand(n):
   """MACs and params of a CIFAR ResNet (option A) from its definition."""
   macs = 32 * 32 * 9 * 3 * 16
@@ -237,13 +241,16 @@ def resnet_cifar_hand(n):
   return macs + 64 * 10, params + 64 * 10 + 10
 
 
-@pytest.mark.parametrize("name,n,lit_macs,lit_params", [
+@pytest.mark.parametrize(
+  "name,n,lit_macs,lit_params",
+  [
     # He et al. 2016 Table 6: 0.27M / 0.85M params; the MACs are the counts
     # quoted throughout the pruning literature (ResNet-56: 1.25E8 "FLOPs" in
     # Li et al. 2017, "Pruning Filters for Efficient ConvNets", Table 1).
     ("resnet20", 3, 40.6e6, 0.27e6),
     ("resnet56", 9, 125.5e6, 0.85e6),
-])
+  ],
+)
 def test_cifar_resnets_literature(name, n, lit_macs, lit_params):
   c = jit_cost(abstract_graph(name, 32, 10))(abstract_graph(name, 32, 10).ones())
   macs, params = resnet_cifar_hand(n)
@@ -291,6 +298,7 @@ def test_vgg16_cifar_literature():
 
 # -------------------------------------------------------------- gradients ----
 
+
 def _flat_fn(graph, unit):
   """cost in one unit as a function of one flat vector of all mask entries."""
   sizes = [g.size for g in graph.groups]
@@ -299,6 +307,7 @@ def _flat_fn(graph, unit):
   def f(v):
     parts = jnp.split(v, cuts)
     return getattr(jaxprune.cost(graph, {g.name: p for g, p in zip(graph.groups, parts)}), unit)
+
   return jax.jit(f), sum(sizes)
 
 
@@ -322,6 +331,7 @@ def test_cost_gradient_matches_finite_differences(unit):
 
 # -------------------------------------------------------------- per sample ----
 
+
 def test_per_sample_cost_vmap_equals_loop():
   graph = custom_setup().graph
   rng = np.random.default_rng(2)
@@ -344,6 +354,7 @@ def test_cost_rejects_batched_masks():
 
 
 # ----------------------------------------------------------------- jit ----
+
 
 def test_cost_same_under_jit_and_no_recompile():
   graph = custom_setup().graph
@@ -384,8 +395,7 @@ def masks_for(draw, graph, hard):
   return out
 
 
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @PROPERTY

@@ -5,16 +5,17 @@ Tiny: conv1 (3x3, 3 -> 4, no bias) + BN + ReLU -> conv2 (3x3, 4 -> 5, bias)
 output channels (conv1.kernel axis 3, bn1.*, conv2.kernel axis 2) and
 conv2's 5 (conv2.kernel axis 3, conv2.bias, fc.kernel axis 0).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import Tiny, build, custom_setup, tiny_setup
 
 import jaxprune
 from jaxprune import criteria
-from custom_models import Tiny, build, custom_setup, tiny_setup
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -54,30 +55,31 @@ def tiny():
 
 def _np(setup):
   m = setup.model
-  return {"k1": np.asarray(m.conv1.kernel[...]), "k2": np.asarray(m.conv2.kernel[...]),
-          "wfc": np.asarray(m.fc.kernel[...]), "gamma": np.asarray(m.bn1.scale[...])}
+  return {
+    "k1": np.asarray(m.conv1.kernel[...]),
+    "k2": np.asarray(m.conv2.kernel[...]),
+    "wfc": np.asarray(m.fc.kernel[...]),
+    "gamma": np.asarray(m.bn1.scale[...]),
+  }
 
 
 def test_l1_and_l2_by_hand(tiny):
   setup, g1, g2 = tiny
   w = _np(setup)
   graph = setup.graph
-  for crit, red in ((criteria.l1, lambda a: np.abs(a).sum(1)),
-                    (criteria.l2, lambda a: np.sqrt((a ** 2).sum(1)))):
+  for crit, red in ((criteria.l1, lambda a: np.abs(a).sum(1)), (criteria.l2, lambda a: np.sqrt((a**2).sum(1)))):
     scores = jitted(crit, graph)(setup.state)
     # group 1: conv1's filters (out axis) and conv2's input slices, each
     # normalized by its own mean; the 1-D BN vectors are not kernels
     s1 = red(np.moveaxis(w["k1"], 3, 0).reshape(4, -1))
     s2 = red(np.moveaxis(w["k2"], 2, 0).reshape(4, -1))
     hand = s1 / s1.mean() + s2 / s2.mean()
-    np.testing.assert_allclose(np.asarray(scores[g1]), by_position(graph, g1, "conv1.kernel", 3, hand),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores[g1]), by_position(graph, g1, "conv1.kernel", 3, hand), rtol=1e-5)
     # group 2: conv2's filters and fc's rows (the bias is 1-D)
     t1 = red(np.moveaxis(w["k2"], 3, 0).reshape(5, -1))
     t2 = red(w["wfc"])
     hand = t1 / t1.mean() + t2 / t2.mean()
-    np.testing.assert_allclose(np.asarray(scores[g2]), by_position(graph, g2, "conv2.kernel", 3, hand),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores[g2]), by_position(graph, g2, "conv2.kernel", 3, hand), rtol=1e-5)
 
 
 def test_bn_scale_picks_abs_gamma(tiny):
@@ -88,11 +90,9 @@ def test_bn_scale_picks_abs_gamma(tiny):
   state["params"]["bn1"]["scale"] = jnp.asarray(gamma)
   scores = jitted(criteria.bn_scale, graph)(state)
   hand = np.abs(gamma) / np.abs(gamma).mean()
-  np.testing.assert_allclose(np.asarray(scores[g1]), by_position(graph, g1, "bn1.scale", 0, hand),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(scores[g1]), by_position(graph, g1, "bn1.scale", 0, hand), rtol=1e-5)
   # group 2 has no BatchNorm: falls back to l1
-  np.testing.assert_allclose(np.asarray(scores[g2]), np.asarray(jitted(criteria.l1, graph)(state)[g2]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(scores[g2]), np.asarray(jitted(criteria.l1, graph)(state)[g2]), rtol=1e-6)
 
 
 def test_fpgm_lowest_at_geometric_median():
@@ -117,8 +117,13 @@ def test_fpgm_lowest_at_geometric_median():
   assert np.argmin(scores) == pos[2]
   # by hand: features = [conv1 filter / ||k1||, conv2 slice / ||k2||], score =
   # sum of Euclidean distances to the other channels
-  f = np.concatenate([np.moveaxis(k1, 3, 0).reshape(4, -1) / np.linalg.norm(k1),
-                      np.moveaxis(k2, 2, 0).reshape(4, -1) / np.linalg.norm(k2)], 1)
+  f = np.concatenate(
+    [
+      np.moveaxis(k1, 3, 0).reshape(4, -1) / np.linalg.norm(k1),
+      np.moveaxis(k2, 2, 0).reshape(4, -1) / np.linalg.norm(k2),
+    ],
+    1,
+  )
   hand = np.array([sum(np.linalg.norm(f[i] - f[j]) for j in range(4)) for i in range(4)])
   np.testing.assert_allclose(scores, by_position(graph, g1, "conv1.kernel", 3, hand), rtol=1e-4)
 
@@ -143,17 +148,28 @@ def test_taylor_by_hand(tiny):
     return p @ m.fc.kernel[...] + m.fc.bias[...]
 
   # sanity: the hand forward is the model
-  np.testing.assert_allclose(np.asarray(jax.jit(forward)(jnp.ones((2, 4)), jnp.ones((2, 5)))),
-                             np.asarray(jax.jit(setup.fn)(setup.state, x)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(forward)(jnp.ones((2, 4)), jnp.ones((2, 5)))),
+    np.asarray(jax.jit(setup.fn)(setup.state, x)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   gu, gv = jax.jit(jax.grad(lambda u, v: loss_fn(forward(u, v)).sum(), argnums=(0, 1)))(
-      jnp.ones((2, 4)), jnp.ones((2, 5)))
+    jnp.ones((2, 4)), jnp.ones((2, 5))
+  )
   scores = jax.jit(lambda s, x: criteria.taylor(setup.fn, s, graph, loss_fn, x))(setup.state, x)
-  np.testing.assert_allclose(np.asarray(scores[g1]),
-                             by_position(graph, g1, "conv1.kernel", 3, np.abs(np.asarray(gu)).mean(0)),
-                             rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(scores[g2]),
-                             by_position(graph, g2, "conv2.kernel", 3, np.abs(np.asarray(gv)).mean(0)),
-                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(scores[g1]),
+    by_position(graph, g1, "conv1.kernel", 3, np.abs(np.asarray(gu)).mean(0)),
+    rtol=1e-4,
+    atol=1e-7,
+  )
+  np.testing.assert_allclose(
+    np.asarray(scores[g2]),
+    by_position(graph, g2, "conv2.kernel", 3, np.abs(np.asarray(gv)).mean(0)),
+    rtol=1e-4,
+    atol=1e-7,
+  )
 
 
 def test_random_is_deterministic_per_key(tiny):

@@ -4,6 +4,7 @@ Folded networks are compared with the unfolded network computed by flax's own
 BatchNorm (random statistics, not the identity of a fresh model); loaded
 artifacts with the slimmed NNX module; padded networks with the unpadded one.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import Custom, Tiny, build, input_, random_hard_masks, zoo
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from custom_models import Custom, Tiny, build, fill, input_, random_hard_masks, zoo
 from jaxprune import deploy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,7 @@ def assert_close(a, b, rel=1e-4):
 
 
 def bn_paths(variables) -> set[str]:
-  return {n.rsplit(".", 1)[0].split(".", 1)[1] for n in deploy.leaf_paths(variables)
-          if n.endswith(".mean")}
+  return {n.rsplit(".", 1)[0].split(".", 1)[1] for n in deploy.leaf_paths(variables) if n.endswith(".mean")}
 
 
 def slimmed(name, hw, branches, seed=0):
@@ -49,16 +49,25 @@ def slimmed(name, hw, branches, seed=0):
 
 # -------------------------------------------------------------------- folding --
 
-@pytest.mark.parametrize("name,hw,branches", [
-    ("resnet20", 32, False), ("resnet20", 32, True), ("resnet18", 32, True),
-    ("resnet50", 32, True), ("mobilenet_v1_cifar", 32, False), ("vgg11", 32, False)])
+
+@pytest.mark.parametrize(
+  "name,hw,branches",
+  [
+    ("resnet20", 32, False),
+    ("resnet20", 32, True),
+    ("resnet18", 32, True),
+    ("resnet50", 32, True),
+    ("mobilenet_v1_cifar", 32, False),
+    ("vgg11", 32, False),
+  ],
+)
 def test_fold_equals_unfolded_on_slimmed_networks(name, hw, branches):
   # Branch-slimmed blocks compute fewer channels than their stream and expand
   # them after the BN: each BN must fold into its own conv's channels.
   model, fn, v, graph, masks, x = slimmed(name, hw, branches)
   small = jaxprune.slim(v, graph, masks)
   folds = deploy.find_batchnorms(fn, small, x[:1])
-  assert {f.bn for f in folds} == bn_paths(small)   # every BatchNorm of the zoo folds
+  assert {f.bn for f in folds} == bn_paths(small)  # every BatchNorm of the zoo folds
   folded = deploy.fold_batchnorm(small, folds)
   assert_close(jax.jit(fn)(folded, x), jax.jit(fn)(small, x))
   # the BNs are pure bias adds now; the input tree is untouched
@@ -76,8 +85,7 @@ def test_fold_kernel_by_hand():
   model = build(Tiny, seed=3)
   fn, v = jaxprune.functional(model)
   folds = deploy.find_batchnorms(fn, v, input_((1, 8, 8, 3)))
-  assert [(f.kernel, f.bn, f.kernel_axis, f.conv_bias) for f in folds] == [
-      ("params.conv1.kernel", "bn1", 3, None)]
+  assert [(f.kernel, f.bn, f.kernel_axis, f.conv_bias) for f in folds] == [("params.conv1.kernel", "bn1", 3, None)]
   k, bn = np.asarray(model.conv1.kernel[...], np.float64), model.bn1
   a = np.asarray(bn.scale[...], np.float64) / np.sqrt(np.asarray(bn.var[...], np.float64) + 1e-5)
   b = np.asarray(bn.bias[...], np.float64) - np.asarray(bn.mean[...], np.float64) * a
@@ -97,9 +105,9 @@ class Variants(nnx.Module):
     self.c2 = nnx.Conv(4, 5, (3, 3), use_bias=False, rngs=rngs)
     self.b2 = nnx.BatchNorm(5, use_bias=False, epsilon=1e-3, rngs=rngs)
     self.c3 = nnx.Conv(5, 5, (1, 1), use_bias=False, rngs=rngs)
-    self.b3 = nnx.BatchNorm(5, rngs=rngs)          # shares c3's output with a skip: no fold
+    self.b3 = nnx.BatchNorm(5, rngs=rngs)  # shares c3's output with a skip: no fold
     self.c4 = nnx.Conv(5, 6, (1, 1), use_bias=False, rngs=rngs)
-    self.b4 = nnx.BatchNorm(6, rngs=rngs)          # on a transposed activation: no fold
+    self.b4 = nnx.BatchNorm(6, rngs=rngs)  # on a transposed activation: no fold
     self.fc = nnx.Linear(6, 7, rngs=rngs)
     self.b5 = nnx.BatchNorm(7, rngs=rngs)
 
@@ -126,8 +134,9 @@ def test_fold_variants_and_what_must_not_fold():
   assert_close(fn(folded, x), fn(v, x))
   # a fold that ignored the shared output would change the network: b3 forced in
   # by hand does (so the check above can fail)
-  forced = deploy.Fold("params.c3.kernel", 3, None, "batch_stats.b3.mean", "batch_stats.b3.var",
-                       "params.b3.scale", "params.b3.bias", 1e-5)
+  forced = deploy.Fold(
+    "params.c3.kernel", 3, None, "batch_stats.b3.mean", "batch_stats.b3.var", "params.b3.scale", "params.b3.bias", 1e-5
+  )
   assert np.abs(np.asarray(fn(deploy.fold_batchnorm(v, [forced]), x) - fn(v, x))).max() > 1e-3
 
 
@@ -149,8 +158,7 @@ def test_fold_module_replaces_batchnorms():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), eps=st.sampled_from([1e-5, 1e-3, 0.1]),
-       scale=st.floats(0.01, 100.0))
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([1e-5, 1e-3, 0.1]), scale=st.floats(0.01, 100.0))
 def test_fold_property_random_statistics(seed, eps, scale):
   # Any BN statistics (tiny or large variances, scales, means far from 0) fold exactly.
   rng = np.random.default_rng(seed)
@@ -189,8 +197,10 @@ def test_cast_floats():
 
 # ------------------------------------------------------------------- rounding --
 
-@pytest.mark.parametrize("name,hw,branches", [("resnet20", 32, False), ("resnet20", 32, True),
-                                              ("mobilenet_v1_cifar", 32, False)])
+
+@pytest.mark.parametrize(
+  "name,hw,branches", [("resnet20", 32, False), ("resnet20", 32, True), ("mobilenet_v1_cifar", 32, False)]
+)
 def test_pad_channels_keeps_outputs(name, hw, branches):
   model, fn, v, graph, masks, x = slimmed(name, hw, branches, seed=4)
   small = jaxprune.slim(v, graph, masks)
@@ -199,13 +209,13 @@ def test_pad_channels_keeps_outputs(name, hw, branches):
   fixed = set(graph.streams()) | set(graph.names("branch")) if branches else set()
   for g in graph.groups:
     m, up = np.asarray(masks[g.name]), np.asarray(masks_up[g.name])
-    assert np.all(up >= m)                                  # a superset
+    assert np.all(up >= m)  # a superset
     if g.name in fixed:
       np.testing.assert_array_equal(up, m)
     else:
       assert int(up.sum()) == min(g.size, 8 * -(-int(m.sum()) // 8))
   assert jaxprune.cost(graph, masks_up).macs >= jaxprune.cost(graph, masks).macs
-  if not branches:   # every conv's widths are now multiples of 8 (or the input's 3)
+  if not branches:  # every conv's widths are now multiples of 8 (or the input's 3)
     for k in jax.tree_util.tree_leaves(padded["params"]):
       if k.ndim == 4:
         assert k.shape[-1] % 8 == 0 and (k.shape[-2] % 8 == 0 or k.shape[-2] in (1, 3))
@@ -227,16 +237,26 @@ def test_pad_channels_errors_and_round_to():
 
 # ------------------------------------------------------------- export / load --
 
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   model, fn, v, graph, masks, x = slimmed("resnet20", 32, True, seed=7)
   small_model = jaxprune.slim_module(model, graph, masks)
   path = str(tmp_path_factory.mktemp("deploy") / "resnet20")
   card = deploy.export_module(
-      small_model, path, input_shape=(32, 32, 3),
-      card={"model": "resnet20", "method": "random", "budget": 0.5, "accuracy": 0.1,
-            "macs": float(jaxprune.cost(graph, masks).macs), "params": np.int64(123)},
-      normalisation={"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)})
+    small_model,
+    path,
+    input_shape=(32, 32, 3),
+    card={
+      "model": "resnet20",
+      "method": "random",
+      "budget": 0.5,
+      "accuracy": 0.1,
+      "macs": float(jaxprune.cost(graph, masks).macs),
+      "params": np.int64(123),
+    },
+    normalisation={"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)},
+  )
   return small_model, path, card
 
 
@@ -247,9 +267,12 @@ def test_export_card(exported):
     on_disk = json.load(f)
   assert on_disk == card
   assert card["format_version"] == deploy.FORMAT_VERSION and card["params"] == 123
-  assert card["input"] == {"shape": [None, 32, 32, 3], "dtype": "float32", "layout": "NHWC",
-                           "normalisation": {"mean": [0.49, 0.48, 0.45],
-                                             "std": [0.25, 0.24, 0.26]}}
+  assert card["input"] == {
+    "shape": [None, 32, 32, 3],
+    "dtype": "float32",
+    "layout": "NHWC",
+    "normalisation": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]},
+  }
   assert card["output"] == [{"shape": [None, 10], "dtype": "float32"}]
   assert card["folded_batchnorms"] == 19 and "cpu" in card["platforms"]
 
@@ -266,12 +289,13 @@ def test_loaded_equals_slimmed_model(exported, batch):
 def test_load_needs_no_model_code(exported):
   # A fresh interpreter loads and runs the artifact with jax and orbax alone.
   _, path, _ = exported
-  code = ("import sys, numpy as np, jaxprune.deploy as d; net = d.load(sys.argv[1]); "
-          "y = net(np.zeros((2, 32, 32, 3), np.float32)); "
-          "bad = [m for m in ('flax', 'jaxprune.models', 'jaxprune.nnx_bridge') if m in sys.modules]; "
-          "print(y.shape, bad)")
-  out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+  code = (
+    "import sys, numpy as np, jaxprune.deploy as d; net = d.load(sys.argv[1]); "
+    "y = net(np.zeros((2, 32, 32, 3), np.float32)); "
+    "bad = [m for m in ('flax', 'jaxprune.models', 'jaxprune.nnx_bridge') if m in sys.modules]; "
+    "print(y.shape, bad)"
+  )
+  out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip().splitlines()[-1] == "(2, 10) []"
 
@@ -297,6 +321,7 @@ def test_load_input_errors(exported):
 
 def _copy_with_card(src, dst, **changes):
   import shutil
+
   shutil.copytree(src, dst)
   with open(os.path.join(dst, "card.json")) as f:
     card = json.load(f)
@@ -334,15 +359,13 @@ def test_export_errors_platforms_and_bf16(exported, tmp_path):
   with pytest.raises(FileExistsError, match="overwrite"):
     deploy.export_module(small_model, path, input_shape=(32, 32, 3))
   with pytest.raises(ValueError, match="reserved"):
-    deploy.export_module(small_model, str(tmp_path / "r"), input_shape=(32, 32, 3),
-                         card={"format": "mine"})
+    deploy.export_module(small_model, str(tmp_path / "r"), input_shape=(32, 32, 3), card={"format": "mine"})
   tpu = str(tmp_path / "tpu")
   deploy.export_module(small_model, tpu, input_shape=(32, 32, 3), platforms=("tpu",))
   with pytest.raises(deploy.IncompatibleArtifactError, match="lowered for"):
     deploy.load(tpu)
   half = str(tmp_path / "bf16")
-  card = deploy.export_module(small_model, half, input_shape=(32, 32, 3),
-                              compute_dtype=jnp.bfloat16)
+  card = deploy.export_module(small_model, half, input_shape=(32, 32, 3), compute_dtype=jnp.bfloat16)
   assert card["compute_dtype"] == "bfloat16"
   assert {w["dtype"] for w in card["weights"]["leaves"]} == {"bfloat16", "int32"}
   net = deploy.load(half)
@@ -350,7 +373,7 @@ def test_export_errors_platforms_and_bf16(exported, tmp_path):
   y, want = net(x), small_model(x)
   assert y.dtype == jnp.float32
   assert_close(y, want, rel=5e-2)
-  assert np.abs(np.asarray(y) - np.asarray(want)).max() > 1e-6   # it did compute in bf16
+  assert np.abs(np.asarray(y) - np.asarray(want)).max() > 1e-6  # it did compute in bf16
 
 
 def test_export_plain_nnx_model_fixed_batch(tmp_path):
@@ -368,9 +391,9 @@ def test_export_plain_nnx_model_fixed_batch(tmp_path):
 
 # ------------------------------------------ experiments.export: a finished run --
 
+
 def _cli_export(workdir, out, *flags):
-  cmd = [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={out}",
-         "--platforms=cpu", *flags]
+  cmd = [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={out}", "--platforms=cpu", *flags]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -380,6 +403,7 @@ def finished_run(tmp_path_factory):
   its channel groups keep uneven widths, which the export pads."""
   from experiments import train as train_lib
   from experiments.configs import magnitude_cifar10_subset_resnet20 as mag_config
+
   c = mag_config.get_config("quick")
   c.model.kwargs.widths = (4, 8, 16)
   c.data.batch_size, c.data.eval_batch_size, c.data.augment = 32, 1024, False
@@ -395,6 +419,7 @@ def _reference(workdir):
   """The run's final network as the pipeline runs it: model code, BatchNorms unfolded,
   widths unpadded (the variables the pipeline saved after finetuning)."""
   from experiments import export as export_cli
+
   _, model, variables, meta = export_cli.final_network(workdir)
   graphdef, _ = jaxprune.nnx_bridge.split(model)
   return jax.jit(lambda x: jaxprune.nnx_bridge.apply_fn(graphdef)(variables, x)), variables, meta
@@ -403,6 +428,7 @@ def _reference(workdir):
 @pytest.mark.slow
 def test_export_cli_on_a_finished_run(finished_run, tmp_path):
   from jaxprune import data as data_lib
+
   workdir, r = finished_run
   out = str(tmp_path / "art")
   p = _cli_export(workdir, out)
@@ -423,7 +449,7 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path):
   ref, small, meta = _reference(workdir)
   assert meta["dense_graph"] and not meta["branches"]
   widths = {tuple(np.shape(w)) for w in jax.tree_util.tree_leaves(small)}
-  assert widths != {tuple(w["shape"]) for w in card["weights"]["leaves"]}   # padded
+  assert widths != {tuple(w["shape"]) for w in card["weights"]["leaves"]}  # padded
   for batch in (1, 64):
     x = input_((batch, 32, 32, 3), seed=batch)
     assert_close(net(x), ref(x))
@@ -431,8 +457,7 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path):
   # through the card's normalisation equals results.json's (one image of slack for
   # float rounding at an argmax tie)
   images, labels = data_lib.load_arrays("cifar10_subset", "test")
-  logits = np.concatenate([np.asarray(net(net.preprocess(images[i:i + 512])))
-                           for i in range(0, len(labels), 512)])
+  logits = np.concatenate([np.asarray(net(net.preprocess(images[i : i + 512]))) for i in range(0, len(labels), 512)])
   correct = int((logits.argmax(-1) == labels).sum())
   assert abs(correct - r["test_accuracy"] * len(labels)) <= 1
 
@@ -440,15 +465,19 @@ def test_export_cli_on_a_finished_run(finished_run, tmp_path):
 @pytest.mark.slow
 def test_export_run_unpadded_dense_run_and_errors(finished_run, tmp_path):
   import shutil
+
   from experiments import export as export_cli
+
   workdir, r = finished_run
   ref, small, _ = _reference(workdir)
   x = input_((3, 32, 32, 3), seed=5)
   card = export_cli.export_run(workdir, str(tmp_path / "raw"), round_to="1", platforms=("cpu",))
   assert card["round_to"] == 1 and card["padded_macs"] is None
   assert [tuple(w["shape"]) for w in card["weights"]["leaves"] if w["name"].endswith("kernel")] == [
-      tuple(np.shape(w)) for n, w in zip(deploy.leaf_paths(small), jax.tree_util.tree_leaves(small))
-      if n.endswith("kernel")]
+    tuple(np.shape(w))
+    for n, w in zip(deploy.leaf_paths(small), jax.tree_util.tree_leaves(small))
+    if n.endswith("kernel")
+  ]
   assert_close(deploy.load(str(tmp_path / "raw"))(x), ref(x))
   # A dense run exports its trained network (here: this run's pretrain checkpoint).
   dense_dir = str(tmp_path / "dense_run")
@@ -461,11 +490,13 @@ def test_export_run_unpadded_dense_run_and_errors(finished_run, tmp_path):
 
   from experiments import pruning
   from jaxprune import training as T
+
   graphdef, state = pruning.load_dense(config_dict.ConfigDict(res["config"]), workdir)
   card = export_cli.export_run(dense_dir, str(tmp_path / "dense"), platforms=("cpu",))
   assert card["padded_macs"] is None
-  assert_close(deploy.load(str(tmp_path / "dense"))(x),
-               jaxprune.nnx_bridge.apply_fn(graphdef)(T.core_variables(state), x))
+  assert_close(
+    deploy.load(str(tmp_path / "dense"))(x), jaxprune.nnx_bridge.apply_fn(graphdef)(T.core_variables(state), x)
+  )
   # Refusals, each saying what to do.
   with open(os.path.join(dense_dir, "results.json"), "w") as f:
     json.dump(dict(res, method="ftwt", dynamic={"macs_mean": 1.0}), f)

@@ -1,6 +1,7 @@
 """EPI: similarity, indicator, trigger, tracker, criteria, optimizer-state slicing, compute."""
-from fractions import Fraction
+
 import functools
+from fractions import Fraction
 
 import hypothesis.strategies as st
 import jax
@@ -8,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from custom_models import build, input_, zoo
 from flax import nnx
 from hypothesis import given, settings
 
 import jaxprune
 import jaxprune.training as T
-from custom_models import build, input_, zoo
 from jaxprune.methods import epi
-
 
 # --------------------------------------------------------------- Psi, EPI ---
 
@@ -58,8 +58,10 @@ def _epi_by_hand(hist, r):
     if t < r:
       out.append(np.nan)
       continue
-    sims = [1 - sum(Fraction(abs(x - y), x + y) if x + y else 0
-                    for x, y in zip(hist[t], hist[t - j])) / len(hist[t]) for j in range(1, r + 1)]
+    sims = [
+      1 - sum(Fraction(abs(x - y), x + y) if x + y else 0 for x, y in zip(hist[t], hist[t - j])) / len(hist[t])
+      for j in range(1, r + 1)
+    ]
     out.append(float(sum(sims) / r))
   return np.array(out)
 
@@ -71,8 +73,7 @@ def test_epi_series_synthetic_vs_hand():
   # first values by hand: t=2: Psi(A2,A1) = 1 - (0 + 1/7)/2, Psi(A2,A0) = 1 - (2/14 + 1/7)/2
   assert got[2] == pytest.approx(((1 - 1 / 14) + (1 - 1 / 7)) / 2)
   assert np.isnan(got[:2]).all() and got[-1] == 1.0
-  np.testing.assert_allclose(np.asarray(epi.epi_series(jnp.array(hist), r=5))[5:],
-                             _epi_by_hand(hist, 5)[5:], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(epi.epi_series(jnp.array(hist), r=5))[5:], _epi_by_hand(hist, 5)[5:], rtol=1e-6)
 
 
 def test_hamming_series_hand_values():
@@ -95,28 +96,30 @@ def test_trigger_short_history_never_fires():
 
 def test_trigger_plateau_ties_and_threshold():
   plateau = jnp.array([np.nan] + [0.99] * 7)
-  assert epi.first(epi.epi_triggers(plateau, 0.98, window=3)) == 4   # needs EPI_1..3 defined
+  assert epi.first(epi.epi_triggers(plateau, 0.98, window=3)) == 4  # needs EPI_1..3 defined
   assert epi.first(epi.epi_triggers(plateau, 0.98, window=3, strict=True)) == -1  # ties
-  assert epi.first(epi.epi_triggers(plateau, 0.995, window=3)) == -1             # below tau
+  assert epi.first(epi.epi_triggers(plateau, 0.995, window=3)) == -1  # below tau
   at_tau = jnp.array([0.5, 0.6, 0.7, 0.98])
   assert epi.first(epi.epi_triggers(at_tau, 0.98, window=3)) == 3
   assert epi.first(epi.epi_triggers(at_tau, 0.98, window=3, strict=True)) == -1
   # above tau but lower than a value in the window: waits for a new maximum
   dip = jnp.array([0.9, 0.99, 0.985, 0.986, 0.987, 0.991])
-  assert np.asarray(epi.epi_triggers(dip, 0.98, window=3)).tolist() == [
-      False, False, False, False, False, True]
+  assert np.asarray(epi.epi_triggers(dip, 0.98, window=3)).tolist() == [False, False, False, False, False, True]
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(0, 1, allow_nan=False, width=32), min_size=12, max_size=12),
-       st.floats(0, 1), st.integers(1, 6), st.booleans())
+@given(
+  st.lists(st.floats(0, 1, allow_nan=False, width=32), min_size=12, max_size=12),
+  st.floats(0, 1),
+  st.integers(1, 6),
+  st.booleans(),
+)
 def test_trigger_matches_definition(values, tau, window, strict):
   got = np.asarray(epi.epi_triggers(jnp.array(values, jnp.float32), tau, window, strict=strict))
   v = np.asarray(values, np.float32)
   cmp = (lambda x, y: x > y) if strict else (lambda x, y: x >= y)
   for t in range(len(v)):
-    want = t >= window and bool(cmp(v[t], np.float32(tau))) and all(
-        cmp(v[t], v[t - j]) for j in range(1, window + 1))
+    want = t >= window and bool(cmp(v[t], np.float32(tau))) and all(cmp(v[t], v[t - j]) for j in range(1, window + 1))
     assert got[t] == want
 
 
@@ -174,8 +177,10 @@ def test_tracker_first_epoch_full_and_shape_errors():
 
 
 def test_early_bird_indicator():
-  masks = [np.array(m, bool) for m in ([1] * 6 + [0] * 6, [1] * 5 + [0] * 7, [1] * 6 + [0] * 6,
-                                       [1] * 6 + [0] * 6, [1] * 6 + [0] * 6)]
+  masks = [
+    np.array(m, bool)
+    for m in ([1] * 6 + [0] * 6, [1] * 5 + [0] * 7, [1] * 6 + [0] * 6, [1] * 6 + [0] * 6, [1] * 6 + [0] * 6)
+  ]
   cfg = epi.Config(indicator="early_bird", eb_keep=3, eb_eps=0.0)
   state, fires = _run(epi.update, [[6, 0]] * 5, masks, cfg, epi.init([8, 4], 5))
   # distances to the 2 previous masks: t=2: 1/12, 0; t=3: 0, 1/12; t=4: 0, 0
@@ -200,16 +205,14 @@ def test_calibrate_tau():
   curve = np.array([np.nan, np.nan, 0.80, 0.85, 0.84, 0.90, 0.93, 0.95, 0.95, 0.97, 0.99])
   cfg = epi.Config(window=2, r=2)
   # sweep: pruning at 0..4 loses, from 6 on it is within 0.5 points of the best
-  cal = epi.calibrate_tau(curve, [0, 2, 4, 6, 8, 10], [60.0, 64.0, 66.0, 69.6, 70.0, 69.8],
-                          tolerance=0.5, config=cfg)
+  cal = epi.calibrate_tau(curve, [0, 2, 4, 6, 8, 10], [60.0, 64.0, 66.0, 69.6, 70.0, 69.8], tolerance=0.5, config=cfg)
   # plateaus (>= the two previous values): t = 5, 6, 7, 8, 9, 10 (t=3 has one predecessor);
   # the last before epoch 6 is t=5 (0.90), the first from 6 on is t=6 (0.93)
   assert cal.target_epoch == 6 and cal.fire_epoch == 6
   assert (cal.low, cal.high) == (pytest.approx(0.90), pytest.approx(0.93))
   fired = epi.first(epi.epi_triggers(jnp.array(curve), cal.tau, 2))
   assert fired == 6
-  strict = epi.calibrate_tau(curve, [0, 8], [60.0, 70.0], tolerance=0.1,
-                             config=epi.Config(window=2, strict=True))
+  strict = epi.calibrate_tau(curve, [0, 8], [60.0, 70.0], tolerance=0.1, config=epi.Config(window=2, strict=True))
   assert strict.target_epoch == 8
   # with strict ">": 0.95 at t=8 ties t=7, so the first strict plateau from 8 on is t=9
   assert epi.first(epi.epi_triggers(jnp.array(curve), strict.tau, 2, strict=True)) == 9
@@ -220,10 +223,16 @@ def test_calibrate_tau():
 def test_config_errors_and_defaults():
   assert epi.Config().threshold == 0.983 and epi.Config(criterion="taylor").threshold == 0.944
   assert epi.Config().norm == "group_mean" and epi.Config(criterion="taylor").norm == "raw"
-  for bad, match in [({"criterion": "l1"}, "criterion"), ({"prune_ratio": 1.0}, "prune_ratio"),
-                     ({"unit": "joules"}, "unit"), ({"distance_norm": "l2"}, "distance_norm"),
-                     ({"r": 0}, "r must"), ({"criterion": "taylor", "score_norm": "rms"}, "rms"),
-                     ({"indicator": "eb"}, "indicator"), ({"eb_keep": 1}, "eb_keep")]:
+  for bad, match in [
+    ({"criterion": "l1"}, "criterion"),
+    ({"prune_ratio": 1.0}, "prune_ratio"),
+    ({"unit": "joules"}, "unit"),
+    ({"distance_norm": "l2"}, "distance_norm"),
+    ({"r": 0}, "r must"),
+    ({"criterion": "taylor", "score_norm": "rms"}, "rms"),
+    ({"indicator": "eb"}, "indicator"),
+    ({"eb_keep": 1}, "eb_keep"),
+  ]:
     with pytest.raises(ValueError, match=match):
       epi.Config(**bad)
   assert jaxprune.methods.get("epi") is epi
@@ -261,8 +270,7 @@ def residual_setup():
 def test_channel_leaves_finds_coupled_bns_and_filters():
   _, variables, graph, _ = residual_setup()
   spec = epi.channel_leaves(graph)
-  names = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
   by_size = {g.size: g for g in spec.groups}
   bn = sorted(names[s.leaf] for pair in by_size[6].bn for s in pair)
   assert bn == sorted(f"['{l}']['{k}']" for l in ("bna", "bnb") for k in ("bias", "scale"))
@@ -276,9 +284,8 @@ def test_magnitude_rms_by_hand():
   got = epi.magnitude_rms(epi.channel_leaves(graph), variables["params"])
   by_size = {g.size: g.name for g in graph.groups}
   ab = np.concatenate([p["a"]["kernel"].reshape(-1, 6), p["b"]["kernel"].reshape(-1, 6)])
-  np.testing.assert_allclose(got[by_size[6]], np.sqrt((ab ** 2).mean(0)), rtol=1e-5)
-  np.testing.assert_allclose(got[by_size[5]],
-                             np.sqrt((p["c"]["kernel"].reshape(-1, 5) ** 2).mean(0)), rtol=1e-5)
+  np.testing.assert_allclose(got[by_size[6]], np.sqrt((ab**2).mean(0)), rtol=1e-5)
+  np.testing.assert_allclose(got[by_size[5]], np.sqrt((p["c"]["kernel"].reshape(-1, 5) ** 2).mean(0)), rtol=1e-5)
 
 
 def _loss(graphdef, variables, x, y):
@@ -288,6 +295,7 @@ def _loss(graphdef, variables, x, y):
     logits, _ = apply({**variables, "params": params}, x)
     # T.cross_entropy without its float32 cast (the finite-difference test runs in float64)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return loss
 
 
@@ -295,9 +303,16 @@ def _random_bn(variables, seed=0):
   # gamma, beta away from their init (1, 0) so both Taylor terms matter
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_map_with_path(
-      lambda path, v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) if "scale" in str(path[-1])
-                                  else rng.normal(0, 0.3, v.shape) if "bn" in str(path[0])
-                                  else v, jnp.float32), variables["params"])
+    lambda path, v: jnp.asarray(
+      rng.uniform(0.5, 1.5, v.shape)
+      if "scale" in str(path[-1])
+      else rng.normal(0, 0.3, v.shape)
+      if "bn" in str(path[0])
+      else v,
+      jnp.float32,
+    ),
+    variables["params"],
+  )
   return {**variables, "params": params}
 
 
@@ -311,17 +326,18 @@ def test_taylor_step_equals_finite_difference(jit):
   members = {6: ("bna", "bnb"), 5: ("bnc",)}
   with jax.enable_x64(True):  # float64: central differences to ~1e-8
     variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), _random_bn(variables))
-    loss = jax.jit(_loss(nnx.graphdef(model), variables, jnp.asarray(x, jnp.float64),
-                         jnp.arange(4) % 10))
+    loss = jax.jit(_loss(nnx.graphdef(model), variables, jnp.asarray(x, jnp.float64), jnp.arange(4) % 10))
     got = np.asarray(step(spec, variables["params"], jax.grad(loss)(variables["params"])))
     eps = 1e-5
     for g, start in zip(graph.groups, offsets):
       for c in range(g.size):
+
         def scaled(e):
           p = jax.tree.map(lambda v: v, variables["params"])
           for bn in members[g.size]:
             p[bn] = {k: v.at[c].multiply(1 + e) for k, v in p[bn].items()}
           return float(loss(p))
+
         fd = (scaled(eps) - scaled(-eps)) / (2 * eps)
         assert got[start + c] == pytest.approx(abs(fd), rel=1e-4, abs=1e-8)
 
@@ -335,19 +351,24 @@ def test_taylor_accumulator_vs_per_batch_direct_and_optimizer_stage():
   spec = epi.channel_leaves(graph)
   tx = optax.sgd(0.05, momentum=0.9)
   graphdef, state = T.create_train_state(model, optax.chain(epi.taylor_transform(spec), tx), rng=0)
-  step = T.make_train_step(T.nnx_apply(graphdef), optax.chain(epi.taylor_transform(spec), tx),
-                           donate=False)
-  batches = [{"image": input_((4, 8, 8, 3), seed=s), "label": jnp.arange(4) % 10 + s % 3}
-             for s in range(3)]
+  step = T.make_train_step(T.nnx_apply(graphdef), optax.chain(epi.taylor_transform(spec), tx), donate=False)
+  batches = [{"image": input_((4, 8, 8, 3), seed=s), "label": jnp.arange(4) % 10 + s % 3} for s in range(3)]
   bns = {6: ("bna", "bnb"), 5: ("bnc",)}
   direct, params, opt = [], state.params, tx.init({"params": state.params, "extra": {}})
   v = {"params": params, "batch_stats": state.batch_stats, "other": state.other}
   grad = jax.jit(lambda p, x, y: jax.grad(_loss(graphdef, v, x, y))(p))
   for b in batches:
     g = grad(params, b["image"], b["label"])
-    direct.append(np.abs(np.concatenate([
-        sum(params[bn]["scale"] * g[bn]["scale"] + params[bn]["bias"] * g[bn]["bias"]
-            for bn in bns[grp.size]) for grp in graph.groups])))
+    direct.append(
+      np.abs(
+        np.concatenate(
+          [
+            sum(params[bn]["scale"] * g[bn]["scale"] + params[bn]["bias"] * g[bn]["bias"] for bn in bns[grp.size])
+            for grp in graph.groups
+          ]
+        )
+      )
+    )
     upd, opt = tx.update({"params": g, "extra": {}}, opt, {"params": params, "extra": {}})
     params = optax.apply_updates(params, upd["params"])
     state, _ = step(state, b)
@@ -355,11 +376,11 @@ def test_taylor_accumulator_vs_per_batch_direct_and_optimizer_stage():
   assert int(acc.count) == 3
   np.testing.assert_allclose(np.asarray(acc.total) / 3, np.mean(direct, 0), rtol=2e-4, atol=1e-7)
   scores = epi.taylor_scores(acc, spec)
-  np.testing.assert_allclose(np.concatenate([scores[g.name] for g in graph.groups]),
-                             np.mean(direct, 0), rtol=2e-4, atol=1e-7)
+  np.testing.assert_allclose(
+    np.concatenate([scores[g.name] for g in graph.groups]), np.mean(direct, 0), rtol=2e-4, atol=1e-7
+  )
   # the optax stage leaves the training itself alone
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               state.params, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, params)
 
 
 def test_taylor_skips_non_finite_steps_and_needs_steps():
@@ -388,17 +409,17 @@ def test_taylor_on_resnet20_residual_stream_by_hand():
   p = variables["params"]
   rng = np.random.default_rng(0)
   grads = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), p)
-  got = np.asarray(epi.taylor_step(spec, p, grads))[:8]   # the stem's group comes first
+  got = np.asarray(epi.taylor_step(spec, p, grads))[:8]  # the stem's group comes first
   assert graph.groups[0].name == "conv1"
   offset = {"layer1": 0, "layer2": 4, "layer3": 12}
-  bns = [("bn1", 0)] + [((layer, str(b), "bn2"), offset[layer]) for layer in offset
-                        for b in range(3)]
+  bns = [("bn1", 0)] + [((layer, str(b), "bn2"), offset[layer]) for layer in offset for b in range(3)]
   total = np.zeros(8)
   for path, off in bns:
-    get = lambda t: functools.reduce(lambda d, k: d[int(k) if k.isdigit() else k],
-                                     path if isinstance(path, tuple) else (path,), t)
+    get = lambda t: functools.reduce(
+      lambda d, k: d[int(k) if k.isdigit() else k], path if isinstance(path, tuple) else (path,), t
+    )
     bp, bg = get(p), get(grads)
-    total += (np.asarray(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"])[off:off + 8])
+    total += np.asarray(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"])[off : off + 8]
   np.testing.assert_allclose(got, np.abs(total), rtol=1e-5, atol=1e-6)
 
 
@@ -410,20 +431,20 @@ def test_branch_groups_score_their_producer_and_prune_mid_training():
   fn, variables = jaxprune.functional(model)
   graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)), branches=True)
   spec = epi.channel_leaves(graph)
-  names = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
   branch = next(g for g in spec.groups if g.name == "layer2.1.conv2:branch")
   assert [names[s.leaf] for pair in branch.bn for s in pair] == [
-      "['layer2'][1]['bn2']['scale']", "['layer2'][1]['bn2']['bias']"]
+    "['layer2'][1]['bn2']['scale']",
+    "['layer2'][1]['bn2']['bias']",
+  ]
   assert [names[s.leaf] for s in branch.kernels] == ["['layer2'][1]['conv2']['kernel']"]
   p = variables["params"]
   rng = np.random.default_rng(0)
   grads = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), p)
   offsets = dict(zip([g.name for g in graph.groups], np.cumsum([0] + [g.size for g in graph.groups])))
-  got = np.asarray(epi.taylor_step(spec, p, grads))[offsets[branch.name]:][:branch.size]
+  got = np.asarray(epi.taylor_step(spec, p, grads))[offsets[branch.name] :][: branch.size]
   bp, bg = p["layer2"][1]["bn2"], grads["layer2"][1]["bn2"]
-  np.testing.assert_allclose(got, np.abs(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"]),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, np.abs(bp["scale"] * bg["scale"] + bp["bias"] * bg["bias"]), rtol=1e-5, atol=1e-6)
 
   cfg = epi.Config(unit="macs")
   sub = epi.dominant(epi.scores(cfg, spec, graph, variables), graph, cfg)
@@ -437,8 +458,9 @@ def test_branch_groups_score_their_producer_and_prune_mid_training():
   small = epi.slim_state(state, graph, sub.masks)
   v_small = {"params": small.params, "batch_stats": small.batch_stats, "other": small.other}
   small_model = jaxprune.module(graphdef, v_small, jnp.zeros((1, 32, 32, 3)))
-  jax.tree.map(lambda m, q: np.testing.assert_equal(np.shape(m), np.shape(q)),
-               small.opt_state[0].trace["params"], small.params)
+  jax.tree.map(
+    lambda m, q: np.testing.assert_equal(np.shape(m), np.shape(q)), small.opt_state[0].trace["params"], small.params
+  )
   small, metrics = T.make_train_step(T.nnx_apply(nnx.graphdef(small_model)), tx)(small, batch)
   assert np.isfinite(float(metrics["loss"])) and int(small.step) == 2
 
@@ -446,8 +468,11 @@ def test_branch_groups_score_their_producer_and_prune_mid_training():
 def test_dominant_counts_budget_and_min_keep():
   _, variables, graph, _ = residual_setup()
   spec = epi.channel_leaves(graph)
-  for cfg in (epi.Config(prune_ratio=0.5), epi.Config(prune_ratio=0.6, min_keep=2),
-              epi.Config(prune_ratio=0.5, score_norm="rms", unit="macs")):
+  for cfg in (
+    epi.Config(prune_ratio=0.5),
+    epi.Config(prune_ratio=0.6, min_keep=2),
+    epi.Config(prune_ratio=0.5, score_norm="rms", unit="macs"),
+  ):
     sub = epi.dominant(epi.scores(cfg, spec, graph, variables), graph, cfg)
     assert sub.counts.tolist() == [int(np.asarray(sub.masks[g.name]).sum()) for g in graph.groups]
     assert sub.flat.sum() == sub.counts.sum() and min(sub.counts) >= cfg.min_keep
@@ -464,10 +489,14 @@ def _kept(mask):
   return np.nonzero(np.asarray(mask) > 0)[0]
 
 
-@pytest.mark.parametrize("make_tx,trees", [
-    (lambda: optax.sgd(0.1, momentum=0.9), 1),   # momentum
-    (lambda: optax.adam(1e-2), 2),               # mu, nu
-    (lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), 1)])
+@pytest.mark.parametrize(
+  "make_tx,trees",
+  [
+    (lambda: optax.sgd(0.1, momentum=0.9), 1),  # momentum
+    (lambda: optax.adam(1e-2), 2),  # mu, nu
+    (lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), 1),
+  ],
+)
 def test_slim_opt_state_keeps_kept_momentum_exactly(make_tx, trees):
   model, variables, graph, x = residual_setup()
   tx = make_tx()
@@ -479,28 +508,30 @@ def test_slim_opt_state_keeps_kept_momentum_exactly(make_tx, trees):
     params = optax.apply_updates(params, upd)
   v = {**variables, "params": params}
   sizes = {g.size: g.name for g in graph.groups}
-  masks = {sizes[6]: jnp.array([1., 0, 1, 1, 0, 0]), sizes[5]: jnp.array([0., 1, 1, 0, 1])}
+  masks = {sizes[6]: jnp.array([1.0, 0, 1, 1, 0, 0]), sizes[5]: jnp.array([0.0, 1, 1, 0, 1])}
   small = epi.slim_opt_state(opt, v, graph, masks)
   k6, k5 = _kept(masks[sizes[6]]), _kept(masks[sizes[5]])
-  hand = {"a": {"kernel": lambda m: m[..., k6]}, "b": {"kernel": lambda m: m[:, :, k6][..., k6]},
-          "c": {"kernel": lambda m: m[:, :, k6][..., k5]}, "fc": {"kernel": lambda m: m[k5],
-                                                                   "bias": lambda m: m},
-          "bna": {"scale": lambda m: m[k6], "bias": lambda m: m[k6]},
-          "bnb": {"scale": lambda m: m[k6], "bias": lambda m: m[k6]},
-          "bnc": {"scale": lambda m: m[k5], "bias": lambda m: m[k5]}}
+  hand = {
+    "a": {"kernel": lambda m: m[..., k6]},
+    "b": {"kernel": lambda m: m[:, :, k6][..., k6]},
+    "c": {"kernel": lambda m: m[:, :, k6][..., k5]},
+    "fc": {"kernel": lambda m: m[k5], "bias": lambda m: m},
+    "bna": {"scale": lambda m: m[k6], "bias": lambda m: m[k6]},
+    "bnb": {"scale": lambda m: m[k6], "bias": lambda m: m[k6]},
+    "bnc": {"scale": lambda m: m[k5], "bias": lambda m: m[k5]},
+  }
   treedef = jax.tree_util.tree_structure(params)
   n_checked = 0
-  for before, after in zip(jax.tree_util.tree_leaves(opt, is_leaf=lambda t: jax.tree_util.
-                                                     tree_structure(t) == treedef),
-                           jax.tree_util.tree_leaves(small, is_leaf=lambda t: jax.tree_util.
-                                                     tree_structure(t) == treedef)):
+  for before, after in zip(
+    jax.tree_util.tree_leaves(opt, is_leaf=lambda t: jax.tree_util.tree_structure(t) == treedef),
+    jax.tree_util.tree_leaves(small, is_leaf=lambda t: jax.tree_util.tree_structure(t) == treedef),
+  ):
     if jax.tree_util.tree_structure(before) != treedef:
-      np.testing.assert_array_equal(before, after)   # counts stay
+      np.testing.assert_array_equal(before, after)  # counts stay
       continue
     for layer, fns in hand.items():
       for name, f in fns.items():
-        np.testing.assert_array_equal(np.asarray(after[layer][name]),
-                                      f(np.asarray(before[layer][name])))
+        np.testing.assert_array_equal(np.asarray(after[layer][name]), f(np.asarray(before[layer][name])))
         n_checked += 1
   assert n_checked == 11 * trees  # every params leaf of every params-shaped tree
 
@@ -510,30 +541,32 @@ def test_slimmed_train_step_continues_like_the_masked_one():
   optimizer state, kept channels) and the lr schedule continues."""
   model, variables, graph, x = residual_setup()
   schedule = optax.cosine_decay_schedule(0.1, 10)
-  tx = optax.chain(optax.add_decayed_weights(5e-4),
-                   optax.sgd(schedule, momentum=0.9, nesterov=True))
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
   graphdef, state = T.create_train_state(model, tx, rng=0)
   step = T.make_train_step(T.nnx_apply(graphdef), tx, schedule=schedule, donate=False)
   batch = lambda s: {"image": input_((4, 8, 8, 3), seed=s), "label": (jnp.arange(4) + s) % 10}
   for s in range(2):
     state, _ = step(state, batch(s))
   sizes = {g.size: g.name for g in graph.groups}
-  masks = {sizes[6]: jnp.array([1., 0, 1, 1, 0, 1]), sizes[5]: jnp.array([0., 1, 1, 1, 1])}
+  masks = {sizes[6]: jnp.array([1.0, 0, 1, 1, 0, 1]), sizes[5]: jnp.array([0.0, 1, 1, 1, 1])}
   slim = epi.slim_state(state, graph, masks)
-  small_model = jaxprune.module(graphdef, {"params": slim.params, "batch_stats": slim.batch_stats,
-                                           "other": slim.other}, x[:1])
-  small_step = T.make_train_step(T.nnx_apply(nnx.graphdef(small_model)), tx, schedule=schedule,
-                                 donate=False)
+  small_model = jaxprune.module(
+    graphdef, {"params": slim.params, "batch_stats": slim.batch_stats, "other": slim.other}, x[:1]
+  )
+  small_step = T.make_train_step(T.nnx_apply(nnx.graphdef(small_model)), tx, schedule=schedule, donate=False)
   after_small, m_small = small_step(slim, batch(2))
   pmask = jaxprune.expand(graph, masks)["params"]
   after_masked, m_masked = step(state, batch(2), pmask)
   assert int(after_small.step) == 3 and float(m_small["lr"]) == pytest.approx(float(schedule(2)))
   assert float(m_small["loss"]) == pytest.approx(float(m_masked["loss"]), rel=1e-5)
-  want = jaxprune.slim({"params": after_masked.params, "batch_stats": after_masked.batch_stats,
-                        "other": after_masked.other}, graph, masks)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               {"params": after_small.params, "batch_stats": after_small.batch_stats},
-               {"params": want["params"], "batch_stats": want["batch_stats"]})
+  want = jaxprune.slim(
+    {"params": after_masked.params, "batch_stats": after_masked.batch_stats, "other": after_masked.other}, graph, masks
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    {"params": after_small.params, "batch_stats": after_small.batch_stats},
+    {"params": want["params"], "batch_stats": want["batch_stats"]},
+  )
 
 
 # ----------------------------------------------------------------- compute ---
@@ -551,12 +584,11 @@ def test_compute_accounting_by_hand():
   fn, variables = jaxprune.functional(build(MLP))
   graph = jaxprune.trace(fn, variables, jnp.zeros((1, 4)))
   (g,) = graph.groups
-  half = {g.name: jnp.array([1., 1, 1, 0, 0, 0])}
+  half = {g.name: jnp.array([1.0, 1, 1, 0, 0, 0])}
   # forward MACs: 4*6 + 6*3 = 42 dense, 4*3 + 3*3 = 21 with 3 of 6 hidden units
   assert epi.train_macs_per_sample(graph) == 3 * 42
   assert epi.train_macs_per_sample(graph, half) == 3 * 21
-  c = epi.compare_compute(42, 21, epochs=10, prune_epoch=3, samples_per_epoch=100,
-                          finetune_epochs=5)
+  c = epi.compare_compute(42, 21, epochs=10, prune_epoch=3, samples_per_epoch=100, finetune_epochs=5)
   assert c.pat == 3 * 100 * (3 * 42 + 7 * 21)
   assert c.at_init == 3 * 100 * 10 * 21
   assert c.train_prune_finetune == 3 * 100 * (10 * 42 + 5 * 21)

@@ -1,4 +1,5 @@
 """FTWT: targets, per-sample gating (== the per-sample slimmed network), cost, gradients."""
+
 from __future__ import annotations
 
 import functools
@@ -9,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from custom_models import custom_setup, input_, tiny_setup, zoo_setup
 
 import jaxprune
-from custom_models import custom_setup, input_, tiny_setup, zoo_setup
 from jaxprune.methods import ftwt
 
 
@@ -41,8 +41,8 @@ def slow_targets(a: np.ndarray, r: float, eps: float = 1e-5) -> np.ndarray:
 def test_targets_equal_slow_reference(r):
   rng = np.random.default_rng(int(r * 100))
   a = np.abs(rng.normal(size=(6, 24))).astype(np.float32)
-  a[1, :5] = 0.0   # dead filters
-  a[2] = 0.0       # a dead layer: keeps nothing
+  a[1, :5] = 0.0  # dead filters
+  a[2] = 0.0  # a dead layer: keeps nothing
   got = np.asarray(ftwt.targets({"g": jnp.asarray(a)}, r)["g"])
   np.testing.assert_array_equal(got, slow_targets(a.astype(np.float64), r))
   assert got[2].sum() == 0
@@ -88,11 +88,11 @@ def test_per_sample_cost_batch_mismatch_is_an_error():
 
 # ------------------------------------------------------------ gated forward ----
 
+
 def sharp_predictors(points, seed=0):
   """Predictors whose masks depend on the input; channel 0 of every gate stays open."""
   preds = ftwt.init_predictors(seed, points)
-  return {k: {"kernel": 300.0 * p["kernel"], "bias": p["bias"].at[0].set(100.0)}
-          for k, p in preds.items()}
+  return {k: {"kernel": 300.0 * p["kernel"], "bias": p["bias"].at[0].set(100.0)} for k, p in preds.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,20 +115,19 @@ def test_gated_equals_each_samples_slimmed_network(name):
   m = {k: v[i] for k, v in aux.masks.items()}
   small = jaxprune.slim(state, graph, m)
   # eager: one batch-1 call is cheaper than compiling it
-  ref = jaxprune.module(model, small)(x[i:i + 1])
-  np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
+  ref = jaxprune.module(model, small)(x[i : i + 1])
+  np.testing.assert_allclose(np.asarray(out[i : i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 
 def test_masks_differ_across_samples_and_are_hard():
   _, x, pts, _, aux = gated_run("resnet20")
   differ = [p.name for p in pts if np.any(np.asarray(aux.masks[p.name]).std(0) > 0)]
   assert len(differ) >= len(pts) // 2, differ
-  for k, m in aux.masks.items():
+  for m in aux.masks.values():
     assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}
   for p in pts:
     assert aux.logits[p.name].shape == (4, p.size) == aux.peaks[p.name].shape
-    np.testing.assert_array_equal(np.asarray(aux.masks[p.name]),
-                                  np.asarray(aux.logits[p.name] > 0, np.float32))
+    np.testing.assert_array_equal(np.asarray(aux.masks[p.name]), np.asarray(aux.logits[p.name] > 0, np.float32))
 
 
 def test_per_sample_cost_equals_a_loop_and_predictor_macs():
@@ -146,8 +145,7 @@ def test_per_sample_cost_equals_a_loop_and_predictor_macs():
 def _plain_net(v, x):
   """conv 3->4 (8x8) -> conv 4->6 stride 2 (4x4) -> depthwise 6 (4x4) -> GAP -> dense 6->5."""
   p = v["params"]
-  conv = functools.partial(jax.lax.conv_general_dilated, padding="SAME",
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = functools.partial(jax.lax.conv_general_dilated, padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   h = jax.nn.relu(conv(x, p["c1"], (1, 1)))
   h = jax.nn.relu(conv(h, p["c2"], (2, 2)))
   h = jax.nn.relu(conv(h, p["dw"], (1, 1), feature_group_count=6))
@@ -157,11 +155,17 @@ def _plain_net(v, x):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_legacy_macs_equal_the_official_formula_by_hand(seed):
   rng = np.random.default_rng(seed)
-  v = {"params": {"c1": jnp.ones((3, 3, 3, 4)), "c2": jnp.ones((3, 3, 4, 6)),
-                  "dw": jnp.ones((3, 3, 1, 6)), "fc": jnp.ones((6, 5))}}
+  v = {
+    "params": {
+      "c1": jnp.ones((3, 3, 3, 4)),
+      "c2": jnp.ones((3, 3, 4, 6)),
+      "dw": jnp.ones((3, 3, 1, 6)),
+      "fc": jnp.ones((6, 5)),
+    }
+  }
   graph = jaxprune.trace(_plain_net, v, jnp.zeros((1, 8, 8, 3)))
   masks = {g.name: jnp.asarray(rng.random((5, g.size)) < 0.6, jnp.float32) for g in graph.groups}
-  masks = {k: m.at[0].set(1.0) for k, m in masks.items()}   # sample 0 dense
+  masks = {k: m.at[0].set(1.0) for k, m in masks.items()}  # sample 0 dense
   got = np.asarray(ftwt.legacy_macs(graph, masks))
   a1, a2 = (np.asarray(masks[g.name]).sum(-1) for g in graph.groups)  # c1 and c2 (= dw) groups
   # a_l * HW_out * (a_prev // groups) * k^2, summed in program order; no fc.
@@ -174,18 +178,23 @@ def test_legacy_macs_equal_the_official_formula_by_hand(seed):
 def test_legacy_macs_of_dense_resnet20_are_its_conv_macs():
   (_, _, _, graph, _), _, pts, _, aux = gated_run("resnet20")
   ones = graph.ones((2,))
-  np.testing.assert_allclose(np.asarray(ftwt.legacy_macs(graph, ones)),
-                             ftwt.legacy_base(graph) - 64 * 10, rtol=1e-7)
-  by_hand = (32 * 32 * 9 * 3 * 16 + 6 * 32 * 32 * 9 * 16 * 16     # stem, stage 1
-             + 16 * 16 * 9 * 16 * 32 + 5 * 16 * 16 * 9 * 32 * 32  # stage 2
-             + 8 * 8 * 9 * 32 * 64 + 5 * 8 * 8 * 9 * 64 * 64      # stage 3
-             + 64 * 10)                                           # fc
+  np.testing.assert_allclose(np.asarray(ftwt.legacy_macs(graph, ones)), ftwt.legacy_base(graph) - 64 * 10, rtol=1e-7)
+  by_hand = (
+    32 * 32 * 9 * 3 * 16
+    + 6 * 32 * 32 * 9 * 16 * 16  # stem, stage 1
+    + 16 * 16 * 9 * 16 * 32
+    + 5 * 16 * 16 * 9 * 32 * 32  # stage 2
+    + 8 * 8 * 9 * 32 * 64
+    + 5 * 8 * 8 * 9 * 64 * 64  # stage 3
+    + 64 * 10
+  )  # fc
   assert ftwt.legacy_base(graph) == by_hand
   red = 1 - np.asarray(ftwt.legacy_macs(graph, aux.masks)) / ftwt.legacy_base(graph)
   assert np.all(red > 0)
 
 
 # ---------------------------------------------------------------- gradients ----
+
 
 def grads(mode):
   _, fn, state, graph, x = tiny_setup()
@@ -199,7 +208,7 @@ def grads(mode):
 
   def task(state, preds):
     out, _ = g(state, preds, x)
-    return jnp.sum(out ** 2)
+    return jnp.sum(out**2)
 
   both = jax.jit(lambda s, p: (jax.grad(mask_loss, (0, 1))(s, p), jax.grad(task, (0, 1))(s, p)))
   return both(state, preds)
@@ -213,7 +222,7 @@ def test_decoupled_mask_loss_does_not_reach_the_backbone():
   (d_backbone, d_pred), (t_backbone, t_pred) = grads("decoupled")
   assert norm(d_backbone) == 0.0
   assert norm(d_pred) > 0.0
-  assert norm(t_pred) == 0.0    # the task loss never reaches the predictors
+  assert norm(t_pred) == 0.0  # the task loss never reaches the predictors
   assert norm(t_backbone) > 0.0
 
 
@@ -225,14 +234,16 @@ def test_joint_mask_loss_reaches_the_backbone():
 
 # ------------------------------------------------------------------ pipeline ----
 
+
 def test_pipeline_end_to_end(tmp_path):
   from experiments import train as train_lib
   from experiments.configs import ftwt_cifar10_subset_resnet20 as cfg
+
   c = cfg.get_config("quick")
-  c.train.epochs = 0              # no pretraining steps: saves a compile
+  c.train.epochs = 0  # no pretraining steps: saves a compile
   c.train.max_steps_per_epoch = 2  # the FTWT phase: 2 steps
   c.data.batch_size = 32
-  c.data.eval_batch_size = 1024   # one eval batch: one compile
+  c.data.eval_batch_size = 1024  # one eval batch: one compile
   c.method.epochs = 1
   c.method.r = 0.8
   c.model.kwargs.widths = (4, 8, 16)  # ResNet-20's structure, less arithmetic
@@ -265,9 +276,11 @@ def test_oracle_masks_keep_the_strongest_channel_and_follow_r():
 
 # ------------------------------------------------------ official (branch) units ----
 
+
 @functools.lru_cache(maxsize=None)
 def branch_run(name="resnet20", batch=4):
   from test_branches import branch_setup
+
   model, fn, state, graph, _ = branch_setup(name, 32 if name == "resnet20" else 16)
   x = input_((batch, *((32, 32, 3) if name == "resnet20" else (16, 16, 3))), seed=7)
   pts = ftwt.gate_points(fn, graph, state, x[:1])
@@ -279,8 +292,9 @@ def test_branch_gate_points_are_the_official_set():
   # The stem, both convs of every block (the second one's branch, before the add);
   # never the residual stream itself or a projection shortcut.
   _, _, _, graph, _, pts, _, _ = branch_run()
-  want = ["conv1:branch"] + [f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3)
-                             for c in ("conv1", "conv2:branch")]
+  want = ["conv1:branch"] + [
+    f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3) for c in ("conv1", "conv2:branch")
+  ]
   assert [p.name for p in pts] == want
   assert {p.c_in for p in pts if p.name.endswith("conv2:branch")} == {16, 32, 64}
   # option-B shortcuts exist but are not gated
@@ -303,8 +317,8 @@ def test_branch_gated_equals_each_samples_slimmed_network():
   for i in (0, 2):
     m = {k: v[i] for k, v in aux.masks.items()}
     small = jaxprune.slim(state, graph, m)
-    ref = jaxprune.module(model, small)(x[i:i + 1])
-    np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
+    ref = jaxprune.module(model, small)(x[i : i + 1])
+    np.testing.assert_allclose(np.asarray(out[i : i + 1]), np.asarray(ref), atol=1e-4, rtol=1e-4)
   # branch gates really vary per sample, and the stream is never gated
   b = aux.masks["layer2.1.conv2:branch"]
   assert float(jnp.abs(b - b[:1]).sum()) > 0
@@ -316,7 +330,8 @@ def test_branch_gated_equals_each_samples_slimmed_network():
 def test_legacy_count_by_hand_on_a_two_block_toy():
   # The official count charges a block's first conv against the previous
   # block's *branch* gates (its conv2), not the residual stream it reads.
-  from test_branches import HW, K, res_net, res_setup
+  from test_branches import HW, K, res_setup
+
   v, x, graph = res_setup()
   rng = np.random.default_rng(0)
   masks = {g.name: jnp.asarray(rng.random((5, g.size)) < 0.6, jnp.float32) for g in graph.groups}
@@ -325,9 +340,13 @@ def test_legacy_count_by_hand_on_a_two_block_toy():
   ch = np.asarray(masks["stem"])
   out = lambda br: (ch * np.asarray(masks[br])).sum(-1)  # a producer's open, kept channels
   hw = HW * HW * K
-  want = (hw * out("stem:branch") * 3 + hw * a["c1a"] * out("stem:branch")
-          + hw * out("c1b:branch") * a["c1a"] + hw * a["c2a"] * out("c1b:branch")
-          + hw * out("c2b:branch") * a["c2a"])
+  want = (
+    hw * out("stem:branch") * 3
+    + hw * a["c1a"] * out("stem:branch")
+    + hw * out("c1b:branch") * a["c1a"]
+    + hw * a["c2a"] * out("c1b:branch")
+    + hw * out("c2b:branch") * a["c2a"]
+  )
   np.testing.assert_allclose(got, want)
   # the exact count differs: block 2's first conv reads the union of both producers
   exact = ftwt.per_sample_cost(graph, masks).per_layer["c2a"]["macs"]
@@ -338,8 +357,7 @@ def test_legacy_count_by_hand_on_a_two_block_toy():
 
 def test_all_gates_closed_and_r_one_on_branch_units():
   _, fn, state, graph, x, pts, _, _ = branch_run()
-  closed = {p.name: {"kernel": jnp.zeros((p.c_in, p.size)), "bias": -jnp.ones((p.size,))}
-            for p in pts}
+  closed = {p.name: {"kernel": jnp.zeros((p.c_in, p.size)), "bias": -jnp.ones((p.size,))} for p in pts}
   out, aux = jax.jit(ftwt.gated(fn, graph, pts))(state, closed, x)
   assert bool(jnp.all(jnp.isfinite(out)))
   for p in pts:
@@ -352,7 +370,9 @@ def test_all_gates_closed_and_r_one_on_branch_units():
   for p in pts:
     pk = np.asarray(aux.peaks[p.name])
     share = pk / np.maximum(pk.sum(-1, keepdims=True), 1e-30)
-    np.testing.assert_array_equal(np.asarray(t[p.name]), ((share > 1e-5) & (pk.sum(-1, keepdims=True) > 0)).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(t[p.name]), ((share > 1e-5) & (pk.sum(-1, keepdims=True) > 0)).astype(np.float32)
+    )
 
 
 def test_backbone_schedule_drops_at_the_official_milestones():

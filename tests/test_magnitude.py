@@ -1,4 +1,5 @@
 """The magnitude baseline: schedule, method errors and a tiny end-to-end pipeline run."""
+
 import json
 import os
 
@@ -32,6 +33,7 @@ def test_registry_and_unknown_criterion():
 def test_prune_against_reference_cost():
   """Pruning a half-slimmed net to 25% of the *original* cost keeps half of what is left."""
   from jaxprune import models
+
   model = models.create("resnet20", num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   fn, state = jaxprune.functional(model)
@@ -66,8 +68,9 @@ def test_pipeline_end_to_end(tmp_path):
   assert {"pretrain", "prune0_finetune", "finetune"} <= phases
   # A later run can reuse this dense training (method.pretrained): the restored
   # state reproduces the dense accuracy the pipeline reported.
-  from experiments import pruning
   import jaxprune.training as T
+  from experiments import pruning
+
   graphdef, state = pruning.load_dense(c, str(tmp_path))
   eval_fn = train_lib.make_eval_fn(c, T.nnx_apply(graphdef), mesh=T.make_mesh())
   assert eval_fn(state)["accuracy"] == pytest.approx(r["dense_accuracy"], abs=1e-6)

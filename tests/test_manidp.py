@@ -1,5 +1,6 @@
 """ManiDP: thresholds, kept-rate schedule, complexity weights, similarity term,
 gating (== each sample's slimmed network with its saliencies folded into BN)."""
+
 from __future__ import annotations
 
 import functools
@@ -11,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import input_
 
 import jaxprune
-from custom_models import input_
 from jaxprune.methods import manidp
 
 
@@ -46,12 +47,11 @@ def test_complexity_weights_by_hand_and_detach():
   c = 0.4
   want = [1.0, 0.75, 0.25, 0.0, 0.0]
   np.testing.assert_allclose(np.asarray(manidp.complexity_weights(ce, c)), want, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(manidp.complexity_weights(ce, c, gamma=2.0)),
-                             np.square(want), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(manidp.complexity_weights(ce, c, gamma=2.0)), np.square(want), atol=1e-6)
   g = jax.grad(lambda ce: manidp.complexity_weights(ce, c).sum())(ce)
   assert float(jnp.abs(g).sum()) == 0.0
   g = jax.grad(lambda ce: manidp.complexity_weights(ce, c, detach=False).sum())(ce)
-  np.testing.assert_allclose(np.asarray(g)[:3], -1 / c, rtol=1e-5)   # the official code's gradient
+  np.testing.assert_allclose(np.asarray(g)[:3], -1 / c, rtol=1e-5)  # the official code's gradient
 
 
 def test_similarity_term_equals_a_numpy_reference():
@@ -60,15 +60,19 @@ def test_similarity_term_equals_a_numpy_reference():
   sal = {"a": np.abs(rng.normal(size=(6, 5))), "b": np.abs(rng.normal(size=(6, 3)))}
   want = 0.0
   for k in feats:
+
     def gram(f):
       f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
       return np.array([[f[i] @ f[j] for j in range(6)] for i in range(6)])
+
     want += ((gram(feats[k]) - gram(sal[k])) ** 2).sum() / 36
-  got = manidp.similarity_loss({k: jnp.asarray(v, jnp.float32) for k, v in feats.items()},
-                               {k: jnp.asarray(v, jnp.float32) for k, v in sal.items()})
+  got = manidp.similarity_loss(
+    {k: jnp.asarray(v, jnp.float32) for k, v in feats.items()}, {k: jnp.asarray(v, jnp.float32) for k, v in sal.items()}
+  )
   assert float(got) == pytest.approx(want, rel=1e-5)
-  assert float(manidp.similarity_loss(feats | {}, {k: jnp.asarray(feats[k], jnp.float32)
-                                                    for k in feats})) == pytest.approx(0, abs=1e-6)
+  assert float(
+    manidp.similarity_loss(feats | {}, {k: jnp.asarray(feats[k], jnp.float32) for k in feats})
+  ) == pytest.approx(0, abs=1e-6)
 
 
 def test_sparsity_term_by_hand():
@@ -81,13 +85,15 @@ def test_sparsity_term_by_hand():
 @functools.lru_cache(maxsize=None)
 def setup():
   from test_branches import branch_setup
+
   model, fn, v, graph, _ = branch_setup("resnet20", 32)
   x = input_((3, 32, 32, 3), seed=21)
   layers = manidp.gate_layers(fn, graph, v, x[:1])
   # Small weights: saliencies near their bias 1, so an untrained network stays finite
   # under gates that scale channels (a trained ManiDP learns that balance).
-  params = {k: {"w1": 0.05 * p["w1"], "w2": 0.05 * p["w2"], "b2": p["b2"]}
-            for k, p in manidp.init_gates(0, layers).items()}
+  params = {
+    k: {"w1": 0.05 * p["w1"], "w2": 0.05 * p["w2"], "b2": p["b2"]} for k, p in manidp.init_gates(0, layers).items()
+  }
   return model, fn, v, graph, x, layers, params
 
 
@@ -100,10 +106,9 @@ def spread_thresholds(fn, v, graph, x, layers, params, q=40):
 
 def test_gate_layers_are_both_convs_of_every_block():
   _, _, _, graph, _, layers, _ = setup()
-  want = [f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3)
-          for c in ("conv1", "conv2:branch")]
+  want = [f"layer{s}.{i}.{c}" for s in (1, 2, 3) for i in range(3) for c in ("conv1", "conv2:branch")]
   assert [l.name for l in layers] == want
-  assert [l.hidden for l in layers[:2]] == [16, 16]       # C < 80: no squeeze
+  assert [l.hidden for l in layers[:2]] == [16, 16]  # C < 80: no squeeze
   assert manidp.hidden_size(128) == 64 and manidp.hidden_size(64) == 64
 
 
@@ -115,11 +120,9 @@ def test_gated_equals_each_samples_slimmed_network_with_saliencies_folded():
   m = res.masks["layer2.0.conv1"]
   assert 0 < float((m == 0).mean()) < 1 and float(jnp.abs(m[0] - m[1]).sum()) > 0
   b = "layer1.1.conv2:branch"
-  np.testing.assert_allclose(np.asarray(res.masks[b]),
-                             np.asarray(res.aux[b] * (res.aux[b] >= thre[b])), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(res.masks[b]), np.asarray(res.aux[b] * (res.aux[b] >= thre[b])), rtol=1e-6)
   # a sample may switch a whole layer off (then it has no slimmed network): test the others
-  full = [i for i in range(x.shape[0])
-          if all(float((res.masks[l.name][i] > 0).sum()) > 0 for l in layers)]
+  full = [i for i in range(x.shape[0]) if all(float((res.masks[l.name][i] > 0).sum()) > 0 for l in layers)]
   assert full
   for i in full[:2]:
     mi = {k: np.asarray(v_[i]) for k, v_ in res.masks.items()}
@@ -134,8 +137,8 @@ def test_gated_equals_each_samples_slimmed_network_with_saliencies_folded():
       for key in block.split("."):
         node = node[int(key)] if key.isdigit() else node[key]
       node[bn] = {"scale": node[bn]["scale"] * s, "bias": node[bn]["bias"] * s}
-    ref = jaxprune.module(model, small)(x[i:i + 1])
-    np.testing.assert_allclose(np.asarray(out[i:i + 1]), np.asarray(ref), atol=2e-4, rtol=2e-4)
+    ref = jaxprune.module(model, small)(x[i : i + 1])
+    np.testing.assert_allclose(np.asarray(out[i : i + 1]), np.asarray(ref), atol=2e-4, rtol=2e-4)
 
 
 def test_thresholds_refresh_from_epoch_one_and_sums_restart():
@@ -168,23 +171,28 @@ def test_per_sample_cost_counts_conv_b_from_conv_a_gates():
   m1 = np.asarray((res.masks["layer1.1.conv1"] > 0).sum(-1))
   np.testing.assert_allclose(np.asarray(c.per_layer["layer1.1.conv1"]["macs"]), 32 * 32 * 9 * 16 * m1)
   # stage 2's option-A zero channels live only where layer2.0's branch keeps them
-  live = 16 + np.asarray((res.masks["layer2.0.conv2:branch"][:, list(range(8)) + list(range(24, 32))]
-                          > 0).sum(-1))
-  np.testing.assert_allclose(np.asarray(c.per_layer["layer2.1.conv1"]["macs"]),
-                             16 * 16 * 9 * live * n1)
+  live = 16 + np.asarray((res.masks["layer2.0.conv2:branch"][:, list(range(8)) + list(range(24, 32))] > 0).sum(-1))
+  np.testing.assert_allclose(np.asarray(c.per_layer["layer2.1.conv1"]["macs"]), 16 * 16 * 9 * live * n1)
   # the official count reads every block input dense
   by_hand = float(jaxprune.cost(graph).macs) + sum(
-      (16 * 16 if s == 2 else 32 * 32 if s == 1 else 8 * 8) * 9 * w * (
-          np.asarray((res.masks[f"layer{s}.{b}.conv1"] > 0).sum(-1)) - w)
-      for s, w in ((1, 16), (2, 32), (3, 64)) for b in range(3) if not (b == 0 and s > 1))
-  for s, w in ((2, 32), (3, 64)):   # the strided first blocks: input width w // 2
+    (16 * 16 if s == 2 else 32 * 32 if s == 1 else 8 * 8)
+    * 9
+    * w
+    * (np.asarray((res.masks[f"layer{s}.{b}.conv1"] > 0).sum(-1)) - w)
+    for s, w in ((1, 16), (2, 32), (3, 64))
+    for b in range(3)
+    if not (b == 0 and s > 1)
+  )
+  for s, w in ((2, 32), (3, 64)):  # the strided first blocks: input width w // 2
     hw = 16 * 16 if s == 2 else 8 * 8
     by_hand += hw * 9 * (w // 2) * (np.asarray((res.masks[f"layer{s}.0.conv1"] > 0).sum(-1)) - w)
-  by_hand = by_hand + sum(np.asarray(c.per_layer[f"layer{s}.{b}.conv2"]["macs"])
-                          - float(jaxprune.cost(graph).per_layer[f"layer{s}.{b}.conv2"]["macs"])
-                          for s in (1, 2, 3) for b in range(3))
-  np.testing.assert_allclose(np.asarray(manidp.paper_macs(graph, layers, res.masks)), by_hand,
-                             rtol=1e-6)
+  by_hand = by_hand + sum(
+    np.asarray(c.per_layer[f"layer{s}.{b}.conv2"]["macs"])
+    - float(jaxprune.cost(graph).per_layer[f"layer{s}.{b}.conv2"]["macs"])
+    for s in (1, 2, 3)
+    for b in range(3)
+  )
+  np.testing.assert_allclose(np.asarray(manidp.paper_macs(graph, layers, res.masks)), by_hand, rtol=1e-6)
   assert np.all(np.asarray(manidp.paper_macs(graph, layers, res.masks)) >= np.asarray(c.macs))
   assert manidp.gate_macs(layers) == sum(l.c_in * l.hidden + l.hidden * l.size for l in layers)
 
@@ -194,7 +202,7 @@ def test_bad_input_is_a_clear_error():
   plain = jaxprune.trace(fn, v, x[:1])
   with pytest.raises(ValueError, match="branches=True"):
     manidp.gate_layers(fn, plain, v, x[:1])
-  vgg = lambda w, x: jax.nn.relu(x @ w["a"]) @ w["b"]   # noqa: E731
+  vgg = lambda w, x: jax.nn.relu(x @ w["a"]) @ w["b"]  # noqa: E731
   w = {"a": jnp.ones((4, 6)), "b": jnp.ones((6, 2))}
   g = jaxprune.trace(vgg, w, jnp.ones((1, 4)), branches=True)
   with pytest.raises(ValueError, match="no gate points"):

@@ -5,19 +5,19 @@ the original network vs. running the original code on smaller arrays), so
 their equality checks both; the slimmed parameter count is counted from the
 slimmed arrays themselves.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import custom_setup, jit_masked, jit_merged, param_count, random_hard_masks, zoo_setup
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from custom_models import (custom_setup, jit_masked, jit_merged, param_count, random_hard_masks,
-                           zoo_setup)
 
 
 def assert_close(a, b, scale=None):
@@ -44,8 +44,14 @@ def check_masked_equals_slimmed(setup, seed):
   return masks, small
 
 
-ZOO = [("resnet20", 32), ("resnet32", 32), ("vgg11", 32), ("mobilenet_v1_cifar", 32),
-       ("resnet18", 64), ("mobilenet_v1", 64)]
+ZOO = [
+  ("resnet20", 32),
+  ("resnet32", 32),
+  ("vgg11", 32),
+  ("mobilenet_v1_cifar", 32),
+  ("resnet18", 64),
+  ("mobilenet_v1", 64),
+]
 
 
 @pytest.mark.parametrize("name,hw", ZOO)
@@ -57,7 +63,9 @@ def test_masked_equals_slimmed_wide_resnet():
   # ChipNet's WRN family at depth 14, width 2: projection shortcuts on every stage
   # (16 -> 16 included only when the width changes) instead of option-A padding.
   from custom_models import Setup, build, input_
+
   from jaxprune import models
+
   model = build(lambda rngs: models.wide_resnet(14, 2, num_classes=10, rngs=rngs))
   fn, state = jaxprune.functional(model)
   x = input_((2, 16, 16, 3))
@@ -111,6 +119,7 @@ def test_expand_zeroes_exactly_the_removed_weights():
 
 # -------------------------------------------------------------- per sample ----
 
+
 def test_per_sample_masks_equal_each_sample_alone():
   model, fn, state, graph, _ = custom_setup()
   x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 16, 16, 3)), jnp.float32)
@@ -121,10 +130,10 @@ def test_per_sample_masks_equal_each_sample_alone():
   out = g(state, batched, x)
   graphdef = nnx.graphdef(model)
   for b in range(3):
-    alone = g(state, per[b], x[b:b + 1])
-    assert_close(out[b:b + 1], alone)
+    alone = g(state, per[b], x[b : b + 1])
+    assert_close(out[b : b + 1], alone)
     small = jaxprune.slim(state, graph, per[b])
-    assert_close(out[b:b + 1], jit_merged(graphdef)(small, x[b:b + 1]))
+    assert_close(out[b : b + 1], jit_merged(graphdef)(small, x[b : b + 1]))
   # and the samples really got different networks
   assert np.abs(np.asarray(out[0]) - np.asarray(g(state, per[1], x[:1])[0])).max() > 1e-3
 
@@ -132,13 +141,12 @@ def test_per_sample_masks_equal_each_sample_alone():
 def test_per_sample_soft_masks_scale_activations_per_sample():
   _, fn, state, graph, x = custom_setup()
   rng = np.random.default_rng(13)
-  soft = [{g.name: jnp.asarray(rng.uniform(size=g.size), jnp.float32) for g in graph.groups}
-          for _ in range(2)]
+  soft = [{g.name: jnp.asarray(rng.uniform(size=g.size), jnp.float32) for g in graph.groups} for _ in range(2)]
   batched = {k: jnp.stack([m[k] for m in soft]) for k in soft[0]}
   g = jit_masked(fn, graph)
   out = g(state, batched, x)
   for b in range(2):
-    assert_close(out[b:b + 1], g(state, soft[b], x[b:b + 1]))
+    assert_close(out[b : b + 1], g(state, soft[b], x[b : b + 1]))
 
 
 def test_per_sample_batch_mismatch_is_a_clear_error():
@@ -150,6 +158,7 @@ def test_per_sample_batch_mismatch_is_a_clear_error():
 
 
 # -------------------------------------------------------------- gradients ----
+
 
 def test_gradient_reaches_every_group_through_masked():
   _, fn, state, graph, x = custom_setup()
@@ -181,6 +190,7 @@ def test_gradient_through_masked_matches_finite_difference():
 
 # ----------------------------------------------------------------- jit ----
 
+
 def test_masked_same_under_jit_and_no_recompile_on_new_values():
   _, fn, state, graph, x = custom_setup()
   calls = []
@@ -192,9 +202,12 @@ def test_masked_same_under_jit_and_no_recompile_on_new_values():
   masked = jaxprune.masked(counting_fn, graph)
   jitted = jax.jit(masked)
   rng = np.random.default_rng(16)
-  all_masks = [random_hard_masks(graph, rng) if i % 2 else {
-      k.name: jnp.asarray(rng.uniform(size=k.size), jnp.float32) for k in graph.groups}
-      for i in range(3)]
+  all_masks = [
+    random_hard_masks(graph, rng)
+    if i % 2
+    else {k.name: jnp.asarray(rng.uniform(size=k.size), jnp.float32) for k in graph.groups}
+    for i in range(3)
+  ]
   outs = [jitted(state, m, x) for m in all_masks]
   # new mask values: no new trace of fn, no new executable
   assert len(calls) == 1
@@ -205,13 +218,17 @@ def test_masked_same_under_jit_and_no_recompile_on_new_values():
 
 # ---------------------------------------------------------------- errors ----
 
+
 def test_wrong_mask_names_and_shapes():
   _, fn, state, graph, x = custom_setup()
   name = graph.groups[0].name
   bad = dict(graph.ones())
   bad["nonexistent"] = bad.pop(name)
-  for f in (lambda m: jaxprune.cost(graph, m), lambda m: jaxprune.masked(fn, graph)(state, m, x),
-            lambda m: jaxprune.slim(state, graph, m)):
+  for f in (
+    lambda m: jaxprune.cost(graph, m),
+    lambda m: jaxprune.masked(fn, graph)(state, m, x),
+    lambda m: jaxprune.slim(state, graph, m),
+  ):
     with pytest.raises(ValueError, match="nonexistent") as err:
       f(bad)
     assert name in str(err.value)  # the missing one is named too
@@ -244,6 +261,7 @@ def test_slim_rejects_other_variables():
 
 # ------------------------------------------------------ property (hypothesis) ----
 
+
 @st.composite
 def hard_masks(draw, graph):
   out = {}
@@ -267,8 +285,8 @@ def test_property_masked_equals_slimmed(data):
   assert float(jaxprune.cost(graph, masks).params) == param_count(small)
 
 
-
 # ---------------------------------------------------------- nested jaxprs ----
+
 
 @pytest.mark.parametrize("kind", ["jit", "checkpoint", "custom_vjp"])
 def test_masked_reaches_inside_nested_calls(kind):
@@ -291,8 +309,7 @@ def test_static_channel_pad_on_a_residual_shortcut():
   # channel axis), added to a conv with 12 outputs: the conv's outputs 0, 1,
   # 10, 11 face the pad and stay; 2..9 are the stem's 8 channels, prunable
   # together with it. A pure function of a dict: every leaf is a parameter.
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def f(p, x):
     h = jax.nn.relu(conv(x, p["stem"]) + p["b0"])
@@ -300,16 +317,24 @@ def test_static_channel_pad_on_a_residual_shortcut():
     return jax.nn.relu(y).mean(axis=(1, 2)) @ p["fc"]
 
   rng = np.random.default_rng(0)
-  p = {"stem": rng.normal(size=(3, 3, 3, 8)), "b0": rng.normal(size=8),
-       "conv": rng.normal(size=(3, 3, 8, 12)) * 0.2, "fc": rng.normal(size=(12, 5))}
+  p = {
+    "stem": rng.normal(size=(3, 3, 3, 8)),
+    "b0": rng.normal(size=8),
+    "conv": rng.normal(size=(3, 3, 8, 12)) * 0.2,
+    "fc": rng.normal(size=(12, 5)),
+  }
   p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
   x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
   graph = jaxprune.trace(f, p, x)
   (grp,) = graph.groups
   places = {(m.leaf, m.axis, int(i)) for m in grp.members for i in m.index}
-  assert places == ({("stem", 3, c) for c in range(8)} | {("b0", 0, c) for c in range(8)}
-                    | {("conv", 2, c) for c in range(8)} | {("conv", 3, c) for c in range(2, 10)}
-                    | {("fc", 0, c) for c in range(2, 10)})
+  assert places == (
+    {("stem", 3, c) for c in range(8)}
+    | {("b0", 0, c) for c in range(8)}
+    | {("conv", 2, c) for c in range(8)}
+    | {("conv", 3, c) for c in range(2, 10)}
+    | {("fc", 0, c) for c in range(2, 10)}
+  )
   mask = np.ones(8, np.float32)
   mask[[1, 4, 5]] = 0.0
   masks = {grp.name: jnp.asarray(mask)}

@@ -1,4 +1,5 @@
 """MultiMNIST built from the shipped MNIST subset: determinism, labels, errors, pipelines."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,12 @@ def test_images_and_labels_match_the_source_digits(digits):
   mm = multimnist.make(x, y, seed=3, tasks=("sum", "left", "right"))
   assert mm.images.shape == (300, 36, 36, 1) and mm.images.dtype == np.uint8
   assert mm.labels.shape == (300, 3) and mm.labels.dtype == np.int32
-  np.testing.assert_array_equal(mm.left_index, np.arange(300))   # each image is a left digit once
+  np.testing.assert_array_equal(mm.left_index, np.arange(300))  # each image is a left digit once
   assert np.all(mm.right_index != mm.left_index)
   for i in range(0, 300, 37):
     np.testing.assert_array_equal(
-        mm.images[i, :, :, 0],
-        _rebuild(x, mm.left_index[i], mm.right_index[i], mm.left_offset[i], mm.right_offset[i]))
+      mm.images[i, :, :, 0], _rebuild(x, mm.left_index[i], mm.right_index[i], mm.left_offset[i], mm.right_offset[i])
+    )
     left, right = y[mm.left_index[i]], y[mm.right_index[i]]
     assert mm.labels[i].tolist() == [left + right, left, right]
   # Placement: left digit top-left, right digit bottom-right, within max_shift.
@@ -56,7 +57,7 @@ def test_a_digit_alone_shows_where_it_was_put(digits):
   x[1] = 0
   mm = multimnist.make(x, y[:2], seed=0, max_shift=8)
   r, c = mm.left_offset[0]
-  np.testing.assert_array_equal(mm.images[0, r:r + 28, c:c + 28], x[0])
+  np.testing.assert_array_equal(mm.images[0, r : r + 28, c : c + 28], x[0])
   assert mm.images[0].sum() == x[0].sum()
 
 
@@ -87,13 +88,16 @@ def test_labels_and_canvas_for_any_settings(n, seed, shift):
   assert mm.left_offset.max() <= shift and mm.right_offset.min() >= 8 - shift
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"max_shift": 9}, "max_shift"),
     ({"max_shift": -1}, "max_shift"),
     ({"tasks": ("left", "middle")}, "tasks"),
     ({"tasks": ()}, "tasks"),
     ({"tasks": ("left", "left")}, "tasks"),
-])
+  ],
+)
 def test_impossible_settings_are_clear_errors(digits, kwargs, match):
   x, y = digits
   with pytest.raises(ValueError, match=match):
@@ -144,10 +148,10 @@ def test_registered_sets_through_the_grain_pipelines():
 
 def test_a_variant_registers_with_another_seed():
   name = "multimnist_test_seed7"
-  jd.register(dataclasses.replace(jd.get_info("multimnist"), name=name),
-              multimnist.loader(seed=7), "none")
+  jd.register(dataclasses.replace(jd.get_info("multimnist"), name=name), multimnist.loader(seed=7), "none")
   try:
     assert not np.array_equal(jd.load_arrays(name, "test")[0], jd.load_arrays("multimnist", "test")[0])
   finally:
     from jaxprune.data import registry
+
     registry._REGISTRY.pop(name)

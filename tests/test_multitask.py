@@ -34,7 +34,7 @@ def _setup(seed=0, b=6):
 
 def _hand(params, x, labels):
   ce, hits = 0.0, {}
-  for t, (name, col) in enumerate((('left', 0), ('right', 1))):
+  for name, col in (('left', 0), ('right', 1)):
     logp = _log_softmax(x.astype(np.float64) @ np.asarray(params[name], np.float64))
     ce = ce - logp[np.arange(len(x)), labels[:, col]]
     hits[name] = (logp.argmax(-1) == labels[:, col]).astype(np.float64)

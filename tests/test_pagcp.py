@@ -1,4 +1,5 @@
 """PAGCP: schedule, scores, greedy step, top-k, oracle, target, rounds, multitask model."""
+
 from __future__ import annotations
 
 import functools
@@ -28,11 +29,11 @@ WIDTHS = (4, 8)
 @pytest.fixture(scope="module")
 def net():
   """A tiny multitask model, its eval fn, graph, variables and 48 real MultiMNIST images."""
-  model = models.create("multitask_resnet", num_classes=10, rngs=nnx.Rngs(0), widths=WIDTHS,
-                        head_hidden=6)
+  model = models.create("multitask_resnet", num_classes=10, rngs=nnx.Rngs(0), widths=WIDTHS, head_hidden=6)
   graphdef, variables = nnx_bridge.split(model)
   # Random BN statistics and affine params, so removing a channel changes the loss.
   rng = np.random.default_rng(0)
+
   def jitter(path, x):
     name = jax.tree_util.keystr(path)
     if "var" in name:
@@ -40,20 +41,19 @@ def net():
     if any(k in name for k in ("bias", "mean", "scale")):
       return jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype) + (1.0 if "scale" in name else 0.0)
     return x
+
   variables = jax.tree_util.tree_map_with_path(jitter, variables)
   fn = nnx_bridge.apply_fn(graphdef)
   x, y = jd.load_arrays("multimnist", "test")
   info = jd.get_info("multimnist")
-  data = {"image": ((x[:48] / 255.0 - info.mean[0]) / info.std[0]).astype(np.float32),
-          "label": y[:48]}
+  data = {"image": ((x[:48] / 255.0 - info.mean[0]) / info.std[0]).astype(np.float32), "label": y[:48]}
   graph = jaxprune.trace(fn, variables, data["image"][:1])
   return dict(model=model, graphdef=graphdef, fn=fn, variables=variables, graph=graph, data=data)
 
 
 @pytest.fixture(scope="module")
 def oracle(net):
-  return pagcp.make_oracle(net["fn"], net["graph"], pagcp.cross_entropy_losses(TASKS),
-                           net["data"], batch_size=16)
+  return pagcp.make_oracle(net["fn"], net["graph"], pagcp.cross_entropy_losses(TASKS), net["data"], batch_size=16)
 
 
 def _ones(graph):
@@ -66,8 +66,7 @@ def _encoder(graph):
 
 def _group_of(graph, leaf, axis=3):
   """The group holding `leaf`'s axis (a kernel's output filters by default)."""
-  return next(g.name for g in graph.groups
-              if any(m.leaf == leaf and m.axis == axis for m in g.members))
+  return next(g.name for g in graph.groups if any(m.leaf == leaf and m.axis == axis for m in g.members))
 
 
 STREAM2 = "encoder.stages.1.0.downsample.conv.kernel"  # a producer of the stage-2 stream
@@ -83,7 +82,7 @@ def test_lambda_solves_the_product_equation(delta0, units, slack):
   lam = pagcp.tolerance_decay(delta0, units, total)
   product = 1.0
   for i in range(units):
-    product *= 1 + delta0 * lam ** i
+    product *= 1 + delta0 * lam**i
   assert product == pytest.approx(total, rel=1e-8)
   # The tolerances shrink exactly when T is below (1 + d0)^L.
   assert (lam < 1) == (total < (1 + delta0) ** units) or abs(lam - 1) < 1e-9
@@ -94,17 +93,27 @@ def test_lambda_matches_the_spec_for_yolov5m():
   # d falls from 6% to 0.85%.
   lam = pagcp.tolerance_decay(0.06, 69, 6.0)
   assert lam == pytest.approx(0.972, abs=5e-4)
-  assert 0.06 * lam ** 68 == pytest.approx(0.0085, abs=1e-4)
+  assert 0.06 * lam**68 == pytest.approx(0.0085, abs=1e-4)
   assert pagcp.tolerance_decay(0.05, 1, 3.0) == 1.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(delta0=0.0), "delta0"), (dict(delta0=-0.1), "delta0"), (dict(delta0=1.5), "delta0"),
-    (dict(total=1.05), "total"), (dict(total=0.5), "total"), (dict(topk=0.0), "topk"),
-    (dict(ratios=(0.5, 0.3)), "ratios"), (dict(ratios=(0.0, 0.5)), "ratios"),
-    (dict(criterion="fpgm"), "criterion"), (dict(target=1.5), "target"),
-    (dict(target_unit="joules"), "unit"), (dict(probe=1.0), "probe"),
-])
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(delta0=0.0), "delta0"),
+    (dict(delta0=-0.1), "delta0"),
+    (dict(delta0=1.5), "delta0"),
+    (dict(total=1.05), "total"),
+    (dict(total=0.5), "total"),
+    (dict(topk=0.0), "topk"),
+    (dict(ratios=(0.5, 0.3)), "ratios"),
+    (dict(ratios=(0.0, 0.5)), "ratios"),
+    (dict(criterion="fpgm"), "criterion"),
+    (dict(target=1.5), "target"),
+    (dict(target_unit="joules"), "unit"),
+    (dict(probe=1.0), "probe"),
+  ],
+)
 def test_settings_out_of_range_are_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     pagcp.check_config(pagcp.Config(**kwargs))
@@ -152,7 +161,7 @@ def test_first_break_skips_rows_not_evaluated():
 
 def test_filter_scores_are_per_filter_mean_abs_of_the_current_network(net):
   graph, v = net["graph"], net["variables"]
-  unit = "encoder.stages.1.0.conv1"        # conv1 of the second stage: one producer
+  unit = "encoder.stages.1.0.conv1"  # conv1 of the second stage: one producer
   kernel = np.asarray(v["params"]["encoder"]["stages"][1][0]["conv1"]["kernel"])
   s = np.asarray(pagcp.filter_scores(v, graph)[unit])
   np.testing.assert_allclose(s, np.abs(kernel).mean(axis=(0, 1, 2)), rtol=1e-6)
@@ -162,15 +171,13 @@ def test_filter_scores_are_per_filter_mean_abs_of_the_current_network(net):
   s = np.asarray(pagcp.filter_scores(v, graph, masks)[unit])
   np.testing.assert_allclose(s, np.abs(kernel[:, :, [1, 3]]).mean(axis=(0, 1, 2)), rtol=1e-6)
   l2 = np.asarray(pagcp.filter_scores(v, graph, masks, norm="l2")[unit])
-  np.testing.assert_allclose(l2, np.sqrt((kernel[:, :, [1, 3]] ** 2).mean(axis=(0, 1, 2))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(l2, np.sqrt((kernel[:, :, [1, 3]] ** 2).mean(axis=(0, 1, 2))), rtol=1e-6)
   # A residual stream: the official group score, sum of the producers' per-filter mean |W|.
   stream = _group_of(graph, STREAM2)
   c2 = np.asarray(v["params"]["encoder"]["stages"][1][0]["conv2"]["kernel"])
   ds = np.asarray(v["params"]["encoder"]["stages"][1][0]["downsample"]["conv"]["kernel"])
   expected = np.abs(c2).mean(axis=(0, 1, 2)) + np.abs(ds[:, :, [1, 3]]).mean(axis=(0, 1, 2))
-  np.testing.assert_allclose(np.asarray(pagcp.filter_scores(v, graph, masks)[stream]), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pagcp.filter_scores(v, graph, masks)[stream]), expected, rtol=1e-6)
 
 
 def test_filter_scores_same_with_and_without_jit(net):
@@ -188,14 +195,15 @@ def test_filter_scores_same_with_and_without_jit(net):
 def test_units_are_encoder_groups_ordered_by_flops_contribution(net):
   graph, v = net["graph"], net["variables"]
   units = pagcp.shared_units(v, graph)
-  assert [u.name for u in units] == _encoder(graph)      # heads left whole
+  assert [u.name for u in units] == _encoder(graph)  # heads left whole
   # Hand count for conv1 of stage 2 (8 channels at 18x18 after a stride-2 3x3
   # conv over 4 inputs; its consumer conv2 is 3x3 over them at 18x18):
   # pruning floor(0.3 * 8) = 2 channels removes 2 * 18*18*9*(4 + 8) MACs.
   u = {x.name: x for x in units}["encoder.stages.1.0.conv1"]
   assert u.size == 8
-  assert u.contribution == pytest.approx(2 * (2 * 18 * 18 * 9 * (4 + 8)) / float(
-      jaxprune.cost(graph, mode="paper").flops), rel=1e-6)
+  assert u.contribution == pytest.approx(
+    2 * (2 * 18 * 18 * 9 * (4 + 8)) / float(jaxprune.cost(graph, mode="paper").flops), rel=1e-6
+  )
   lam_down, lam_up = 0.9, 1.1
   down = pagcp.scan_order(units, lam_down)
   assert [u.contribution for u in down] == sorted((u.contribution for u in units), reverse=True)
@@ -225,9 +233,9 @@ def test_unit_selection_errors(net):
 
 
 def test_batched_oracle_equals_one_by_one_and_the_slimmed_network(net, oracle):
-  graph, v, fn = net["graph"], net["variables"], net["fn"]
+  graph, v = net["graph"], net["variables"]
   masks = _ones(graph)
-  masks["encoder.stem.conv"][1] = 0                       # a greedy network already pruned
+  masks["encoder.stem.conv"][1] = 0  # a greedy network already pruned
   unit = "encoder.stages.1.0.conv1"
   scores = pagcp.filter_scores(v, graph, masks)
   cands = np.stack([pagcp.remove_lowest(masks, unit, scores, c)[unit] for c in range(8)])
@@ -240,10 +248,9 @@ def test_batched_oracle_equals_one_by_one_and_the_slimmed_network(net, oracle):
   for k in (0, 5):
     small = jaxprune.slim(v, graph, {**masks, unit: cands[k]})
     out = nnx_bridge.apply_fn(net["graphdef"])(small, x)
-    ce = [float(-jax.nn.log_softmax(out[t])[np.arange(48), y[:, i]].sum())
-          for i, t in enumerate(TASKS)]
+    ce = [float(-jax.nn.log_softmax(out[t])[np.arange(48), y[:, i]].sum()) for i, t in enumerate(TASKS)]
     np.testing.assert_allclose(batched[k], ce, rtol=1e-4)
-  assert len(set(np.round(batched[:, 0], 4))) > 3          # the candidates do differ
+  assert len(set(np.round(batched[:, 0], 4))) > 3  # the candidates do differ
 
 
 def test_oracle_jit_no_jit_and_no_recompile_on_new_masks(net, oracle):
@@ -258,8 +265,9 @@ def test_oracle_jit_no_jit_and_no_recompile_on_new_masks(net, oracle):
   b = run(v, masks, c1, oracle.batches, oracle.weights)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
   jitted(v, masks, c2, oracle.batches, oracle.weights)
-  jitted(v, {**masks, "encoder.stem.conv": masks["encoder.stem.conv"].at[0].set(0.0)}, c1,
-         oracle.batches, oracle.weights)
+  jitted(
+    v, {**masks, "encoder.stem.conv": masks["encoder.stem.conv"].at[0].set(0.0)}, c1, oracle.batches, oracle.weights
+  )
   assert jitted._cache_size() == 1
 
 
@@ -307,10 +315,8 @@ def test_oracle_sharded_over_two_devices_equals_one_device(tmp_path):
     assert two.shape == (3, 2)
     print("OK")
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK" in out.stdout
 
@@ -356,7 +362,7 @@ def test_greedy_step_on_a_synthetic_loss_with_a_known_answer(net, a, b):
   assume(abs(a - b) > 1e-6)
   assume(all(abs(s * c / 8 - 0.05) > 1e-9 for s in (a, b) for c in range(8)))
   graph, v = net["graph"], net["variables"]
-  unit = "encoder.stages.1.0.conv1"                       # 8 channels
+  unit = "encoder.stages.1.0.conv1"  # 8 channels
   oracle = synthetic_oracle(graph, {unit: (a, b)})
   cfg = pagcp.Config(total=1.5)
   state = pagcp.init(v, graph, oracle, groups=[unit], config=cfg)
@@ -397,14 +403,15 @@ def test_greedy_scan_over_units_follows_the_schedule(net):
     state = pagcp.update(state, v, graph, oracle, cfg)
   d = 0.05
   for k, scan in enumerate(state.scans):
-    assert scan.delta == pytest.approx(d)                 # d <- d * lambda after a pruned unit
+    assert scan.delta == pytest.approx(d)  # d <- d * lambda after a pruned unit
     np.testing.assert_allclose(scan.base, bases[k])
     if scan.pruned:
       d *= state.lam
       # Its losses were evaluated on the network with the earlier units pruned.
       acc = pagcp.RATIOS.index(scan.ratio)
-      np.testing.assert_allclose(state.scans[k + 1].base if k + 1 < len(units) else state.base,
-                                 np.maximum(bases[k], scan.losses[acc]))
+      np.testing.assert_allclose(
+        state.scans[k + 1].base if k + 1 < len(units) else state.base, np.maximum(bases[k], scan.losses[acc])
+      )
   with pytest.raises(ValueError, match="every unit"):
     pagcp.update(state, v, graph, oracle, cfg)
 
@@ -413,16 +420,15 @@ def test_greedy_scan_over_units_follows_the_schedule(net):
 def test_quirk_no_ratio_breaks(net, official):
   graph, v = net["graph"], net["variables"]
   unit = "encoder.stages.1.0.conv1"
-  oracle = synthetic_oracle(graph, {unit: (0.0, 0.0)})   # loss never moves
+  oracle = synthetic_oracle(graph, {unit: (0.0, 0.0)})  # loss never moves
   cfg = pagcp.Config(official_quirks=official)
-  state = pagcp.update(pagcp.init(v, graph, oracle, groups=[unit], config=cfg), v, graph,
-                       oracle, cfg)
+  state = pagcp.update(pagcp.init(v, graph, oracle, groups=[unit], config=cfg), v, graph, oracle, cfg)
   scan = state.scans[0]
   assert scan.fail == -1 and scan.sensitive is None
-  if official:   # greedy network untouched, yet ratio 0.90 goes on to the top-k filter
+  if official:  # greedy network untouched, yet ratio 0.90 goes on to the top-k filter
     assert scan.ratio == 0.90 and scan.pruned == 0 and state.masks[unit].sum() == 8
     assert state.delta == 0.05
-  else:          # pruned at 0.95, the largest ratio that passed: floor(7.6) = 7
+  else:  # pruned at 0.95, the largest ratio that passed: floor(7.6) = 7
     assert scan.ratio == 0.95 and scan.pruned == 7 and state.masks[unit].sum() == 1
     assert state.delta == 0.05 * state.lam
 
@@ -433,8 +439,7 @@ def test_quirk_first_ratio_breaks(net):
   oracle = synthetic_oracle(graph, {unit: (0.0, 10.0)})  # 1/8 removed: x2.25 on t1
   for official in (False, True):
     cfg = pagcp.Config(official_quirks=official, ratios=(0.15, 0.5))
-    state = pagcp.update(pagcp.init(v, graph, oracle, groups=[unit], config=cfg), v, graph,
-                         oracle, cfg)
+    state = pagcp.update(pagcp.init(v, graph, oracle, groups=[unit], config=cfg), v, graph, oracle, cfg)
     scan = state.scans[0]
     assert (scan.fail, scan.sensitive, scan.ratio, scan.pruned) == (0, "t1", 0.0, 0)
     assert state.delta == 0.05 and state.masks[unit].sum() == 8
@@ -456,7 +461,7 @@ def test_one_by_one_scan_stops_early_and_decides_the_same(net, oracle):
     np.testing.assert_allclose(sa.losses[evaluated], sb.losses[evaluated], rtol=1e-5)
     if sa.fail >= 0:
       broke += 1
-      assert evaluated.sum() == sa.fail + 1              # one-by-one stopped there
+      assert evaluated.sum() == sa.fail + 1  # one-by-one stopped there
   assert broke >= 1
 
 
@@ -482,17 +487,18 @@ def test_topk_keeps_the_units_with_the_least_loss_rise_per_flop(net):
     scores = pagcp.filter_scores(v, graph, masks)
     masks = pagcp.remove_lowest(masks, s.name, scores, pagcp.prune_count(s.ratio, s.size))
     drop[s.name] = (before - float(jaxprune.cost(graph, masks, mode="paper").flops)) / float(
-        jaxprune.cost(graph, mode="paper").flops)
+      jaxprune.cost(graph, mode="paper").flops
+    )
   ranked = sorted(units, key=lambda u: rises[u] / drop[u])
   kept = pagcp.topk_ratios(state, v, graph, _ones(graph), cfg)
-  assert set(kept) == set(ranked[:int(len(units) * 0.5)])
-  assert list(kept) == [s.name for s in scans if s.name in kept]   # scan order
+  assert set(kept) == set(ranked[: int(len(units) * 0.5)])
+  assert list(kept) == [s.name for s in scans if s.name in kept]  # scan order
 
 
 def test_target_is_met_within_one_channel(net):
   graph, v = net["graph"], net["variables"]
   units = _encoder(graph)
-  oracle = synthetic_oracle(graph, {u: (0.0, 0.0) for u in units})   # the tolerance never binds
+  oracle = synthetic_oracle(graph, {u: (0.0, 0.0) for u in units})  # the tolerance never binds
   for unit, target in (("flops", 0.55), ("params", 0.7), ("macs", 0.4)):
     cfg = pagcp.Config(target=target, target_unit=unit, topk=1.0)
     rnd, reached = pagcp.prune_round(v, graph, oracle, config=cfg)
@@ -507,7 +513,7 @@ def test_target_is_met_within_one_channel(net):
       back[last][c] = 1.0
       assert cost(back) > target
     # Units after it are untouched.
-    for u in list(rnd.ratios)[list(rnd.ratios).index(last) + 1:]:
+    for u in list(rnd.ratios)[list(rnd.ratios).index(last) + 1 :]:
       assert rnd.masks[u].sum() == graph.group(u).size
 
 
@@ -532,7 +538,7 @@ def test_rounds_call_finetune_and_stop_at_the_target(net):
   assert result.reached and len(result.rounds) == len(calls) >= 2
   assert result.rounds[-1].cost <= 0.3 < result.rounds[-2].cost
   assert [r for r, _ in calls] == list(range(len(calls)))
-  for (r, m), rnd in zip(calls, result.rounds):
+  for (_, m), rnd in zip(calls, result.rounds):
     for k in m:
       np.testing.assert_array_equal(m[k], rnd.masks[k])
   # Each round starts from the last one's masks: channels only go.
@@ -556,7 +562,7 @@ def test_slimmed_equals_masked_after_pagcp(net, oracle):
   assert removed > 0
   for g in graph.groups:
     if not g.name.startswith("encoder."):
-      assert result.masks[g.name].all()                  # heads left whole
+      assert result.masks[g.name].all()  # heads left whole
   small = jaxprune.slim(v, graph, result.masks)
   small_model = jaxprune.module(net["graphdef"], small, net["data"]["image"][:2])
   small_model.eval()
@@ -573,21 +579,27 @@ def test_slimmed_equals_masked_after_pagcp(net, oracle):
 
 def test_multitask_model_outputs_and_groups():
   # Abstract (nnx.eval_shape): shapes are all that tracing needs, and eager init is slow.
-  m = nnx.eval_shape(lambda: models.create(
-      "multitask_resnet", num_classes={"left": 10, "right": 10, "sum": 19}, rngs=nnx.Rngs(0),
-      widths=(4, 8, 8), blocks_per_stage=2))
+  m = nnx.eval_shape(
+    lambda: models.create(
+      "multitask_resnet",
+      num_classes={"left": 10, "right": 10, "sum": 19},
+      rngs=nnx.Rngs(0),
+      widths=(4, 8, 8),
+      blocks_per_stage=2,
+    )
+  )
   m.eval()
   fn, v = jaxprune.functional(m)
   out = jax.eval_shape(fn, v, jnp.ones((3, 36, 36, 1)))
-  assert {t: y.shape for t, y in out.items()} == {"left": (3, 10), "right": (3, 10),
-                                                 "sum": (3, 19)}
+  assert {t: y.shape for t, y in out.items()} == {"left": (3, 10), "right": (3, 10), "sum": (3, 19)}
   graph = jaxprune.trace(fn, v, jnp.ones((1, 36, 36, 1)))
   names = [g.name for g in graph.groups]
   assert [n for n in names if n.startswith("heads.")] == [f"heads.{t}.hidden" for t in out]
   # stem+stage-1 stream, 2 x conv1 per stage, the 2 other streams.
   assert len([n for n in names if n.startswith("encoder.")]) == 1 + 3 * 2 + 2
-  single = nnx.eval_shape(lambda: models.create("multitask_resnet", num_classes=10, tasks=("a",),
-                                                rngs=nnx.Rngs(0), head_hidden=0))
+  single = nnx.eval_shape(
+    lambda: models.create("multitask_resnet", num_classes=10, tasks=("a",), rngs=nnx.Rngs(0), head_hidden=0)
+  )
   assert set(single.heads) == {"a"} and single.heads["a"].hidden is None
   with pytest.raises(ValueError, match="disagree"):
     models.create("multitask_resnet", num_classes={"a": 2}, tasks=("b",), rngs=nnx.Rngs(0))

@@ -1,4 +1,5 @@
 """The README's core example runs and says what it claims."""
+
 import pathlib
 import re
 

@@ -3,6 +3,7 @@
 Selection needs only a graph and scores, so the graphs here are traced from
 abstract models (no arrays) and the scores are random.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import abstract_graph, custom_setup, jit_cost
 
 from jaxprune import select
-from custom_models import abstract_graph, custom_setup, jit_cost
 
 
 def random_scores(graph, seed=0):
@@ -57,8 +58,9 @@ def resnet20():
   return abstract_graph("resnet20", 32, 10)
 
 
-@pytest.mark.parametrize("unit,budget", [("macs", 0.5), ("flops", 0.4), ("params", 0.3),
-                                         ("channels", 0.6), ("volume", 0.5)])
+@pytest.mark.parametrize(
+  "unit,budget", [("macs", 0.5), ("flops", 0.4), ("params", 0.3), ("channels", 0.6), ("volume", 0.5)]
+)
 def test_global_topk_meets_budget_within_one_channel(resnet20, unit, budget):
   scores = random_scores(resnet20, seed=1)
   masks = select.global_topk(scores, resnet20, budget, unit=unit)
@@ -77,8 +79,9 @@ def test_global_topk_unnormalized_ranks_raw_scores(resnet20):
   check_budget(resnet20, scores, raw, "macs", 0.5, normalize=False)
   assert_top_within_groups(resnet20, scores, raw)
   # One global threshold: a kept channel scoring below a removed one is its group's last.
-  best_removed = max(float(np.asarray(scores[g.name])[np.asarray(raw[g.name]) == 0].max(initial=-1))
-                     for g in resnet20.groups)
+  best_removed = max(
+    float(np.asarray(scores[g.name])[np.asarray(raw[g.name]) == 0].max(initial=-1)) for g in resnet20.groups
+  )
   for g in resnet20.groups:
     below = np.asarray(scores[g.name])[(np.asarray(raw[g.name]) == 1)] < best_removed
     assert not below.any() or kept(raw, g.name) == 1, g.name
@@ -105,7 +108,9 @@ def test_min_channels(resnet20):
   masks = select.global_topk(scores, resnet20, 0.15, unit="params", min_channels=6)
   for g in resnet20.groups:
     assert kept(masks, g.name) >= min(6, g.size)
-  assert float(jit_cost(resnet20)(masks)["params"]) <= 0.15 * float(jit_cost(resnet20)(resnet20.ones())["params"]) * (1 + 1e-6)
+  assert float(jit_cost(resnet20)(masks)["params"]) <= 0.15 * float(jit_cost(resnet20)(resnet20.ones())["params"]) * (
+    1 + 1e-6
+  )
   assert_top_within_groups(resnet20, scores, masks)
   # some group sits at the minimum: the constraint is active
   assert any(kept(masks, g.name) == 6 for g in resnet20.groups)
@@ -144,6 +149,7 @@ def test_local_min_channels_and_round_to(resnet20):
 
 
 # ---------------------------------------------------------------- errors ----
+
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
 def test_budget_outside_unit_interval(resnet20, bad):

@@ -5,6 +5,7 @@ set of channels, each channel the set of (leaf, axis, index) places it lives
 in. The expected sets below are built from the architectures' definitions,
 not from the code's output.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -13,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_models import abstract_graph, abstract_zoo, custom_setup, structure
 
 import jaxprune
-from custom_models import abstract_graph, abstract_zoo, custom_setup, structure
 from jaxprune.models.vgg import CFGS
 
 BN = ("scale", "bias", "mean", "var")
@@ -30,6 +31,7 @@ def channel_group(*channels) -> frozenset:
 
 
 # ------------------------------------------------------------- ResNet-20 ----
+
 
 def resnet_cifar_expected(n: int) -> frozenset:
   """Hand-derived groups of a CIFAR ResNet with n blocks per stage.
@@ -71,17 +73,20 @@ def resnet_cifar_expected(n: int) -> frozenset:
   groups = [channel_group(*[stream_channel(1, j, set()) for j in range(16)])]
   for s in (2, 3):
     half = (widths[s] - widths[s - 1]) // 2
-    groups.append(channel_group(*[
-        stream_channel(s, k, {(f"layer{s}.0.pad_lo", 0, k)}) for k in range(half)]))
-    groups.append(channel_group(*[
-        stream_channel(s, lo[s] + widths[s - 1] + k, {(f"layer{s}.0.pad_hi", 0, k)})
-        for k in range(half)]))
+    groups.append(channel_group(*[stream_channel(s, k, {(f"layer{s}.0.pad_lo", 0, k)}) for k in range(half)]))
+    groups.append(
+      channel_group(
+        *[stream_channel(s, lo[s] + widths[s - 1] + k, {(f"layer{s}.0.pad_hi", 0, k)}) for k in range(half)]
+      )
+    )
   for s in (1, 2, 3):
     for i in range(n):
       b = f"layer{s}.{i}"
-      groups.append(channel_group(*[
-          {(f"{b}.conv1.kernel", 3, c), (f"{b}.conv2.kernel", 2, c)} | bn(f"{b}.bn1", c)
-          for c in range(widths[s])]))
+      groups.append(
+        channel_group(
+          *[{(f"{b}.conv1.kernel", 3, c), (f"{b}.conv2.kernel", 2, c)} | bn(f"{b}.bn1", c) for c in range(widths[s])]
+        )
+      )
   return frozenset(groups)
 
 
@@ -99,8 +104,7 @@ def test_resnet20_groups_match_hand_derivation(resnet20):
 
 
 def test_resnet20_residual_stream_holds_every_conv2_and_zeropad(resnet20):
-  stream = [g for g in resnet20.groups
-            if any(m.leaf.endswith("conv2.kernel") and m.axis == 3 for m in g.members)]
+  stream = [g for g in resnet20.groups if any(m.leaf.endswith("conv2.kernel") and m.axis == 3 for m in g.members)]
   assert len(stream) == 5  # stem channels + the four ZeroPad vectors
   places = {(m.leaf, m.axis, int(i)) for g in stream for m in g.members for i in m.index}
   widths = {1: 16, 2: 32, 3: 64}
@@ -111,10 +115,20 @@ def test_resnet20_residual_stream_holds_every_conv2_and_zeropad(resnet20):
     for side in ("pad_lo", "pad_hi"):
       assert {(f"layer{s}.0.{side}", 0, k) for k in range(half)} <= places
   # every stream group holds exactly one kind of birth: the stem or one ZeroPad
-  births = sorted(sorted({m.leaf for m in g.members if m.leaf.endswith(("pad_lo", "pad_hi"))}
-                         | ({"conv1.kernel"} & {m.leaf for m in g.members})) for g in stream)
-  assert births == [["conv1.kernel"], ["layer2.0.pad_hi"], ["layer2.0.pad_lo"],
-                    ["layer3.0.pad_hi"], ["layer3.0.pad_lo"]]
+  births = sorted(
+    sorted(
+      {m.leaf for m in g.members if m.leaf.endswith(("pad_lo", "pad_hi"))}
+      | ({"conv1.kernel"} & {m.leaf for m in g.members})
+    )
+    for g in stream
+  )
+  assert births == [
+    ["conv1.kernel"],
+    ["layer2.0.pad_hi"],
+    ["layer2.0.pad_lo"],
+    ["layer3.0.pad_hi"],
+    ["layer3.0.pad_lo"],
+  ]
 
 
 def _no_io_members(graph, first_kernel, last_leaves):
@@ -127,8 +141,7 @@ def _no_io_members(graph, first_kernel, last_leaves):
 
 def test_inputs_and_logits_never_in_a_group(resnet20):
   _no_io_members(resnet20, "conv1.kernel", [("fc.kernel", 1), ("fc.bias", 0)])
-  _no_io_members(abstract_graph("vgg16", 32, 10), "features.0.conv.kernel",
-                 [("fc.kernel", 1), ("fc.bias", 0)])
+  _no_io_members(abstract_graph("vgg16", 32, 10), "features.0.conv.kernel", [("fc.kernel", 1), ("fc.bias", 0)])
 
 
 def test_resnet56_group_count():
@@ -138,6 +151,7 @@ def test_resnet56_group_count():
 
 
 # ---------------------------------------------------------------- VGG-16 ----
+
 
 def test_vgg16_one_group_per_conv():
   # Each conv's output channels (kernel axis 3 + its BN) feed only the next
@@ -149,20 +163,27 @@ def test_vgg16_one_group_per_conv():
   expected = []
   for i, w in enumerate(widths):
     nxt = (f"features.{i + 1}.conv.kernel", 2) if i + 1 < len(widths) else ("fc.kernel", 0)
-    expected.append(channel_group(*[
-        {(f"features.{i}.conv.kernel", 3, c), (nxt[0], nxt[1], c)} | bn(f"features.{i}.bn", c)
-        for c in range(w)]))
+    expected.append(
+      channel_group(
+        *[{(f"features.{i}.conv.kernel", 3, c), (nxt[0], nxt[1], c)} | bn(f"features.{i}.bn", c) for c in range(w)]
+      )
+    )
   assert len(graph.groups) == 13
   assert structure(graph) == frozenset(expected)
 
 
 # -------------------------------------------------------- custom network ----
 
+
 def custom_expected() -> frozenset:
   """Hand derivation for `custom_models.Custom` (see its docstring)."""
   # stem output: read by a, b and the side branch q
-  stem = channel_group(*[{("stem.kernel", 3, j), ("a.kernel", 2, j), ("b.kernel", 2, j),
-                          ("q.kernel", 2, j)} | bn("bn0", j) for j in range(8)])
+  stem = channel_group(
+    *[
+      {("stem.kernel", 3, j), ("a.kernel", 2, j), ("b.kernel", 2, j), ("q.kernel", 2, j)} | bn("bn0", j)
+      for j in range(8)
+    ]
+  )
 
   # concat [a (6) | b (4)] = 10 channels; the depthwise conv ties its in and
   # out channel c (dw kernel axis 3, bnd); the grouped conv (2 groups of 5
@@ -183,8 +204,11 @@ def custom_expected() -> frozenset:
   # residual adds r(x) and qq(q) channel-wise; the static pad puts the 8
   # channels at positions 1..8 of the 11 p reads (0, 9, 10 face the padding)
   def res(o):
-    return ({("g.kernel", 3, o), ("r.kernel", 3, o), ("r.kernel", 2, o), ("qq.kernel", 3, o),
-             ("p", 1, 1 + o)} | bn("bng", o) | bn("bnr", o))
+    return (
+      {("g.kernel", 3, o), ("r.kernel", 3, o), ("r.kernel", 2, o), ("qq.kernel", 3, o), ("p", 1, 1 + o)}
+      | bn("bng", o)
+      | bn("bnr", o)
+    )
 
   stream = channel_group(*[res(k) | res(k + 4) for k in range(4)])
 
@@ -192,15 +216,12 @@ def custom_expected() -> frozenset:
   # 2..7 of w's 12 outputs, lo at 0..1, hi at 8..11; 2x2 spatial flatten: fc1
   # row (h * 2 + w) * 12 + c holds channel c
   def tail(c, extra):
-    return ({("w.kernel", 3, c)} | bn("bnw", c) | extra
-            | {("fc1.kernel", 0, pos * 12 + c) for pos in range(4)})
+    return {("w.kernel", 3, c)} | bn("bnw", c) | extra | {("fc1.kernel", 0, pos * 12 + c) for pos in range(4)}
 
-  p_out = channel_group(*[tail(2 + o, {("p", 0, o), ("w.kernel", 2, o)} | bn("bnp", o))
-                          for o in range(6)])
+  p_out = channel_group(*[tail(2 + o, {("p", 0, o), ("w.kernel", 2, o)} | bn("bnp", o)) for o in range(6)])
   lo = channel_group(*[tail(k, {("lo", 0, k)}) for k in range(2)])
   hi = channel_group(*[tail(8 + k, {("hi", 0, k)}) for k in range(4)])
-  fc1 = channel_group(*[{("fc1.kernel", 1, j), ("fc1.bias", 0, j), ("fc2.kernel", 0, j)}
-                        for j in range(16)])
+  fc1 = channel_group(*[{("fc1.kernel", 1, j), ("fc1.bias", 0, j), ("fc2.kernel", 0, j)} for j in range(16)])
   # q's 4 outputs go through a static split/slice: frozen, in no group
   return frozenset([stem, pair0, pairs14, stream, p_out, lo, hi, fc1])
 
@@ -220,8 +241,7 @@ def test_custom_static_pad_and_split_channels_are_frozen():
   assert not any((leaf, axis) in {("q.kernel", 3), ("qq.kernel", 2)} for leaf, axis, _ in places)
   assert {("q.kernel", 2, j) for j in range(8)} <= places  # q's input is the (free) stem
   # inputs and logits
-  assert not any((leaf, axis) in {("stem.kernel", 2), ("fc2.kernel", 1), ("fc2.bias", 0)}
-                 for leaf, axis, _ in places)
+  assert not any((leaf, axis) in {("stem.kernel", 2), ("fc2.kernel", 1), ("fc2.bias", 0)} for leaf, axis, _ in places)
 
 
 def test_group_sizes_and_offsets_consistent():
@@ -236,12 +256,14 @@ def test_group_sizes_and_offsets_consistent():
 
 # ---------------------------------------------------------- nested jaxprs ----
 
+
 def _wrappers(fn):
   jitted = jax.jit(fn)
 
   @jax.custom_jvp
   def cjvp(state, x):
     return fn(state, x)
+
   cjvp.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
 
   @jax.custom_vjp
@@ -251,14 +273,15 @@ def _wrappers(fn):
   def fwd(state, x):
     out, vjp = jax.vjp(fn, state, x)
     return out, vjp
+
   cvjp.defvjp(fwd, lambda vjp, g: vjp(g))
 
   return {
-      "jit": lambda s, x: jitted(s, x),
-      "checkpoint": jax.checkpoint(fn),
-      "custom_jvp": cjvp,
-      "custom_vjp": cvjp,
-      "jit_in_checkpoint": jax.checkpoint(lambda s, x: jitted(s, x)),
+    "jit": lambda s, x: jitted(s, x),
+    "checkpoint": jax.checkpoint(fn),
+    "custom_jvp": cjvp,
+    "custom_vjp": cvjp,
+    "jit_in_checkpoint": jax.checkpoint(lambda s, x: jitted(s, x)),
   }
 
 
@@ -271,8 +294,7 @@ def test_nested_jaxprs_trace_to_the_same_groups(kind, resnet20):
   assert structure(graph) == structure(resnet20)
   assert [g.name for g in graph.groups] == [g.name for g in resnet20.groups]
   # the cost sees the layers inside too
-  np.testing.assert_allclose(float(jaxprune.cost(graph).macs), float(jaxprune.cost(resnet20).macs),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(jaxprune.cost(graph).macs), float(jaxprune.cost(resnet20).macs), rtol=1e-6)
 
 
 def test_trace_of_a_plain_function_of_dicts():
@@ -282,12 +304,12 @@ def test_trace_of_a_plain_function_of_dicts():
   params = {"w1": jnp.ones((5, 7)), "b1": jnp.ones(7), "w2": jnp.ones((7, 3))}
   fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
   graph = jaxprune.trace(fn, params, jnp.ones((4, 5)))
-  assert structure(graph) == frozenset([channel_group(*[
-      {("w1", 1, j), ("b1", 0, j), ("w2", 0, j)} for j in range(7)])])
+  assert structure(graph) == frozenset([channel_group(*[{("w1", 1, j), ("b1", 0, j), ("w2", 0, j)} for j in range(7)])])
   assert all(graph.is_param)
 
 
 # ---------------------------------------------------------------- errors ----
+
 
 def _conv(x, k):
   return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -337,6 +359,7 @@ def test_unknown_primitive_off_channels_is_fine():
 
 
 # ------------------------------------------------------------ invariances ----
+
 
 def test_batch_size_and_abstract_values_do_not_change_the_graph():
   setup = custom_setup()

@@ -52,6 +52,7 @@ class MultiMNIST(NamedTuple):
     top-left corner in the canvas.
   tasks: the task of each label column.
   """
+
   images: np.ndarray
   labels: np.ndarray
   left_index: np.ndarray
@@ -70,8 +71,9 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
   return tasks
 
 
-def make(images: np.ndarray, labels: np.ndarray, *, seed: int,
-         tasks: Sequence[str] = ("left", "right"), max_shift: int = 2) -> MultiMNIST:
+def make(
+  images: np.ndarray, labels: np.ndarray, *, seed: int, tasks: Sequence[str] = ("left", "right"), max_shift: int = 2
+) -> MultiMNIST:
   """Builds MultiMNIST from 28x28 grey digits (one left digit per source image).
 
   Args:
@@ -93,8 +95,7 @@ def make(images: np.ndarray, labels: np.ndarray, *, seed: int,
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[1:] != (DIGIT, DIGIT, 1):
-    raise ValueError(f"MultiMNIST needs 28x28 grey digits [N, 28, 28(, 1)], got shape "
-                     f"{images.shape}")
+    raise ValueError(f"MultiMNIST needs 28x28 grey digits [N, 28, 28(, 1)], got shape {images.shape}")
   if images.dtype != np.uint8:
     raise ValueError(f"MultiMNIST needs uint8 digits (0..255), got {images.dtype}")
   n = len(images)
@@ -104,10 +105,11 @@ def make(images: np.ndarray, labels: np.ndarray, *, seed: int,
     raise ValueError(f"digit labels must be 0..9, got {labels.min()}..{labels.max()}")
   if n < 2:
     raise ValueError(f"MultiMNIST pairs distinct source digits: need >= 2 images, got {n}")
-  if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) \
-      or not 0 <= max_shift <= SPAN:
-    raise ValueError(f"max_shift must be an int in 0..{SPAN} (a 28x28 digit in a 36x36 "
-                     f"canvas moves at most {SPAN} pixels), got {max_shift!r}")
+  if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or not 0 <= max_shift <= SPAN:
+    raise ValueError(
+      f"max_shift must be an int in 0..{SPAN} (a 28x28 digit in a 36x36 "
+      f"canvas moves at most {SPAN} pixels), got {max_shift!r}"
+    )
 
   rng = np.random.default_rng(seed)
   left = np.arange(n)
@@ -146,12 +148,14 @@ def loader(tasks: Sequence[str] = ("left", "right"), *, seed: int = 0, max_shift
     ...             multimnist.loader(seed=1), "none")
   """
   tasks = check_tasks(tasks)
-  make(np.zeros((2, DIGIT, DIGIT), np.uint8), np.zeros(2, int), seed=0, tasks=tasks,
-       max_shift=max_shift)  # bad settings fail at registration, not at first read
+  make(
+    np.zeros((2, DIGIT, DIGIT), np.uint8), np.zeros(2, int), seed=0, tasks=tasks, max_shift=max_shift
+  )  # bad settings fail at registration, not at first read
 
   def load(split, data_dir):
     # Imported here: the registry imports this module.
     from jaxprune.data import assets, mnist_idx, registry  # pylint: disable=g-import-not-at-top
+
     d = assets.MNIST_SUBSET_DIR if data_dir is None else data_dir
     images, labels = mnist_idx.load_mnist_idx(d, split)
     mm = make(images, labels, seed=split_seed(seed, split), tasks=tasks, max_shift=max_shift)

@@ -11,20 +11,37 @@ Example:
   >>> net = jaxprune.deploy.load("out/net")       # no model code needed
   >>> net(x)                                      # == small_model(x), any batch size
 """
+
 import importlib
 
 from jaxprune.deploy.export import FORMAT, FORMAT_VERSION, export, export_module
-from jaxprune.deploy.fold import (Fold, cast_floats, find_batchnorms, fold_batchnorm,
-                                  leaf_paths)
+from jaxprune.deploy.fold import Fold, cast_floats, find_batchnorms, fold_batchnorm, leaf_paths
 from jaxprune.deploy.load import Deployed, IncompatibleArtifactError, check_card, load
 from jaxprune.deploy.rounding import ROUND_TO, pad_channels, round_to, round_up_masks
 
 _LAZY = {"BiasAdd": "jaxprune.deploy.modules", "fold_module": "jaxprune.deploy.modules"}
 
-__all__ = ["BiasAdd", "Deployed", "FORMAT", "FORMAT_VERSION", "Fold", "IncompatibleArtifactError",
-           "ROUND_TO", "cast_floats", "check_card", "export", "export_module", "find_batchnorms",
-           "fold_batchnorm", "fold_module", "leaf_paths", "load", "pad_channels", "round_to",
-           "round_up_masks"]
+__all__ = [
+  "BiasAdd",
+  "Deployed",
+  "FORMAT",
+  "FORMAT_VERSION",
+  "Fold",
+  "IncompatibleArtifactError",
+  "ROUND_TO",
+  "cast_floats",
+  "check_card",
+  "export",
+  "export_module",
+  "find_batchnorms",
+  "fold_batchnorm",
+  "fold_module",
+  "leaf_paths",
+  "load",
+  "pad_channels",
+  "round_to",
+  "round_up_masks",
+]
 
 
 def __getattr__(name):

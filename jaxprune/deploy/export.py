@@ -17,6 +17,7 @@ Example:
   ...     input_shape=(32, 32, 3), card={"model": "resnet56", "budget": 0.5},
   ...     normalisation={"mean": CIFAR10_MEAN, "std": CIFAR10_STD})
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,18 @@ FORMAT_VERSION = 1
 MODEL_FILE, WEIGHTS_DIR, CARD_FILE = "model.jax", "weights", "card.json"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Keys the card's own fields use; the caller's fields may not replace them.
-RESERVED = ("format", "format_version", "jax_version", "jaxprune_version",
-            "calling_convention_version", "platforms", "input", "output", "weights",
-            "compute_dtype")
+RESERVED = (
+  "format",
+  "format_version",
+  "jax_version",
+  "jaxprune_version",
+  "calling_convention_version",
+  "platforms",
+  "input",
+  "output",
+  "weights",
+  "compute_dtype",
+)
 
 
 def _version() -> str:
@@ -60,11 +70,20 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def export(fn: Callable, variables: Any, directory: str, *, input_shape: Sequence[int],
-           input_dtype: Any = jnp.float32, card: Mapping[str, Any] | None = None,
-           normalisation: Mapping[str, Any] | None = None, compute_dtype: Any = None,
-           platforms: Sequence[str] = PLATFORMS, batch_size: int | None = None,
-           overwrite: bool = False) -> dict:
+def export(
+  fn: Callable,
+  variables: Any,
+  directory: str,
+  *,
+  input_shape: Sequence[int],
+  input_dtype: Any = jnp.float32,
+  card: Mapping[str, Any] | None = None,
+  normalisation: Mapping[str, Any] | None = None,
+  compute_dtype: Any = None,
+  platforms: Sequence[str] = PLATFORMS,
+  batch_size: int | None = None,
+  overwrite: bool = False,
+) -> dict:
   """Export `fn(variables, x)` to `directory`; returns the card written.
 
   `input_shape` is one example's shape (e.g. `(32, 32, 3)`, NHWC); the batch
@@ -83,11 +102,11 @@ def export(fn: Callable, variables: Any, directory: str, *, input_shape: Sequenc
   card = dict(card or {})
   clash = sorted(set(card) & set(RESERVED))
   if clash:
-    raise ValueError(f"card keys {clash} are written by export itself; rename them "
-                     f"(reserved: {list(RESERVED)})")
+    raise ValueError(f"card keys {clash} are written by export itself; rename them (reserved: {list(RESERVED)})")
   if os.path.exists(directory) and os.listdir(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to "
-                          "replace it, or choose another directory.")
+    raise FileExistsError(
+      f"{directory} exists and is not empty; pass overwrite=True to replace it, or choose another directory."
+    )
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown:
     raise ValueError(f"unknown platforms {unknown}; choose from {PLATFORMS}")
@@ -95,13 +114,13 @@ def export(fn: Callable, variables: Any, directory: str, *, input_shape: Sequenc
   input_dtype = jnp.dtype(input_dtype)
   if compute_dtype is not None:
     from jaxprune.deploy.fold import cast_floats
+
     variables = cast_floats(variables, compute_dtype)
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   names = leaf_paths(variables)
 
   def call(weights, x):
-    y = fn(jax.tree_util.tree_unflatten(treedef, weights),
-           x if compute_dtype is None else x.astype(compute_dtype))
+    y = fn(jax.tree_util.tree_unflatten(treedef, weights), x if compute_dtype is None else x.astype(compute_dtype))
     return y if compute_dtype is None else jax.tree.map(lambda a: a.astype(input_dtype), y)
 
   batch = jax.export.symbolic_shape("batch")[0] if batch_size is None else int(batch_size)
@@ -110,21 +129,28 @@ def export(fn: Callable, variables: Any, directory: str, *, input_shape: Sequenc
   exported = jax.export.export(jax.jit(call), platforms=tuple(platforms))(w_spec, x_spec)
   out_avals = exported.out_avals
   card = {
-      "format": FORMAT,
-      "format_version": FORMAT_VERSION,
-      "jax_version": jax.__version__,
-      "jaxprune_version": _version(),
-      "calling_convention_version": exported.calling_convention_version,
-      "platforms": list(exported.platforms),
-      "input": {"shape": [None if batch_size is None else batch_size, *input_shape],
-                "dtype": input_dtype.name, "layout": "NHWC" if len(input_shape) == 3 else None,
-                "normalisation": _jsonable(normalisation)},
-      "output": [{"shape": [None if not isinstance(d, int) else d for d in a.shape],
-                  "dtype": a.dtype.name} for a in out_avals],
-      "weights": {"leaves": [{"name": n, "shape": list(np.shape(w)), "dtype": jnp.asarray(w).dtype.name}
-                             for n, w in zip(names, leaves)]},
-      "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
-      **_jsonable(card),
+    "format": FORMAT,
+    "format_version": FORMAT_VERSION,
+    "jax_version": jax.__version__,
+    "jaxprune_version": _version(),
+    "calling_convention_version": exported.calling_convention_version,
+    "platforms": list(exported.platforms),
+    "input": {
+      "shape": [None if batch_size is None else batch_size, *input_shape],
+      "dtype": input_dtype.name,
+      "layout": "NHWC" if len(input_shape) == 3 else None,
+      "normalisation": _jsonable(normalisation),
+    },
+    "output": [
+      {"shape": [None if not isinstance(d, int) else d for d in a.shape], "dtype": a.dtype.name} for a in out_avals
+    ],
+    "weights": {
+      "leaves": [
+        {"name": n, "shape": list(np.shape(w)), "dtype": jnp.asarray(w).dtype.name} for n, w in zip(names, leaves)
+      ]
+    },
+    "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+    **_jsonable(card),
   }
   _write(directory, exported.serialize(), dict(zip(names, leaves)), card)
   return card
@@ -132,6 +158,7 @@ def export(fn: Callable, variables: Any, directory: str, *, input_shape: Sequenc
 
 def _write(directory: str, serialized: bytes | bytearray, weights: dict, card: dict) -> None:
   import orbax.checkpoint as ocp
+
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -151,8 +178,7 @@ def _write(directory: str, serialized: bytes | bytearray, weights: dict, card: d
     raise
 
 
-def export_module(model, directory: str, *, input_shape: Sequence[int], fold: bool = True,
-                  **kwargs) -> dict:
+def export_module(model, directory: str, *, input_shape: Sequence[int], fold: bool = True, **kwargs) -> dict:
   """Export an NNX model (e.g. a slimmed one) in eval mode, BatchNorms folded by default.
 
   Takes `export`'s keyword arguments; the card records how many BatchNorms were
@@ -167,12 +193,12 @@ def export_module(model, directory: str, *, input_shape: Sequence[int], fold: bo
 
   from jaxprune import nnx_bridge
   from jaxprune.deploy.modules import BiasAdd, fold_module
+
   model.eval()
   example = np.zeros((1, *input_shape), kwargs.get("input_dtype", np.float32))
   card = dict(kwargs.pop("card", None) or {})
   if fold:
     model = fold_module(model, example)
-    card.setdefault("folded_batchnorms",
-                    sum(isinstance(m, BiasAdd) for _, m in nnx.iter_modules(model)))
+    card.setdefault("folded_batchnorms", sum(isinstance(m, BiasAdd) for _, m in nnx.iter_modules(model)))
   fn, variables = nnx_bridge.functional(model)
   return export(fn, variables, directory, input_shape=input_shape, card=card, **kwargs)

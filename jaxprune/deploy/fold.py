@@ -23,6 +23,7 @@ Example:
   >>> folded = jaxprune.deploy.fold_module(small_model, x[:1])
   >>> folded(x)      # == small_model(x) up to float rounding
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,7 @@ COLLECTIONS = ("params", "batch_stats", "other")  # jaxprune.functional's variab
 
 # Ops that carry a per-channel vector to the shape it is broadcast at, keeping
 # its element order.
-_SHAPE_OPS = ("reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims",
-              "copy", "copy_p")
+_SHAPE_OPS = ("reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims", "copy", "copy_p")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Fold:
   `kernel_axis` is the kernel's output-feature axis; `conv_bias` the conv's own
   bias (or None); `scale` / `bias` are None for a BatchNorm without them.
   """
+
   kernel: str
   kernel_axis: int
   conv_bias: str | None
@@ -87,7 +88,7 @@ def leaf_paths(variables: Any) -> list[str]:
 class _Conv:
   kernel: int
   kernel_axis: int
-  feature_axis: int     # of its output
+  feature_axis: int  # of its output
   channels: int
   bias: int | None = None
 
@@ -112,6 +113,7 @@ class _D:
   """What a jaxpr variable holds: kind is "leaf" (payload: leaf index, shape), "lit"
   (a literal value), "conv" (a _Conv), "var+eps" / "inv" ((var, eps, scale)),
   "centred" / "normed" (a _Match)."""
+
   kind: str
   deps: frozenset
   payload: Any = None
@@ -198,8 +200,7 @@ class _Walker:
       if name == "mul" and ka == "centred" and kb == "inv":
         m = a.payload
         var, eps, scale = b.payload
-        if all(np.shape(self.leaves[li]) == (m.conv.channels,)
-               for li in (var, scale) if li is not None):
+        if all(np.shape(self.leaves[li]) == (m.conv.channels,) for li in (var, scale) if li is not None):
           return _D("normed", deps, dataclasses.replace(m, var=var, eps=eps, scale=scale))
       if name == "add" and ka == "normed":
         li = self.leaf_vector(b, shape, a.payload.conv.feature_axis)
@@ -233,8 +234,12 @@ class _Walker:
       return None
     li, kshape = rhs.payload
     lhs_ndim = len(e.invars[0].aval.shape)
-    if (len(kshape) != 2 or tuple(kshape) != np.shape(self.leaves[li]) or tuple(rc) != (0,)
-        or tuple(lc) != (lhs_ndim - 1,)):
+    if (
+      len(kshape) != 2
+      or tuple(kshape) != np.shape(self.leaves[li])
+      or tuple(rc) != (0,)
+      or tuple(lc) != (lhs_ndim - 1,)
+    ):
       return None
     if ins[0] is not None:
       self.taint[list(ins[0].deps)] += 1
@@ -256,8 +261,7 @@ def find_batchnorms(fn: Callable, variables: Any, *example_args: Any) -> list[Fo
   """
   leaves = jax.tree_util.tree_leaves(variables)
   treedef = jax.tree_util.tree_structure(variables)
-  closed = jax.make_jaxpr(lambda ls, *a: fn(jax.tree_util.tree_unflatten(treedef, ls), *a))(
-      leaves, *example_args)
+  closed = jax.make_jaxpr(lambda ls, *a: fn(jax.tree_util.tree_unflatten(treedef, ls), *a))(leaves, *example_args)
   w = _Walker(leaves)
   descs = [_D("leaf", frozenset([i]), (i, np.shape(x))) for i, x in enumerate(leaves)]
   descs += [None] * (len(closed.jaxpr.invars) - len(descs))
@@ -271,12 +275,18 @@ def find_batchnorms(fn: Callable, variables: Any, *example_args: Any) -> list[Fo
     own = m.leaves
     if len(set(own)) != len(own) or any(w.taint[li] or seen[li] != 1 for li in own):
       continue
-    folds.append(Fold(
-        kernel=names[m.conv.kernel], kernel_axis=m.conv.kernel_axis,
+    folds.append(
+      Fold(
+        kernel=names[m.conv.kernel],
+        kernel_axis=m.conv.kernel_axis,
         conv_bias=None if m.conv.bias is None else names[m.conv.bias],
-        mean=names[m.mean], var=names[m.var],
+        mean=names[m.mean],
+        var=names[m.var],
         scale=None if m.scale is None else names[m.scale],
-        bias=None if m.bias is None else names[m.bias], epsilon=m.eps))
+        bias=None if m.bias is None else names[m.bias],
+        epsilon=m.eps,
+      )
+    )
   return folds
 
 
@@ -356,6 +366,8 @@ def cast_floats(variables: Any, dtype=jnp.bfloat16) -> Any:
   Example:
     >>> half = jaxprune.deploy.cast_floats(variables, jnp.bfloat16)
   """
+
   def cast(x):
     return x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
+
   return jax.tree.map(cast, variables)

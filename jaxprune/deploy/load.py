@@ -5,6 +5,7 @@ Example:
   >>> net.card["model"], net.input_shape          # ('resnet56', (32, 32, 3))
   >>> logits = net(net.preprocess(images_uint8))  # any batch size
 """
+
 from __future__ import annotations
 
 import json
@@ -27,25 +28,26 @@ def check_card(card: dict, path: str = "") -> None:
   where = f" ({path})" if path else ""
   if card.get("format") != FORMAT:
     raise IncompatibleArtifactError(
-        f"not a jaxprune deploy artifact{where}: card format is {card.get('format')!r}, "
-        f"expected {FORMAT!r}. Write one with jaxprune.deploy.export.")
+      f"not a jaxprune deploy artifact{where}: card format is {card.get('format')!r}, "
+      f"expected {FORMAT!r}. Write one with jaxprune.deploy.export."
+    )
   version = card.get("format_version")
   if version != FORMAT_VERSION:
     newer = isinstance(version, int) and version > FORMAT_VERSION
     raise IncompatibleArtifactError(
-        f"artifact{where} has deploy format version {version!r} (written by jaxprune "
-        f"{card.get('jaxprune_version', '?')}); this jaxprune reads version {FORMAT_VERSION}. "
-        + ("Upgrade jaxprune to load it." if newer else
-           "Export it again with this jaxprune (jaxprune.deploy.export)."))
+      f"artifact{where} has deploy format version {version!r} (written by jaxprune "
+      f"{card.get('jaxprune_version', '?')}); this jaxprune reads version {FORMAT_VERSION}. "
+      + ("Upgrade jaxprune to load it." if newer else "Export it again with this jaxprune (jaxprune.deploy.export).")
+    )
   cc = card.get("calling_convention_version")
   lo = jax.export.minimum_supported_calling_convention_version
   hi = jax.export.maximum_supported_calling_convention_version
   if not isinstance(cc, int) or not lo <= cc <= hi:
     raise IncompatibleArtifactError(
-        f"artifact{where} was serialized by jax {card.get('jax_version', '?')} with calling "
-        f"convention {cc!r}; jax {jax.__version__} runs {lo}..{hi}. "
-        + ("Upgrade jax." if isinstance(cc, int) and cc > hi else
-           "Export it again with a newer jax."))
+      f"artifact{where} was serialized by jax {card.get('jax_version', '?')} with calling "
+      f"convention {cc!r}; jax {jax.__version__} runs {lo}..{hi}. "
+      + ("Upgrade jax." if isinstance(cc, int) and cc > hi else "Export it again with a newer jax.")
+    )
 
 
 class Deployed:
@@ -66,23 +68,29 @@ class Deployed:
   def check_input(self, x: Any) -> None:
     """Raises ValueError unless `x` is a batch the artifact takes."""
     shape, dtype = np.shape(x), getattr(x, "dtype", None)
-    want = ("batch",) + self.input_shape if self.batch_size is None else (
-        (self.batch_size,) + self.input_shape)
-    if len(shape) != len(want) or tuple(shape[1:]) != self.input_shape or (
-        self.batch_size is not None and shape[0] != self.batch_size) or shape[0] < 1:
+    want = ("batch",) + self.input_shape if self.batch_size is None else ((self.batch_size,) + self.input_shape)
+    if (
+      len(shape) != len(want)
+      or tuple(shape[1:]) != self.input_shape
+      or (self.batch_size is not None and shape[0] != self.batch_size)
+      or shape[0] < 1
+    ):
       hint, c = "", self.input_shape
       if len(c) == 3 and len(shape) == 4 and tuple(shape[1:]) == (c[2], c[0], c[1]):
         hint = " It looks channels-first (NCHW): pass x.transpose(0, 2, 3, 1)."
       elif tuple(shape) == c:
         hint = " Add the batch axis: x[None]."
-      raise ValueError(f"input has shape {tuple(shape)}; this network takes "
-                       f"{want} ({self.card['input'].get('layout') or 'as exported'}).{hint}")
+      raise ValueError(
+        f"input has shape {tuple(shape)}; this network takes "
+        f"{want} ({self.card['input'].get('layout') or 'as exported'}).{hint}"
+      )
     if dtype is None or np.dtype(dtype) != self.input_dtype:
-      hint = (" For uint8 images use net.preprocess(images), which scales and normalises "
-              "them as the card says." if dtype is not None and np.dtype(dtype) == np.uint8
-              else f" Cast it: x.astype(np.{self.input_dtype.name}).")
-      raise ValueError(f"input has dtype {dtype}; this network takes {self.input_dtype.name}."
-                       + hint)
+      hint = (
+        " For uint8 images use net.preprocess(images), which scales and normalises them as the card says."
+        if dtype is not None and np.dtype(dtype) == np.uint8
+        else f" Cast it: x.astype(np.{self.input_dtype.name})."
+      )
+      raise ValueError(f"input has dtype {dtype}; this network takes {self.input_dtype.name}." + hint)
 
   def __call__(self, x: Any) -> Any:
     """The network's output on the batch `x` (checked: shape and dtype)."""
@@ -113,8 +121,9 @@ def load(directory: str, *, device: jax.Device | None = None) -> Deployed:
   """
   card_path = os.path.join(directory, CARD_FILE)
   if not os.path.exists(card_path):
-    raise FileNotFoundError(f"{directory} has no {CARD_FILE}: not a jaxprune deploy artifact "
-                            "(write one with jaxprune.deploy.export).")
+    raise FileNotFoundError(
+      f"{directory} has no {CARD_FILE}: not a jaxprune deploy artifact (write one with jaxprune.deploy.export)."
+    )
   with open(card_path) as f:
     card = json.load(f)
   check_card(card, directory)
@@ -123,8 +132,9 @@ def load(directory: str, *, device: jax.Device | None = None) -> Deployed:
   platform = (device or jax.devices()[0]).platform
   if platform not in exported.platforms:
     raise IncompatibleArtifactError(
-        f"artifact {directory} was lowered for {list(exported.platforms)}, not for {platform}; "
-        "export it again with platforms=(..., '" + platform + "').")
+      f"artifact {directory} was lowered for {list(exported.platforms)}, not for {platform}; "
+      "export it again with platforms=(..., '" + platform + "')."
+    )
   weights = _restore(os.path.join(directory, WEIGHTS_DIR), card, exported)
   if device is not None:
     weights = jax.device_put(weights, device)
@@ -133,16 +143,19 @@ def load(directory: str, *, device: jax.Device | None = None) -> Deployed:
 
 def _restore(path: str, card: dict, exported: jax.export.Exported) -> list:
   import orbax.checkpoint as ocp
+
   restored = ocp.StandardCheckpointer().restore(path)
   leaves = card["weights"]["leaves"]
   missing = [w["name"] for w in leaves if w["name"] not in restored]
   if missing:
-    raise IncompatibleArtifactError(f"weights in {path} lack {missing[:5]} "
-                                    f"({len(missing)} in all); the artifact is incomplete.")
+    raise IncompatibleArtifactError(
+      f"weights in {path} lack {missing[:5]} ({len(missing)} in all); the artifact is incomplete."
+    )
   weights = [jnp.asarray(restored[w["name"]]) for w in leaves]
-  for w, arr, aval in zip(leaves, weights, exported.in_avals[:len(leaves)]):
+  for w, arr, aval in zip(leaves, weights, exported.in_avals[: len(leaves)]):
     if tuple(arr.shape) != tuple(aval.shape) or arr.dtype != aval.dtype:
       raise IncompatibleArtifactError(
-          f"weight {w['name']} is {arr.dtype}{list(arr.shape)} but the exported network takes "
-          f"{aval.dtype}{list(aval.shape)}; the weights do not belong to this model.jax.")
+        f"weight {w['name']} is {arr.dtype}{list(arr.shape)} but the exported network takes "
+        f"{aval.dtype}{list(aval.shape)}; the weights do not belong to this model.jax."
+      )
   return weights

@@ -4,6 +4,7 @@ Example:
   >>> folded = jaxprune.deploy.fold_module(model, x[:1])
   >>> folded(x)   # == model(x) in eval mode, up to float rounding
 """
+
 from __future__ import annotations
 
 from typing import Any

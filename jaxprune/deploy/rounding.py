@@ -13,6 +13,7 @@ Example:
   >>> m = jaxprune.deploy.round_to("cpu")
   >>> padded, masks_up = jaxprune.deploy.pad_channels(graph, masks, small, m)
 """
+
 from __future__ import annotations
 
 import math
@@ -41,13 +42,14 @@ def round_to(platform: str | None = None) -> int:
   """
   platform = (platform or jax.default_backend()).lower()
   if platform not in ROUND_TO:
-    raise ValueError(f"no round_to known for platform {platform!r}; known: {sorted(ROUND_TO)}. "
-                     "Pass a multiple yourself (8 is a safe choice).")
+    raise ValueError(
+      f"no round_to known for platform {platform!r}; known: {sorted(ROUND_TO)}. "
+      "Pass a multiple yourself (8 is a safe choice)."
+    )
   return ROUND_TO[platform]
 
 
-def round_up_masks(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any],
-                   multiple: int) -> dict[str, jax.Array]:
+def round_up_masks(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], multiple: int) -> dict[str, jax.Array]:
   """Hard masks keeping a multiple of `multiple` channels per group (or the whole
   group): each group's kept count rounded up, the extra channels taken among the
   removed ones in order.
@@ -70,8 +72,9 @@ def round_up_masks(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any],
   return out
 
 
-def pad_channels(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], small: Any,
-                 multiple: int) -> tuple[Any, dict[str, jax.Array]]:
+def pad_channels(
+  graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], small: Any, multiple: int
+) -> tuple[Any, dict[str, jax.Array]]:
   """`small` (= `slim(variables, graph, masks)`, possibly finetuned since) widened
   with zero channels to the widths of `round_up_masks(graph, masks, multiple)`.
 
@@ -99,9 +102,11 @@ def pad_channels(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], small: 
       continue
     where = np.asarray(k) > 0.5
     if int(where.sum()) != s.size:
-      raise ValueError(f"leaf {graph.leaf_names[li]} has shape {s.shape}, but the masks keep "
-                       f"{int(where.sum())} of its {int(np.prod(shape))} entries: pass the masks "
-                       "and graph `small` was slimmed with.")
+      raise ValueError(
+        f"leaf {graph.leaf_names[li]} has shape {s.shape}, but the masks keep "
+        f"{int(where.sum())} of its {int(np.prod(shape))} entries: pass the masks "
+        "and graph `small` was slimmed with."
+      )
     full = np.zeros(shape, s.dtype)
     full[where] = s.ravel()
     dense.append(jnp.asarray(full))

@@ -6,18 +6,19 @@ Example:
   >>> magnitude = jaxprune.methods.get("magnitude")
   >>> masks = magnitude.prune(state, graph, criterion="l1", budget=0.5, unit="macs")
 """
+
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
 _METHODS = {
-    "magnitude": "jaxprune.methods.magnitude",
-    "ftwt": "jaxprune.methods.ftwt",
-    "chipnet": "jaxprune.methods.chipnet",
-    "manidp": "jaxprune.methods.manidp",
-    "epi": "jaxprune.methods.epi",
-    "pagcp": "jaxprune.methods.pagcp",
+  "magnitude": "jaxprune.methods.magnitude",
+  "ftwt": "jaxprune.methods.ftwt",
+  "chipnet": "jaxprune.methods.chipnet",
+  "manidp": "jaxprune.methods.manidp",
+  "epi": "jaxprune.methods.epi",
+  "pagcp": "jaxprune.methods.pagcp",
 }
 
 

@@ -60,6 +60,7 @@ Example:
   >>> hard = chipnet.threshold(zeta, graph, budget=0.5, unit="volume")
   >>> small = jaxprune.slim(variables, graph, hard)
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,8 +79,14 @@ Masks = dict[str, jax.Array]
 
 # ChipNet's budget types -> units of `jaxprune.cost`. "flops" is the paper's
 # name for multiply-accumulates of convs and dense layers.
-BUDGET_UNITS = {"channels": "channels", "volume": "volume", "params": "params",
-                "flops": "macs", "macs": "macs", "volume_paper": "volume_paper"}
+BUDGET_UNITS = {
+  "channels": "channels",
+  "volume": "volume",
+  "params": "params",
+  "flops": "macs",
+  "macs": "macs",
+  "volume_paper": "volume_paper",
+}
 UNITS = ("branch", "stream")
 
 W_BUDGET = 30.0  # official defaults (pruning.py / trailmet chipnet.yaml)
@@ -92,9 +99,10 @@ PAPER_STEPS_PER_EPOCH = 45_000 / 32
 class Hparams(NamedTuple):
   """The scheduled scalars of one step; pass to a jitted step as an argument
   (traced), so a new value does not recompile."""
-  beta: jax.Array   # logistic steepness
+
+  beta: jax.Array  # logistic steepness
   gamma: jax.Array  # Heaviside sharpness
-  s: jax.Array      # steepness of the soft rounding in the budget
+  s: jax.Array  # steepness of the soft rounding in the budget
 
 
 class Schedule(NamedTuple):
@@ -106,6 +114,7 @@ class Schedule(NamedTuple):
   batch 32) rather than the data set's, so that on a small data set γ does
   not saturate before the gates separate (it then never prunes).
   """
+
   steps_per_epoch: float = PAPER_STEPS_PER_EPOCH
   beta0: float = 1.0
   beta_inc: float = 0.02
@@ -129,13 +138,13 @@ def hparams(step: int | float, schedule: Schedule = Schedule()) -> Hparams:
   e = float(step) / float(schedule.steps_per_epoch)
   beta = min(schedule.beta_max, schedule.beta0 + schedule.beta_inc * e)
   # In log space: gamma_rate ** e overflows for long runs.
-  gamma = math.exp(min(math.log(schedule.gamma_max),
-                       math.log(schedule.gamma0) + e * math.log(schedule.gamma_rate)))
+  gamma = math.exp(min(math.log(schedule.gamma_max), math.log(schedule.gamma0) + e * math.log(schedule.gamma_rate)))
   s = min(schedule.s_max, schedule.s0 + schedule.s_inc * e)
   return Hparams(np.float32(beta), np.float32(gamma), np.float32(s))
 
 
 # ------------------------------------------------------------- pure functions
+
 
 def unit_groups(graph: ChannelGraph, units: str | None = None) -> list[str]:
   """The groups ChipNet masks: all but the residual streams on a branch graph
@@ -148,14 +157,14 @@ def unit_groups(graph: ChannelGraph, units: str | None = None) -> list[str]:
   if units not in UNITS:
     raise ValueError(f"units must be one of {UNITS}, got {units!r}")
   if (units == "branch") != graph.has_branches:
-    raise ValueError(f"units={units!r} needs a graph traced with branches="
-                     f"{units == 'branch'} (jaxprune.trace(..., branches=...)).")
+    raise ValueError(
+      f"units={units!r} needs a graph traced with branches={units == 'branch'} (jaxprune.trace(..., branches=...))."
+    )
   streams = set(graph.streams()) if units == "branch" else set()
   return [g.name for g in graph.groups if g.name not in streams]
 
 
-def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH,
-         groups: list[str] | None = None) -> Masks:
+def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH, groups: list[str] | None = None) -> Masks:
   """ζ ~ U(0, high) per channel, one vector per masked group (official init).
 
   >>> zeta = init(jax.random.key(0), graph)
@@ -163,8 +172,7 @@ def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH,
   """
   groups = unit_groups(graph) if groups is None else groups
   keys = jax.random.split(key, max(len(groups), 1))
-  return {n: jax.random.uniform(k, (graph.group(n).size,), jnp.float32, 0.0, high)
-          for n, k in zip(groups, keys)}
+  return {n: jax.random.uniform(k, (graph.group(n).size,), jnp.float32, 0.0, high) for n, k in zip(groups, keys)}
 
 
 def logistic(zeta: jax.Array, beta: jax.Array | float) -> jax.Array:
@@ -206,8 +214,7 @@ def soft_round(z: jax.Array, s) -> jax.Array:
   return (jax.nn.sigmoid(s * (z - 0.5)) - lo) / (hi - lo)
 
 
-def keep_best(masks: Mapping[str, jax.Array], scores: Mapping[str, jax.Array],
-              min_channels: int = 1) -> Masks:
+def keep_best(masks: Mapping[str, jax.Array], scores: Mapping[str, jax.Array], min_channels: int = 1) -> Masks:
   """Masks with each group's `min_channels` best channels (by score) set to 1.
 
   What the threshold keeps anyway, so the soft budget counts it too; no
@@ -260,8 +267,15 @@ def paper_volume(graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> jax.Arr
   return kept / sum(a[n] * graph.group(n).size for n in masks)
 
 
-def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, unit: str,
-                *, min_channels: int = 1, mode: str = "exact") -> jax.Array:
+def soft_budget(
+  graph: ChannelGraph,
+  zeta: Mapping[str, jax.Array],
+  hp: Hparams,
+  unit: str,
+  *,
+  min_channels: int = 1,
+  mode: str = "exact",
+) -> jax.Array:
   """V(z): the kept fraction of `unit`, from soft-rounded masks; differentiable in ζ.
 
   At binary z this is exactly `jaxprune.ratio` of the mask the threshold
@@ -273,8 +287,7 @@ def soft_budget(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams,
   return budget_ratio(graph, counts, unit, mode=mode)
 
 
-def budget_ratio(graph: ChannelGraph, masks: Mapping[str, jax.Array], unit: str, *,
-                 mode: str = "exact") -> jax.Array:
+def budget_ratio(graph: ChannelGraph, masks: Mapping[str, jax.Array], unit: str, *, mode: str = "exact") -> jax.Array:
   """Kept fraction in `unit` of masks for ChipNet's groups: a cost unit, "volume_paper",
   or "channels" (the kept fraction of the masked units' entries, branch masks included)."""
   if unit == "volume_paper":
@@ -285,9 +298,18 @@ def budget_ratio(graph: ChannelGraph, masks: Mapping[str, jax.Array], unit: str,
   return ratio(graph, graph.complete(masks), unit, mode=mode)
 
 
-def penalty(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, *,
-            budget: float, unit: str, min_channels: int = 1, w_budget: float = W_BUDGET,
-            w_crisp: float = W_CRISP, mode: str = "exact") -> tuple[jax.Array, dict[str, jax.Array]]:
+def penalty(
+  graph: ChannelGraph,
+  zeta: Mapping[str, jax.Array],
+  hp: Hparams,
+  *,
+  budget: float,
+  unit: str,
+  min_channels: int = 1,
+  w_budget: float = W_BUDGET,
+  w_crisp: float = W_CRISP,
+  mode: str = "exact",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ChipNet's loss terms beside the cross-entropy, and their parts.
 
   Returns `(w_b · (V − V*)² + w_c · crispness, {"budget_loss", "crispness",
@@ -304,6 +326,7 @@ def penalty(graph: ChannelGraph, zeta: Mapping[str, jax.Array], hp: Hparams, *,
 
 # --------------------------------------------------------- budgets, threshold
 
+
 def unit_of(budget_type: str) -> str:
   """The `jaxprune.cost` unit of a ChipNet budget type.
 
@@ -311,23 +334,30 @@ def unit_of(budget_type: str) -> str:
   'macs'
   """
   if budget_type not in BUDGET_UNITS:
-    raise ValueError(f"unknown budget type {budget_type!r}; choose one of "
-                     f"{sorted(BUDGET_UNITS)} (flops means MACs)")
+    raise ValueError(f"unknown budget type {budget_type!r}; choose one of {sorted(BUDGET_UNITS)} (flops means MACs)")
   return BUDGET_UNITS[budget_type]
 
 
-def budget_floor(graph: ChannelGraph, unit: str, min_channels: int = 1,
-                 mode: str = "exact", groups: list[str] | None = None) -> float:
+def budget_floor(
+  graph: ChannelGraph, unit: str, min_channels: int = 1, mode: str = "exact", groups: list[str] | None = None
+) -> float:
   """The smallest budget reachable when every masked group keeps `min_channels`."""
   groups = unit_groups(graph) if groups is None else groups
-  masks = {n: (np.arange(graph.group(n).size) < min(min_channels, graph.group(n).size)
-               ).astype(np.float32) for n in groups}
+  masks = {
+    n: (np.arange(graph.group(n).size) < min(min_channels, graph.group(n).size)).astype(np.float32) for n in groups
+  }
   return float(budget_ratio(graph, masks, unit, mode=mode))
 
 
-def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
-                 min_channels: int = 1, mode: str = "exact",
-                 groups: list[str] | None = None) -> str:
+def check_budget(
+  graph: ChannelGraph,
+  budget: float,
+  budget_type: str,
+  *,
+  min_channels: int = 1,
+  mode: str = "exact",
+  groups: list[str] | None = None,
+) -> str:
   """Validates a budget before any training; returns its cost unit.
 
   Raises ValueError for a budget outside (0, 1], an unknown budget type,
@@ -339,19 +369,26 @@ def check_budget(graph: ChannelGraph, budget: float, budget_type: str, *,
   unit = unit_of(budget_type)
   select._check_budget(budget)
   if int(min_channels) < 1:
-    raise ValueError(f"min_channels must be >= 1 (a group without channels cuts the "
-                     f"network), got {min_channels}")
+    raise ValueError(f"min_channels must be >= 1 (a group without channels cuts the network), got {min_channels}")
   floor = budget_floor(graph, unit, min_channels, mode, groups)
   if budget < floor * (1 - 1e-6):
     raise ValueError(
-        f"budget {budget} of {budget_type} cannot be met: keeping {min_channels} channel(s) "
-        f"per group already costs {floor:.4f} of the dense network. Raise the budget or "
-        "lower min_channels.")
+      f"budget {budget} of {budget_type} cannot be met: keeping {min_channels} channel(s) "
+      f"per group already costs {floor:.4f} of the dense network. Raise the budget or "
+      "lower min_channels."
+    )
   return unit
 
 
-def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: float,
-              unit: str = "volume", *, min_channels: int = 1, mode: str = "exact") -> Masks:
+def threshold(
+  scores: Mapping[str, jax.Array],
+  graph: ChannelGraph,
+  budget: float,
+  unit: str = "volume",
+  *,
+  min_channels: int = 1,
+  mode: str = "exact",
+) -> Masks:
   """Hard masks: the globally highest-scoring channels that fit the budget.
 
   ChipNet's hard pruning: one global threshold on the projected masks z.
@@ -373,12 +410,19 @@ def threshold(scores: Mapping[str, jax.Array], graph: ChannelGraph, budget: floa
   if unit in ("volume_paper", "channels"):
     names, kind = tuple(scores), unit
     unit = lambda m: budget_ratio(graph, {n: m[n] for n in names}, kind)  # noqa: E731
-  return select.global_topk(scores, graph, budget, unit, min_channels=min_channels, mode=mode,
-                            normalize=False, whole=whole)
+  return select.global_topk(
+    scores, graph, budget, unit, min_channels=min_channels, mode=mode, normalize=False, whole=whole
+  )
 
 
-def hard_masks(zeta: Mapping[str, jax.Array], graph: ChannelGraph, *, budget: float,
-               budget_type: str = "volume", min_channels: int = 1, mode: str = "exact") -> Masks:
+def hard_masks(
+  zeta: Mapping[str, jax.Array],
+  graph: ChannelGraph,
+  *,
+  budget: float,
+  budget_type: str = "volume",
+  min_channels: int = 1,
+  mode: str = "exact",
+) -> Masks:
   """Binary masks meeting `budget` of `budget_type`, from the learned ζ (see `threshold`)."""
-  return threshold(zeta, graph, budget, unit_of(budget_type), min_channels=min_channels,
-                   mode=mode)
+  return threshold(zeta, graph, budget, unit_of(budget_type), min_channels=min_channels, mode=mode)

@@ -32,6 +32,7 @@ Example:
   ...   if fire:
   ...     state = epi.slim_state(state, graph, sub.masks)       # params, stats, momentum
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,6 +90,7 @@ class Config:
     distance of the current mask to each of the last `eb_keep - 1` masks
     is at most `eb_eps`).
   """
+
   criterion: str = "magnitude"
   prune_ratio: float = 0.5
   unit: str = "channels"
@@ -108,16 +110,22 @@ class Config:
     def check(ok, msg):
       if not ok:
         raise ValueError(f"epi.Config: {msg}")
+
     check(self.criterion in CRITERIA, f"criterion {self.criterion!r}; choose one of {CRITERIA}")
-    check(0.0 <= self.prune_ratio < 1.0, f"prune_ratio is the fraction removed and must lie "
-          f"in [0, 1), got {self.prune_ratio!r}")
+    check(
+      0.0 <= self.prune_ratio < 1.0,
+      f"prune_ratio is the fraction removed and must lie in [0, 1), got {self.prune_ratio!r}",
+    )
     check(self.unit in jaxprune.UNITS, f"unit {self.unit!r}; choose one of {jaxprune.UNITS}")
-    check(self.score_norm is None or self.score_norm in SCORE_NORMS,
-          f"score_norm {self.score_norm!r}; choose one of {SCORE_NORMS} or None")
-    check(not (self.criterion == "taylor" and self.score_norm == "rms"),
-          "score_norm 'rms' is a magnitude normalisation; use 'raw' or 'group_mean' for taylor")
-    check(self.distance_norm in DISTANCE_NORMS,
-          f"distance_norm {self.distance_norm!r}; choose one of {DISTANCE_NORMS}")
+    check(
+      self.score_norm is None or self.score_norm in SCORE_NORMS,
+      f"score_norm {self.score_norm!r}; choose one of {SCORE_NORMS} or None",
+    )
+    check(
+      not (self.criterion == "taylor" and self.score_norm == "rms"),
+      "score_norm 'rms' is a magnitude normalisation; use 'raw' or 'group_mean' for taylor",
+    )
+    check(self.distance_norm in DISTANCE_NORMS, f"distance_norm {self.distance_norm!r}; choose one of {DISTANCE_NORMS}")
     check(self.indicator in INDICATORS, f"indicator {self.indicator!r}; choose one of {INDICATORS}")
     for name in ("min_keep", "r", "window"):
       check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +148,7 @@ class Config:
 
 class Slices(NamedTuple):
   """A group's channels in one params leaf: `leaf` (params flattening order), axis, indices."""
+
   leaf: int
   axis: int
   index: np.ndarray
@@ -150,12 +159,13 @@ class GroupLeaves(NamedTuple):
   name: str
   size: int
   bn: tuple[tuple[Slices, Slices | None], ...]  # (scale, bias) per normalisation layer
-  kernels: tuple[Slices, ...]                   # output-channel slices of conv/dense kernels
+  kernels: tuple[Slices, ...]  # output-channel slices of conv/dense kernels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChannelLeaves:
   """Per group, its BatchNorm parameters and output filters; hashed by identity (jit-static)."""
+
   groups: tuple[GroupLeaves, ...]
   treedef: Any
   shapes: tuple[tuple[int, ...], ...]
@@ -167,8 +177,10 @@ class ChannelLeaves:
   def leaves(self, params: Pytree, what: str = "params") -> list:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if treedef != self.treedef:
-      raise ValueError(f"{what} do not have the structure of the params the graph was traced "
-                       "with; pass the params dict (variables['params'], or state.params).")
+      raise ValueError(
+        f"{what} do not have the structure of the params the graph was traced "
+        "with; pass the params dict (variables['params'], or state.params)."
+      )
     return leaves
 
 
@@ -187,20 +199,24 @@ def channel_leaves(graph: ChannelGraph, collection: str | None = "params") -> Ch
   index_tree = jax.tree_util.tree_unflatten(graph.treedef, list(range(n)))
   if collection is not None:
     if not isinstance(index_tree, Mapping) or collection not in index_tree:
-      raise ValueError(f"the graph was not traced on a dict with a {collection!r} collection; "
-                       "trace jaxprune.functional's variables or pass collection=None")
+      raise ValueError(
+        f"the graph was not traced on a dict with a {collection!r} collection; "
+        "trace jaxprune.functional's variables or pass collection=None"
+      )
     index_tree = index_tree[collection]
   order, treedef = jax.tree_util.tree_flatten(index_tree)
   to_param = {g: p for p, g in enumerate(order)}
   out = []
   for group in graph.groups:
-    mine = [m for m in group.members if graph.is_param[graph.leaf_names.index(m.leaf)]
-            and graph.leaf_names.index(m.leaf) in to_param]
+    mine = [
+      m
+      for m in group.members
+      if graph.is_param[graph.leaf_names.index(m.leaf)] and graph.leaf_names.index(m.leaf) in to_param
+    ]
 
     def slices(m):
       li = graph.leaf_names.index(m.leaf)
-      return Slices(to_param[li], m.axis, np.asarray(m.index, np.int32),
-                    np.asarray(m.position, np.int32))
+      return Slices(to_param[li], m.axis, np.asarray(m.index, np.int32), np.asarray(m.position, np.int32))
 
     ndim = lambda m: len(graph.leaf_shapes[graph.leaf_names.index(m.leaf)])
     by_name = {m.leaf: m for m in mine if ndim(m) == 1}
@@ -208,9 +224,8 @@ def channel_leaves(graph: ChannelGraph, collection: str | None = "params") -> Ch
     for name, m in by_name.items():
       if name.rsplit(".", 1)[-1] != "scale":
         continue
-      bias = by_name.get(name[:-len("scale")] + "bias")
-      same = bias is not None and np.array_equal(bias.index, m.index) and np.array_equal(
-          bias.position, m.position)
+      bias = by_name.get(name[: -len("scale")] + "bias")
+      same = bias is not None and np.array_equal(bias.index, m.index) and np.array_equal(bias.position, m.position)
       bn.append((slices(m), slices(bias) if same else None))
     kernels = tuple(slices(m) for m in mine if ndim(m) >= 2 and m.axis == ndim(m) - 1)
     out.append(GroupLeaves(group.name, group.size, tuple(bn), kernels))
@@ -239,17 +254,19 @@ def magnitude_rms(spec: ChannelLeaves, params: Pytree) -> dict[str, jax.Array]:
   out = {}
   for g in spec.groups:
     if not g.kernels:
-      raise ValueError(f"group {g.name!r} has no conv/dense output filter on a kernel's last "
-                       "axis; use score_norm='group_mean' (the core's l2) for this model")
-    sq = sum(_per_channel(leaves[s.leaf], s, g.size, lambda w: (w ** 2).sum(1)) for s in g.kernels)
-    count = sum(_per_channel(jnp.ones(spec.shapes[s.leaf]), s, g.size, lambda w: w.sum(1))
-                for s in g.kernels)
+      raise ValueError(
+        f"group {g.name!r} has no conv/dense output filter on a kernel's last "
+        "axis; use score_norm='group_mean' (the core's l2) for this model"
+      )
+    sq = sum(_per_channel(leaves[s.leaf], s, g.size, lambda w: (w**2).sum(1)) for s in g.kernels)
+    count = sum(_per_channel(jnp.ones(spec.shapes[s.leaf]), s, g.size, lambda w: w.sum(1)) for s in g.kernels)
     out[g.name] = jnp.sqrt(sq / count)
   return out
 
 
 class TaylorState(NamedTuple):
   """Sum of per-step Taylor scores (flat, groups in graph order) and the steps counted."""
+
   total: jax.Array
   count: jax.Array
 
@@ -258,8 +275,7 @@ def taylor_init(spec: ChannelLeaves) -> TaylorState:
   return TaylorState(jnp.zeros(spec.num_channels, jnp.float32), jnp.zeros((), jnp.int32))
 
 
-def taylor_step(spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
-                square: bool = False) -> jax.Array:
+def taylor_step(spec: ChannelLeaves, params: Pytree, grads: Pytree, *, square: bool = False) -> jax.Array:
   """One step's Taylor score per channel (flat): |sum_bn gamma g_gamma + beta g_beta|.
 
   Summed over the group's normalisation layers before the abs (HALP); a
@@ -273,21 +289,22 @@ def taylor_step(spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
       total = 0.0
       for scale, bias in grp.bn:
         for s in (scale, bias) if bias is not None else (scale,):
-          total = total + jax.ops.segment_sum(p[s.leaf][s.index] * g[s.leaf][s.index],
-                                              s.position, grp.size)
+          total = total + jax.ops.segment_sum(p[s.leaf][s.index] * g[s.leaf][s.index], s.position, grp.size)
     elif grp.kernels:
-      total = sum(_per_channel(p[s.leaf] * g[s.leaf], s, grp.size, lambda w: w.sum(1))
-                  for s in grp.kernels)
+      total = sum(_per_channel(p[s.leaf] * g[s.leaf], s, grp.size, lambda w: w.sum(1)) for s in grp.kernels)
     else:
-      raise ValueError(f"group {grp.name!r} has neither a normalisation layer nor an output "
-                       "filter among the params; Taylor cannot score it")
+      raise ValueError(
+        f"group {grp.name!r} has neither a normalisation layer nor an output "
+        "filter among the params; Taylor cannot score it"
+      )
     parts.append(jnp.broadcast_to(total, (grp.size,)))
   c = jnp.concatenate(parts)
-  return c ** 2 if square else jnp.abs(c)
+  return c**2 if square else jnp.abs(c)
 
 
-def taylor_accumulate(acc: TaylorState, spec: ChannelLeaves, params: Pytree, grads: Pytree, *,
-                      square: bool = False) -> TaylorState:
+def taylor_accumulate(
+  acc: TaylorState, spec: ChannelLeaves, params: Pytree, grads: Pytree, *, square: bool = False
+) -> TaylorState:
   """Add one step's scores (call it in the train step on the gradients it has).
 
   Steps with a non-finite score are skipped, as HALP does. Jit-able.
@@ -302,15 +319,18 @@ def taylor_accumulate(acc: TaylorState, spec: ChannelLeaves, params: Pytree, gra
 def taylor_scores(acc: TaylorState, spec: ChannelLeaves) -> dict[str, jax.Array]:
   """The mean score per channel over the accumulated steps, per group."""
   if int(acc.count) == 0:
-    raise ValueError("no Taylor steps accumulated: call taylor_accumulate in the train step "
-                     "(or chain taylor_transform in front of the optimizer) before scoring")
+    raise ValueError(
+      "no Taylor steps accumulated: call taylor_accumulate in the train step "
+      "(or chain taylor_transform in front of the optimizer) before scoring"
+    )
   mean = np.asarray(acc.total) / int(acc.count)
   offsets = np.cumsum([0] + [g.size for g in spec.groups])
   return {g.name: jnp.asarray(mean[a:b]) for g, a, b in zip(spec.groups, offsets, offsets[1:])}
 
 
-def taylor_transform(spec: ChannelLeaves, *, square: bool = False,
-                     select_params=lambda tree: tree["params"]) -> optax.GradientTransformation:
+def taylor_transform(
+  spec: ChannelLeaves, *, square: bool = False, select_params=lambda tree: tree["params"]
+) -> optax.GradientTransformation:
   """An optax stage that accumulates Taylor scores and passes the gradients on.
 
   Chain it first, `optax.chain(epi.taylor_transform(spec), tx)`, so that the
@@ -320,6 +340,7 @@ def taylor_transform(spec: ChannelLeaves, *, square: bool = False,
   updates `{'params': ..., 'extra': ...}`). After pruning, keep the inner
   optimizer and its state, `opt_state[1]`.
   """
+
   def init(params):
     del params
     return taylor_init(spec)
@@ -327,16 +348,16 @@ def taylor_transform(spec: ChannelLeaves, *, square: bool = False,
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("taylor_transform needs params: call tx.update(grads, state, params)")
-    return updates, taylor_accumulate(state, spec, select_params(params),
-                                      select_params(updates), square=square)
+    return updates, taylor_accumulate(state, spec, select_params(params), select_params(updates), square=square)
 
   return optax.GradientTransformation(init, update)
 
 
 def find_taylor(opt_state: Pytree) -> TaylorState:
   """The `taylor_transform` stage's accumulator inside an optimizer state."""
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TaylorState))
-           if isinstance(x, TaylorState)]
+  found = [
+    x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TaylorState)) if isinstance(x, TaylorState)
+  ]
   if len(found) != 1:
     raise ValueError(f"expected one epi.taylor_transform stage in the optimizer state, found {len(found)}")
   return found[0]
@@ -348,9 +369,15 @@ def replace_taylor(opt_state: Pytree, acc: TaylorState) -> Pytree:
   return jax.tree.map(lambda x: acc if is_t(x) else x, opt_state, is_leaf=is_t)
 
 
-def scores(config: Config, spec: ChannelLeaves, graph: ChannelGraph, variables: Mapping,
-           taylor: TaylorState | None = None, *, collection: str | None = "params"
-           ) -> dict[str, jax.Array]:
+def scores(
+  config: Config,
+  spec: ChannelLeaves,
+  graph: ChannelGraph,
+  variables: Mapping,
+  taylor: TaylorState | None = None,
+  *,
+  collection: str | None = "params",
+) -> dict[str, jax.Array]:
   """The configured criterion's channel scores (`taylor`: this epoch's accumulator)."""
   if config.criterion == "taylor":
     if taylor is None:
@@ -363,6 +390,7 @@ def scores(config: Config, spec: ChannelLeaves, graph: ChannelGraph, variables: 
 
 class Subnetwork(NamedTuple):
   """The dominant sub-network: kept channels per group (graph order) and its masks."""
+
   counts: np.ndarray
   masks: dict[str, jax.Array]
   flat: np.ndarray
@@ -373,8 +401,14 @@ def dominant(scores: Mapping[str, jax.Array], graph: ChannelGraph, config: Confi
 
   >>> sub = epi.dominant(scores, graph, cfg); sub.counts   # int32[groups]
   """
-  masks = select.global_topk(scores, graph, budget=1.0 - config.prune_ratio, unit=config.unit,
-                             min_channels=config.min_keep, normalize=config.norm == "group_mean")
+  masks = select.global_topk(
+    scores,
+    graph,
+    budget=1.0 - config.prune_ratio,
+    unit=config.unit,
+    min_channels=config.min_keep,
+    normalize=config.norm == "group_mean",
+  )
   flat = np.concatenate([np.asarray(masks[g.name]) for g in graph.groups]) > 0
   counts = np.array([int(np.asarray(masks[g.name]).sum()) for g in graph.groups], np.int32)
   return Subnetwork(counts, masks, flat)
@@ -384,8 +418,7 @@ def dominant(scores: Mapping[str, jax.Array], graph: ChannelGraph, config: Confi
 # Similarity, indicators and the trigger (pure jnp; jit-able).
 
 
-def psi(a: jax.Array, b: jax.Array, norm: str = "sum", widths: jax.Array | None = None
-        ) -> jax.Array:
+def psi(a: jax.Array, b: jax.Array, norm: str = "sum", widths: jax.Array | None = None) -> jax.Array:
   """Structural similarity of two architectures given as kept counts per group.
 
   1 - mean_l |a_l - b_l| / n_l with n_l = a_l + b_l ("sum"), max(a_l, b_l)
@@ -413,17 +446,17 @@ def psi(a: jax.Array, b: jax.Array, norm: str = "sum", widths: jax.Array | None 
 def _shifted(x: jax.Array, lags: int, fill) -> jax.Array:
   """[lags, T]: row j-1 holds x[t - j] (fill where t - j < 0)."""
   t = jnp.arange(x.shape[0])
-  rows = [jnp.where((t - j >= 0).reshape((-1,) + (1,) * (x.ndim - 1)), jnp.roll(x, j, 0), fill)
-          for j in range(1, lags + 1)]
+  rows = [
+    jnp.where((t - j >= 0).reshape((-1,) + (1,) * (x.ndim - 1)), jnp.roll(x, j, 0), fill) for j in range(1, lags + 1)
+  ]
   return jnp.stack(rows)
 
 
-def epi_series(counts: jax.Array, r: int = 5, norm: str = "sum",
-               widths: jax.Array | None = None) -> jax.Array:
+def epi_series(counts: jax.Array, r: int = 5, norm: str = "sum", widths: jax.Array | None = None) -> jax.Array:
   """EPI_t = mean_{j=1..r} Psi(A_t, A_{t-j}) for a history [T, groups]; NaN for t < r."""
   counts = jnp.asarray(counts, jnp.float32)
-  prev = _shifted(counts, r, 0.0)                       # [r, T, L]
-  sims = psi(counts[None], prev, norm, widths)          # [r, T]
+  prev = _shifted(counts, r, 0.0)  # [r, T, L]
+  sims = psi(counts[None], prev, norm, widths)  # [r, T]
   return jnp.where(jnp.arange(counts.shape[0]) >= r, sims.mean(0), jnp.nan)
 
 
@@ -431,13 +464,14 @@ def hamming_series(masks: jax.Array, keep: int = 5) -> jax.Array:
   """Early-Bird distance: max over j < keep of the fraction of mask entries that
   differ between records t and t - j; NaN for t < keep - 1."""
   masks = jnp.asarray(masks, bool)
-  prev = _shifted(masks, keep - 1, False)               # [keep-1, T, N]
+  prev = _shifted(masks, keep - 1, False)  # [keep-1, T, N]
   dist = (prev != masks[None]).mean(-1).max(0)
   return jnp.where(jnp.arange(masks.shape[0]) >= keep - 1, dist, jnp.nan)
 
 
-def epi_triggers(epi: jax.Array, tau: float, window: int = 5, *, strict: bool = False,
-                 full_window: bool = True) -> jax.Array:
+def epi_triggers(
+  epi: jax.Array, tau: float, window: int = 5, *, strict: bool = False, full_window: bool = True
+) -> jax.Array:
   """bool[T]: EPI_t >= tau and EPI_t >= each of EPI_{t-1..t-window} (`>` if strict).
 
   Undefined (NaN) values never trigger; `full_window` needs all `window`
@@ -480,6 +514,7 @@ class State(NamedTuple):
   written; fired: the record the trigger fired at (-1: not yet);
   first_epoch: the epoch of record 0 (0 when recording from initialisation).
   """
+
   counts: jax.Array
   masks: jax.Array
   epi: jax.Array
@@ -500,14 +535,19 @@ def init(widths: Sequence[int], capacity: int, first_epoch: int = 0) -> State:
     raise ValueError("init takes a 1-D sequence of group widths and a capacity >= 1")
   # Separate buffers: a train step that donates its state must not see one twice.
   unset = lambda: jnp.full((capacity,), UNSET, jnp.float32)
-  return State(jnp.zeros((capacity, widths.size), jnp.int32),
-               jnp.zeros((capacity, int(widths.sum())), bool), unset(), unset(), jnp.asarray(widths),
-               jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
-               jnp.asarray(first_epoch, jnp.int32))
+  return State(
+    jnp.zeros((capacity, widths.size), jnp.int32),
+    jnp.zeros((capacity, int(widths.sum())), bool),
+    unset(),
+    unset(),
+    jnp.asarray(widths),
+    jnp.zeros((), jnp.int32),
+    jnp.full((), -1, jnp.int32),
+    jnp.asarray(first_epoch, jnp.int32),
+  )
 
 
-def update(state: State, counts: jax.Array, mask: jax.Array, config: Config
-           ) -> tuple[State, jax.Array]:
+def update(state: State, counts: jax.Array, mask: jax.Array, config: Config) -> tuple[State, jax.Array]:
   """Record one sub-network; returns the new state and whether to prune now.
 
   `fire` is True only at the first record that meets the configured
@@ -516,13 +556,17 @@ def update(state: State, counts: jax.Array, mask: jax.Array, config: Config
   """
   capacity = state.counts.shape[0]
   if not isinstance(state.size, jax.core.Tracer) and int(state.size) >= capacity:
-    raise ValueError(f"the tracker is full ({capacity} records); init it with a capacity of "
-                     "at least the number of epochs recorded (epochs + 1 from initialisation)")
+    raise ValueError(
+      f"the tracker is full ({capacity} records); init it with a capacity of "
+      "at least the number of epochs recorded (epochs + 1 from initialisation)"
+    )
   counts = jnp.asarray(counts, jnp.int32)
   mask = jnp.asarray(mask) > 0
   if counts.shape != state.counts.shape[1:] or mask.shape != state.masks.shape[1:]:
-    raise ValueError(f"counts {counts.shape} / mask {mask.shape} do not match the tracker's "
-                     f"{state.counts.shape[1:]} / {state.masks.shape[1:]}")
+    raise ValueError(
+      f"counts {counts.shape} / mask {mask.shape} do not match the tracker's "
+      f"{state.counts.shape[1:]} / {state.masks.shape[1:]}"
+    )
   k = state.size
   hist = state.counts.at[k].set(counts)
   masks = state.masks.at[k].set(mask)
@@ -531,13 +575,13 @@ def update(state: State, counts: jax.Array, mask: jax.Array, config: Config
   epi = state.epi.at[k].set(jnp.nan_to_num(epi_k, nan=UNSET))
   eb = state.eb.at[k].set(jnp.nan_to_num(eb_k, nan=UNSET))
   if config.indicator == "epi":
-    hit = epi_triggers(_unset_to_nan(epi), config.threshold, config.window, strict=config.strict,
-                       full_window=config.full_window)[k]
+    hit = epi_triggers(
+      _unset_to_nan(epi), config.threshold, config.window, strict=config.strict, full_window=config.full_window
+    )[k]
   else:
     hit = ~jnp.isnan(eb_k) & (eb_k <= config.eb_eps)
   fire = hit & (state.fired < 0)
-  new = State(hist, masks, epi, eb, state.widths, k + 1, jnp.where(fire, k, state.fired),
-              state.first_epoch)
+  new = State(hist, masks, epi, eb, state.widths, k + 1, jnp.where(fire, k, state.fired), state.first_epoch)
   return new, fire
 
 
@@ -559,7 +603,7 @@ def last_masks(state: State, graph: ChannelGraph) -> dict[str, jax.Array]:
   flat = np.asarray(state.masks[int(state.size) - 1], np.float32)
   out, o = {}, 0
   for g in graph.groups:
-    out[g.name] = jnp.asarray(flat[o:o + g.size])
+    out[g.name] = jnp.asarray(flat[o : o + g.size])
     o += g.size
   return out
 
@@ -567,13 +611,17 @@ def last_masks(state: State, graph: ChannelGraph) -> dict[str, jax.Array]:
 def history(state: State) -> dict[str, np.ndarray]:
   """The written records as numpy: epoch, counts, epi, eb (NaN where undefined)."""
   n = int(state.size)
-  return {"epoch": int(state.first_epoch) + np.arange(n), "counts": np.asarray(state.counts[:n]),
-          "epi": np.asarray(_unset_to_nan(state.epi[:n])),
-          "eb": np.asarray(_unset_to_nan(state.eb[:n]))}
+  return {
+    "epoch": int(state.first_epoch) + np.arange(n),
+    "counts": np.asarray(state.counts[:n]),
+    "epi": np.asarray(_unset_to_nan(state.epi[:n])),
+    "eb": np.asarray(_unset_to_nan(state.eb[:n])),
+  }
 
 
 class Calibration(NamedTuple):
   """tau from an oracle sweep: any tau in (low, high] fires at `fire_epoch`."""
+
   tau: float
   low: float
   high: float
@@ -581,9 +629,15 @@ class Calibration(NamedTuple):
   fire_epoch: int
 
 
-def calibrate_tau(epi: Sequence[float], sweep_epochs: Sequence[int],
-                  sweep_accuracy: Sequence[float], *, tolerance: float, config: Config = Config(),
-                  first_epoch: int = 0) -> Calibration:
+def calibrate_tau(
+  epi: Sequence[float],
+  sweep_epochs: Sequence[int],
+  sweep_accuracy: Sequence[float],
+  *,
+  tolerance: float,
+  config: Config = Config(),
+  first_epoch: int = 0,
+) -> Calibration:
   """tau for a new schedule, from its EPI curve and an oracle prune-epoch sweep.
 
   `epi[i]` is EPI at epoch `first_epoch + i` of a dense run; the sweep pruned
@@ -602,14 +656,15 @@ def calibrate_tau(epi: Sequence[float], sweep_epochs: Sequence[int],
     raise ValueError("sweep_epochs and sweep_accuracy must be non-empty and of equal length")
   target = int(ep[acc >= acc.max() - tolerance].min())
   epochs = first_epoch + np.arange(epi.size)
-  plateau = np.asarray(epi_triggers(epi, -np.inf, config.window, strict=config.strict,
-                                    full_window=config.full_window))
+  plateau = np.asarray(epi_triggers(epi, -np.inf, config.window, strict=config.strict, full_window=config.full_window))
   before = epi[plateau & (epochs < target)]
   low = float(before.max()) if before.size else -np.inf
   after = np.nonzero(plateau & (epochs >= target) & (epi > low))[0]
   if after.size == 0:
-    raise ValueError(f"the EPI curve has no plateau at or after epoch {target} above the "
-                     f"earlier plateaus ({low:.4f}); record more epochs or shorten the window")
+    raise ValueError(
+      f"the EPI curve has no plateau at or after epoch {target} above the "
+      f"earlier plateaus ({low:.4f}); record more epochs or shorten the window"
+    )
   k = int(after[0])
   high = float(epi[k])
   if np.isfinite(low):
@@ -623,8 +678,14 @@ def calibrate_tau(epi: Sequence[float], sweep_epochs: Sequence[int],
 # Pruning mid-training: slim the params and the optimizer state together.
 
 
-def slim_opt_state(opt_state: Pytree, variables: Mapping, graph: ChannelGraph,
-                   masks: Mapping[str, jax.Array], *, collection: str = "params") -> Pytree:
+def slim_opt_state(
+  opt_state: Pytree,
+  variables: Mapping,
+  graph: ChannelGraph,
+  masks: Mapping[str, jax.Array],
+  *,
+  collection: str = "params",
+) -> Pytree:
   """The optimizer state with the pruned channels removed, like the params.
 
   Every leaf whose key path ends with a params leaf's path and has its shape
@@ -673,16 +734,18 @@ def slim_state(state: Any, graph: ChannelGraph, masks: Mapping[str, jax.Array]) 
   variables = {"params": state.params, "batch_stats": state.batch_stats, "other": state.other}
   small = jaxprune.slim(variables, graph, masks)
   opt_state = slim_opt_state(state.opt_state, variables, graph, masks)
-  return state._replace(params=small["params"], batch_stats=small["batch_stats"],
-                        other=small["other"], opt_state=opt_state)
+  return state._replace(
+    params=small["params"], batch_stats=small["batch_stats"], other=small["other"], opt_state=opt_state
+  )
 
 
 # ---------------------------------------------------------------------------
 # Training compute: forward + backward = TRAIN_MACS_PER_FORWARD x forward MACs.
 
 
-def train_macs_per_sample(graph: ChannelGraph, masks: Mapping | None = None, *,
-                          unit: str = "macs", mode: str = "exact") -> float:
+def train_macs_per_sample(
+  graph: ChannelGraph, masks: Mapping | None = None, *, unit: str = "macs", mode: str = "exact"
+) -> float:
   """Training MACs (or another cost unit) per sample: 3 x the forward count."""
   return TRAIN_MACS_PER_FORWARD * float(getattr(jaxprune.cost(graph, masks, mode=mode), unit))
 
@@ -694,10 +757,11 @@ def training_macs(forward_per_epoch: Sequence[float], samples_per_epoch: int) ->
 
 class Compute(NamedTuple):
   """Training MACs of the schedules EPI is compared with."""
-  pat: float                  # dense to prune_epoch, pruned to `epochs` (same schedule)
-  at_init: float              # pruned from epoch 0
+
+  pat: float  # dense to prune_epoch, pruned to `epochs` (same schedule)
+  at_init: float  # pruned from epoch 0
   train_prune_finetune: float  # dense for `epochs`, then `finetune_epochs` pruned
-  dense: float                # dense for `epochs`
+  dense: float  # dense for `epochs`
 
   @property
   def saving(self) -> float:
@@ -705,9 +769,15 @@ class Compute(NamedTuple):
     return self.train_prune_finetune / self.pat
 
 
-def compare_compute(dense_forward: float, pruned_forward: float, *, epochs: int,
-                    prune_epoch: int, samples_per_epoch: int, finetune_epochs: int = 0
-                    ) -> Compute:
+def compare_compute(
+  dense_forward: float,
+  pruned_forward: float,
+  *,
+  epochs: int,
+  prune_epoch: int,
+  samples_per_epoch: int,
+  finetune_epochs: int = 0,
+) -> Compute:
   """Training compute of pruning at `prune_epoch` vs at 0 vs after training.
 
   `dense_forward` / `pruned_forward`: forward MACs per sample
@@ -719,16 +789,45 @@ def compare_compute(dense_forward: float, pruned_forward: float, *, epochs: int,
   if not 0 <= prune_epoch <= epochs:
     raise ValueError(f"prune_epoch must lie in [0, epochs={epochs}], got {prune_epoch}")
   m = lambda dense_epochs, pruned_epochs: training_macs(
-      [dense_forward] * dense_epochs + [pruned_forward] * pruned_epochs, samples_per_epoch)
-  return Compute(m(prune_epoch, epochs - prune_epoch), m(0, epochs),
-                 m(epochs, finetune_epochs), m(epochs, 0))
+    [dense_forward] * dense_epochs + [pruned_forward] * pruned_epochs, samples_per_epoch
+  )
+  return Compute(m(prune_epoch, epochs - prune_epoch), m(0, epochs), m(epochs, finetune_epochs), m(epochs, 0))
 
 
 __all__ = [
-    "CRITERIA", "Calibration", "ChannelLeaves", "Compute", "Config", "State", "Subnetwork",
-    "TAU", "TRAIN_MACS_PER_FORWARD", "TaylorState", "UNSET", "calibrate_tau", "channel_leaves",
-    "compare_compute", "dominant", "epi_series", "epi_triggers", "fire_epoch", "first",
-    "hamming_series", "history", "init", "magnitude_rms", "psi", "scores", "slim_opt_state",
-    "slim_state", "taylor_accumulate", "taylor_init", "taylor_scores", "taylor_step",
-    "taylor_transform", "train_macs_per_sample", "training_macs", "update",
+  "CRITERIA",
+  "Calibration",
+  "ChannelLeaves",
+  "Compute",
+  "Config",
+  "State",
+  "Subnetwork",
+  "TAU",
+  "TRAIN_MACS_PER_FORWARD",
+  "TaylorState",
+  "UNSET",
+  "calibrate_tau",
+  "channel_leaves",
+  "compare_compute",
+  "dominant",
+  "epi_series",
+  "epi_triggers",
+  "fire_epoch",
+  "first",
+  "hamming_series",
+  "history",
+  "init",
+  "magnitude_rms",
+  "psi",
+  "scores",
+  "slim_opt_state",
+  "slim_state",
+  "taylor_accumulate",
+  "taylor_init",
+  "taylor_scores",
+  "taylor_step",
+  "taylor_transform",
+  "train_macs_per_sample",
+  "training_macs",
+  "update",
 ]

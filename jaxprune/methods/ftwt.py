@@ -31,6 +31,7 @@ Example:
   >>> loss = ftwt.mask_loss(aux.logits, ftwt.targets(aux.peaks, r=0.9))
   >>> macs = ftwt.per_sample_cost(graph, aux.masks).macs      # shape (batch,)
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -48,25 +49,26 @@ Pytree = Any
 
 class GatePoint(NamedTuple):
   """A gated conv: group `name` (`size` channels) decided from an input of `c_in` channels."""
+
   name: str
   c_in: int
   size: int
-  feature_axis: int       # of the conv's input
+  feature_axis: int  # of the conv's input
   spatial_axes: tuple[int, ...]
 
 
 class GateAux(NamedTuple):
   """Per-group (batch, size) arrays from one gated forward pass."""
+
   logits: dict[str, jax.Array]  # gated groups only
-  masks: dict[str, jax.Array]   # every group (ungated ones are all ones)
-  peaks: dict[str, jax.Array]   # gated groups: max |activation| over space, pre-mask
+  masks: dict[str, jax.Array]  # every group (ungated ones are all ones)
+  peaks: dict[str, jax.Array]  # gated groups: max |activation| over space, pre-mask
 
 
 def check_r(r: float) -> float:
   """r must lie in (0, 1]."""
   if not isinstance(r, (int, float, np.floating)) or not 0.0 < float(r) <= 1.0:
-    raise ValueError(f"FTWT's r is the share of activation mass kept and must lie in (0, 1]; "
-                     f"got {r!r}")
+    raise ValueError(f"FTWT's r is the share of activation mass kept and must lie in (0, 1]; got {r!r}")
   return float(r)
 
 
@@ -74,9 +76,15 @@ UNITS = ("branch", "stream")
 EXCLUDE = r"downsample|shortcut|proj"  # projection shortcuts: not gated in the official code
 
 
-def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
-                units: str | None = None, exclude: str = EXCLUDE,
-                groups: tuple[str, ...] | None = None) -> tuple[GatePoint, ...]:
+def gate_points(
+  fn: Callable,
+  graph: ChannelGraph,
+  variables: Pytree,
+  *args,
+  units: str | None = None,
+  exclude: str = EXCLUDE,
+  groups: tuple[str, ...] | None = None,
+) -> tuple[GatePoint, ...]:
   """The convs that gate, in program order, and the group each one decides.
 
   units="branch" (the official code's gate points; the graph must be traced
@@ -95,25 +103,34 @@ def gate_points(fn: Callable, graph: ChannelGraph, variables: Pytree, *args,
     >>> [(p.name, p.c_in, p.size) for p in points][:2]   # [('conv1:branch', 3, 16), ...]
   """
   import re
+
   units = ("branch" if graph.has_branches else "stream") if units is None else units
   if units not in UNITS:
     raise ValueError(f"units must be one of {UNITS}, got {units!r}")
   if units == "branch" and not graph.has_branches:
-    raise ValueError("units='branch' needs branch groups: trace the network with "
-                     "jaxprune.trace(..., branches=True) (or use units='stream').")
+    raise ValueError(
+      "units='branch' needs branch groups: trace the network with "
+      "jaxprune.trace(..., branches=True) (or use units='stream')."
+    )
   if units == "stream" and graph.has_branches:
     raise ValueError("units='stream' gates channel groups only: trace without branches=True.")
   prods = jaxprune.producers(fn, graph, variables, *args)
   skip = set(graph.streams()) if units == "branch" else set()
   wanted = set(g.name for g in graph.groups) if groups is None else set(groups)
-  points = tuple(GatePoint(p.name, p.c_in, p.size, p.feature_axis, p.spatial_axes)
-                 for n, p in prods.items()
-                 if n in wanted and n not in skip and p.op == "conv" and p.feature_axis != 0
-                 and not (units == "branch" and exclude and re.search(exclude, p.layer)))
+  points = tuple(
+    GatePoint(p.name, p.c_in, p.size, p.feature_axis, p.spatial_axes)
+    for n, p in prods.items()
+    if n in wanted
+    and n not in skip
+    and p.op == "conv"
+    and p.feature_axis != 0
+    and not (units == "branch" and exclude and re.search(exclude, p.layer))
+  )
   if not points:
     raise ValueError(
-        "FTWT found no gate points: no conv layer produces a prunable channel group "
-        f"(groups: {[g.name for g in graph.groups]}). It gates conv outputs only.")
+      "FTWT found no gate points: no conv layer produces a prunable channel group "
+      f"(groups: {[g.name for g in graph.groups]}). It gates conv outputs only."
+    )
   return points
 
 
@@ -131,13 +148,13 @@ def init_predictors(seed: int, points: tuple[GatePoint, ...]) -> dict[str, dict[
   for p in points:
     bound = 1.0 / np.sqrt(p.c_in)
     out[p.name] = {
-        "kernel": jnp.asarray(rng.uniform(-bound, bound, (p.c_in, p.size)), jnp.float32),
-        "bias": jnp.asarray(rng.uniform(-bound, bound, (p.size,)), jnp.float32)}
+      "kernel": jnp.asarray(rng.uniform(-bound, bound, (p.c_in, p.size)), jnp.float32),
+      "bias": jnp.asarray(rng.uniform(-bound, bound, (p.size,)), jnp.float32),
+    }
   return out
 
 
-def predict_logits(x: jax.Array, params: Mapping[str, jax.Array], point, *,
-                   pool: str = "avg") -> jax.Array:
+def predict_logits(x: jax.Array, params: Mapping[str, jax.Array], point, *, pool: str = "avg") -> jax.Array:
   """(batch, size) logits from a conv input `x`: pool over space, softmax, dense."""
   if pool == "avg":
     h = jnp.mean(x, axis=point.spatial_axes)
@@ -157,8 +174,9 @@ def _peaks(y: jax.Array, axis: int) -> jax.Array:
   return a.astype(jnp.float32)
 
 
-def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
-          pool: str = "avg", mode: str = "decoupled") -> Callable:
+def gated(
+  fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *, pool: str = "avg", mode: str = "decoupled"
+) -> Callable:
   """`g(variables, predictors, *args) -> (fn's output, GateAux)` with per-sample gates.
 
   Each gate's hard mask (logit > 0) is computed from its conv's input with all
@@ -178,8 +196,9 @@ def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
   if pool not in ("avg", "max"):
     raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
   if not points:
-    raise ValueError("no gate points: call ftwt.gate_points first (a model without convs "
-                     "producing prunable groups cannot be gated)")
+    raise ValueError(
+      "no gate points: call ftwt.gate_points first (a model without convs producing prunable groups cannot be gated)"
+    )
   decoupled = mode == "decoupled"
 
   def gate(inp: jaxprune.GateInput, params):
@@ -187,8 +206,7 @@ def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
     logits = predict_logits(x, params, inp.producer, pool=pool)
     return jax.lax.stop_gradient((logits > 0).astype(jnp.float32)), logits
 
-  core = jaxprune.gated(fn, graph, gate, [p.name for p in points], observe=_peaks,
-                        combine="max")
+  core = jaxprune.gated(fn, graph, gate, [p.name for p in points], observe=_peaks, combine="max")
 
   def g(variables, predictors, *args):
     missing = [p.name for p in points if p.name not in predictors]
@@ -197,10 +215,12 @@ def gated(fn: Callable, graph: ChannelGraph, points: tuple[GatePoint, ...], *,
     out, res = core(variables, predictors, *args)
     peaks = {p.name: jax.lax.stop_gradient(res.observed[p.name]) for p in points}
     return out, GateAux(dict(res.aux), dict(res.masks), peaks)
+
   return g
 
 
 # ------------------------------------------------------------------ targets ----
+
 
 def targets(peaks: Mapping[str, jax.Array], r: float, *, eps: float = 1e-5) -> dict[str, jax.Array]:
   """Self-supervised 0/1 targets per group, (batch, size) each.
@@ -235,17 +255,17 @@ def mask_loss(logits: Mapping[str, jax.Array], target: Mapping[str, jax.Array]) 
   """BCE-with-logits, summed over filters, averaged over the batch, then over gates
   (the official code's reduction; the poster sums over gates)."""
   import optax  # only the loss needs it
+
   if not logits:
     raise ValueError("mask_loss: no gates")
-  per = [jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits[k], target[k]), -1))
-         for k in logits]
+  per = [jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits[k], target[k]), -1)) for k in logits]
   return jnp.mean(jnp.stack(per))
 
 
 # --------------------------------------------------------------------- cost ----
 
-def per_sample_cost(graph: ChannelGraph, masks: Mapping[str, jax.Array], *,
-                    mode: str = "exact") -> jaxprune.Cost:
+
+def per_sample_cost(graph: ChannelGraph, masks: Mapping[str, jax.Array], *, mode: str = "exact") -> jaxprune.Cost:
   """`jaxprune.cost` of every sample's masks (fields gain a leading batch axis).
 
   Example:
@@ -302,12 +322,12 @@ def predictor_params(points: tuple[GatePoint, ...]) -> int:
 
 def open_predictors(points: tuple[GatePoint, ...]) -> dict[str, dict[str, jax.Array]]:
   """Predictors that keep every channel (logit 1): `gated` then runs the dense network."""
-  return {p.name: {"kernel": jnp.zeros((p.c_in, p.size)), "bias": jnp.ones((p.size,))}
-          for p in points}
+  return {p.name: {"kernel": jnp.zeros((p.c_in, p.size)), "bias": jnp.ones((p.size,))} for p in points}
 
 
-def oracle_masks(gated_fn: Callable, points: tuple[GatePoint, ...], variables: Pytree,
-                 x: jax.Array, r: float, *, min_channels: int = 1) -> dict[str, jax.Array]:
+def oracle_masks(
+  gated_fn: Callable, points: tuple[GatePoint, ...], variables: Pytree, x: jax.Array, r: float, *, min_channels: int = 1
+) -> dict[str, jax.Array]:
   """Per-sample target masks at r from the *ungated* network's activations.
 
   The paper's before-training estimate (B6): apply the targets as if they were
@@ -330,8 +350,9 @@ def oracle_masks(gated_fn: Callable, points: tuple[GatePoint, ...], variables: P
   return out
 
 
-def backbone_schedule(epochs: float, steps_per_epoch: int, lr: float, *,
-                      decay_epochs: Iterable[float] = (), decay_factor: float = 0.1) -> optax.Schedule:
+def backbone_schedule(
+  epochs: float, steps_per_epoch: int, lr: float, *, decay_epochs: Iterable[float] = (), decay_factor: float = 0.1
+) -> optax.Schedule:
   """The backbone's learning rate: x `decay_factor` at each of `decay_epochs`.
 
   Default epochs: the official MultiStep milestones 81/122/151 of 200 epochs, as
@@ -348,8 +369,9 @@ def backbone_schedule(epochs: float, steps_per_epoch: int, lr: float, *,
   return optax.piecewise_constant_schedule(lr, drops or {total + 1: 1.0})
 
 
-def oracle_curve(fn: Callable, variables: Pytree, batches: Iterable[Mapping[str, Any]],
-                 rs: Iterable[float] = (0.8, 0.9, 0.95, 1.0)) -> list[dict[str, float]]:
+def oracle_curve(
+  fn: Callable, variables: Pytree, batches: Iterable[Mapping[str, Any]], rs: Iterable[float] = (0.8, 0.9, 0.95, 1.0)
+) -> list[dict[str, float]]:
   """Before training (spec B6): per r, accuracy and mean per-sample MACs of the network
   run with FTWT's targets at r as its masks (`oracle_masks`; forward passes only).
 
@@ -375,6 +397,13 @@ def oracle_curve(fn: Callable, variables: Pytree, batches: Iterable[Mapping[str,
       correct += int((np.asarray(run_masked(variables, m, x)).argmax(-1) == np.asarray(b["label"])).sum())
       macs.append(np.asarray(macs_fn(m)))
     macs = np.concatenate(macs)
-    rows.append({"r": float(r), "accuracy": correct / macs.size, "macs_mean": float(macs.mean()),
-                 "macs_std": float(macs.std()), "macs_reduction": 1 - float(macs.mean()) / dense})
+    rows.append(
+      {
+        "r": float(r),
+        "accuracy": correct / macs.size,
+        "macs_mean": float(macs.mean()),
+        "macs_std": float(macs.std()),
+        "macs_reduction": 1 - float(macs.mean()) / dense,
+      }
+    )
   return rows

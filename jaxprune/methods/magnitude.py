@@ -10,6 +10,7 @@ Example:
   >>> masks = magnitude.prune(state, graph, criterion="l1", budget=0.5, unit="macs")
   >>> small = jaxprune.slim(state, graph, masks)
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -38,8 +39,16 @@ def schedule(budget: float, steps: int) -> list[float]:
   return [budget ** ((k + 1) / steps) for k in range(steps)]
 
 
-def scores(variables: Any, graph: ChannelGraph, criterion: str, *, key: jax.Array | None = None,
-           fn: Callable | None = None, loss_fn: Callable | None = None, args: tuple = ()):
+def scores(
+  variables: Any,
+  graph: ChannelGraph,
+  criterion: str,
+  *,
+  key: jax.Array | None = None,
+  fn: Callable | None = None,
+  loss_fn: Callable | None = None,
+  args: tuple = (),
+):
   """Channel scores by name; `taylor` needs `fn`, `loss_fn` and a batch in `args`."""
   if criterion == "random":
     return criteria_lib.random(jax.random.key(0) if key is None else key, graph)
@@ -52,10 +61,20 @@ def scores(variables: Any, graph: ChannelGraph, criterion: str, *, key: jax.Arra
   return getattr(criteria_lib, criterion)(variables, graph)
 
 
-def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget: float,
-          unit: str = "macs", scope: str = "global", min_channels: int = 1, round_to: int = 1,
-          reference: float | None = None, whole: tuple[str, ...] | None = None,
-          **score_kw) -> dict[str, jax.Array]:
+def prune(
+  variables: Any,
+  graph: ChannelGraph,
+  *,
+  criterion: str = "l1",
+  budget: float,
+  unit: str = "macs",
+  scope: str = "global",
+  min_channels: int = 1,
+  round_to: int = 1,
+  reference: float | None = None,
+  whole: tuple[str, ...] | None = None,
+  **score_kw,
+) -> dict[str, jax.Array]:
   """Hard masks keeping `budget` of the cost (of `reference`, default this network).
 
   `reference` is the dense network's cost in `unit`, for iterative pruning of
@@ -68,12 +87,10 @@ def prune(variables: Any, graph: ChannelGraph, *, criterion: str = "l1", budget:
   s = scores(variables, graph, criterion, **score_kw)
   whole = tuple(graph.streams()) if whole is None else tuple(whole)
   if scope == "local":
-    return select.local(s, graph, keep=budget, min_channels=min_channels, round_to=round_to,
-                        whole=whole)
+    return select.local(s, graph, keep=budget, min_channels=min_channels, round_to=round_to, whole=whole)
   if scope != "global":
     raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
   rel = budget if reference is None else budget * reference / float(getattr(cost(graph), unit))
   if rel >= 1.0:
     return {g.name: jax.numpy.ones(g.size) for g in graph.groups}
-  return select.global_topk(s, graph, budget=rel, unit=unit, min_channels=min_channels,
-                            round_to=round_to, whole=whole)
+  return select.global_topk(s, graph, budget=rel, unit=unit, min_channels=min_channels, round_to=round_to, whole=whole)

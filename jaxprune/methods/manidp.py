@@ -30,6 +30,7 @@ Example:
   >>> state = manidp.accumulate(state, res.aux)                    # every train step
   >>> state = manidp.refresh(state, epoch, epochs, target=0.65)    # every epoch end
 """
+
 from __future__ import annotations
 
 import math
@@ -45,12 +46,13 @@ from jaxprune.graph import ChannelGraph
 
 CLAMP_MAX = 1000.0
 THRESHOLD_INIT = -10000.0  # the official init: nothing is switched off
-SQUEEZE_RATE = 2           # halved (to 1) for layers of fewer than 80 channels
+SQUEEZE_RATE = 2  # halved (to 1) for layers of fewer than 80 channels
 EXCLUDE = r"downsample|shortcut|proj"
 
 
 class GateLayer(NamedTuple):
   """A gated conv: group `name` (`size` channels) decided from `c_in` input features."""
+
   name: str
   c_in: int
   size: int
@@ -61,9 +63,10 @@ class GateLayer(NamedTuple):
 
 class State(NamedTuple):
   """Per gated layer: its threshold and this epoch's saliency sums (checkpointed)."""
+
   thresholds: dict[str, jax.Array]  # scalar per layer
-  sal_sum: dict[str, jax.Array]     # (size,) per layer: sum of saliencies over the epoch's samples
-  count: jax.Array                  # samples summed
+  sal_sum: dict[str, jax.Array]  # (size,) per layer: sum of saliencies over the epoch's samples
+  count: jax.Array  # samples summed
 
 
 def hidden_size(c_out: int, squeeze_rate: int = SQUEEZE_RATE) -> int:
@@ -72,9 +75,9 @@ def hidden_size(c_out: int, squeeze_rate: int = SQUEEZE_RATE) -> int:
   return max(c_out // max(q, 1), 1)
 
 
-def gate_layers(fn: Callable, graph: ChannelGraph, variables: Any, *args,
-                exclude: str = EXCLUDE, squeeze_rate: int = SQUEEZE_RATE
-                ) -> tuple[GateLayer, ...]:
+def gate_layers(
+  fn: Callable, graph: ChannelGraph, variables: Any, *args, exclude: str = EXCLUDE, squeeze_rate: int = SQUEEZE_RATE
+) -> tuple[GateLayer, ...]:
   """Both convs of every residual block, in program order (the graph must be traced
   with `branches=True`): every conv that neither reads the input (the stem) nor
   matches `exclude` (projection shortcuts); never a residual stream.
@@ -88,19 +91,20 @@ def gate_layers(fn: Callable, graph: ChannelGraph, variables: Any, *args,
     raise ValueError("ManiDP gates residual branches: trace with jaxprune.trace(..., branches=True)")
   streams = set(graph.streams())
   prods = jaxprune.producers(fn, graph, variables, *args)
-  layers = tuple(GateLayer(p.name, p.c_in, p.size, hidden_size(p.size, squeeze_rate),
-                           p.spatial_axes, p.layer)
-                 for p in prods.values()
-                 if p.op == "conv" and not p.first and p.name not in streams
-                 and not (exclude and re.search(exclude, p.layer)))
+  layers = tuple(
+    GateLayer(p.name, p.c_in, p.size, hidden_size(p.size, squeeze_rate), p.spatial_axes, p.layer)
+    for p in prods.values()
+    if p.op == "conv" and not p.first and p.name not in streams and not (exclude and re.search(exclude, p.layer))
+  )
   if not layers:
-    raise ValueError("ManiDP found no gate points: no conv inside a residual block produces a "
-                     f"prunable group (groups: {[g.name for g in graph.groups]}).")
+    raise ValueError(
+      "ManiDP found no gate points: no conv inside a residual block produces a "
+      f"prunable group (groups: {[g.name for g in graph.groups]})."
+    )
   return layers
 
 
-def init_gates(seed: int, layers: tuple[GateLayer, ...], *,
-               scale: float = 1.0) -> dict[str, dict[str, jax.Array]]:
+def init_gates(seed: int, layers: tuple[GateLayer, ...], *, scale: float = 1.0) -> dict[str, dict[str, jax.Array]]:
   """`{layer: {'w1': (c_in, h), 'w2': (h, size), 'b2': (size,)}}`: Kaiming-normal
   weights times `scale` (1: official), bias 1 (gates start open, saliencies around 1
   when the block inputs are small). Drawn with numpy.
@@ -115,20 +119,23 @@ def init_gates(seed: int, layers: tuple[GateLayer, ...], *,
   out = {}
   for l in layers:
     out[l.name] = {
-        "w1": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.c_in), (l.c_in, l.hidden)), jnp.float32),
-        "w2": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.hidden), (l.hidden, l.size)), jnp.float32),
-        "b2": jnp.ones((l.size,), jnp.float32)}
+      "w1": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.c_in), (l.c_in, l.hidden)), jnp.float32),
+      "w2": jnp.asarray(scale * rng.normal(0, math.sqrt(2.0 / l.hidden), (l.hidden, l.size)), jnp.float32),
+      "b2": jnp.ones((l.size,), jnp.float32),
+    }
   return out
 
 
 def init(layers: tuple[GateLayer, ...], threshold: float = THRESHOLD_INIT) -> State:
   """Thresholds at `threshold` (nothing off), empty sums."""
-  return State({l.name: jnp.float32(threshold) for l in layers},
-               {l.name: jnp.zeros((l.size,), jnp.float32) for l in layers}, jnp.float32(0.0))
+  return State(
+    {l.name: jnp.float32(threshold) for l in layers},
+    {l.name: jnp.zeros((l.size,), jnp.float32) for l in layers},
+    jnp.float32(0.0),
+  )
 
 
-def saliency(x: jax.Array, params: Mapping[str, jax.Array], spatial_axes, *,
-             clamp_max: float = CLAMP_MAX) -> jax.Array:
+def saliency(x: jax.Array, params: Mapping[str, jax.Array], spatial_axes, *, clamp_max: float = CLAMP_MAX) -> jax.Array:
   """(batch, size) saliencies >= 0 from a conv input `x`: GAP, FC, ReLU, FC, ReLU, cap."""
   g = jnp.mean(x, axis=tuple(spatial_axes)).astype(jnp.float32)
   h = jax.nn.relu(g @ params["w1"])
@@ -145,8 +152,9 @@ def _pooled(y: jax.Array, axis: int) -> jax.Array:
   return (jnp.mean(y, axis=red) if red else y).astype(jnp.float32)
 
 
-def gated(fn: Callable, graph: ChannelGraph, layers: tuple[GateLayer, ...], *,
-          clamp_max: float = CLAMP_MAX) -> Callable:
+def gated(
+  fn: Callable, graph: ChannelGraph, layers: tuple[GateLayer, ...], *, clamp_max: float = CLAMP_MAX
+) -> Callable:
   """`g(variables, params, thresholds, *args) -> (output, jaxprune.Gated)`.
 
   `Gated.aux[layer]` holds the soft saliencies (batch, size) (the sparsity and
@@ -165,21 +173,23 @@ def gated(fn: Callable, graph: ChannelGraph, layers: tuple[GateLayer, ...], *,
     s = saliency(inp.x, params, by_name[inp.producer.name].spatial_axes, clamp_max=clamp_max)
     return apply_threshold(s, thre), s
 
-  core = jaxprune.gated(fn, graph, gate, [l.name for l in layers], observe=_pooled,
-                        combine="first")
+  core = jaxprune.gated(fn, graph, gate, [l.name for l in layers], observe=_pooled, combine="first")
 
   def g(variables, params, thresholds, *args):
     missing = [l.name for l in layers if l.name not in params or l.name not in thresholds]
     if missing:
       raise ValueError(f"gate parameters or thresholds missing for {missing}")
     return core(variables, {n: (params[n], thresholds[n]) for n in by_name}, *args)
+
   return g
 
 
 # ------------------------------------------------------------------ losses ----
 
-def complexity_weights(ce: jax.Array, c_ref: jax.Array | float, *, gamma: float = 1.0,
-                       detach: bool = True) -> jax.Array:
+
+def complexity_weights(
+  ce: jax.Array, c_ref: jax.Array | float, *, gamma: float = 1.0, detach: bool = True
+) -> jax.Array:
   """w_b = max(0, 1 - CE_b / C)^gamma: 1 for fitted samples, 0 at CE >= C.
 
   The official code does not detach w (its gradient then *raises* the loss of
@@ -207,8 +217,7 @@ def _cosine_gram(f: jax.Array) -> jax.Array:
   return f @ f.T
 
 
-def similarity_loss(features: Mapping[str, jax.Array], saliencies: Mapping[str, jax.Array]
-                    ) -> jax.Array:
+def similarity_loss(features: Mapping[str, jax.Array], saliencies: Mapping[str, jax.Array]) -> jax.Array:
   """sum_l ||T_l - R_l||_F^2 / B^2, T and R the cosine similarities over the batch of
   the pooled un-gated features and of the saliencies. Under jit with a sharded
   batch the Gram matrices span the global batch (as the official code, which
@@ -223,6 +232,7 @@ def similarity_loss(features: Mapping[str, jax.Array], saliencies: Mapping[str, 
 
 # -------------------------------------------------------------- thresholds ----
 
+
 def kept_rate(epoch: int, epochs: int, target: float) -> float:
   """rho(e) = (1 - target)/2 cos(pi (e + 1) / E) + (1 + target)/2: from ~1 to `target`.
 
@@ -234,8 +244,7 @@ def kept_rate(epoch: int, epochs: int, target: float) -> float:
 
 
 def check_rate(target: float) -> float:
-  if isinstance(target, bool) or not (isinstance(target, (int, float, np.floating))
-                                      and 0.0 < float(target) <= 1.0):
+  if isinstance(target, bool) or not (isinstance(target, (int, float, np.floating)) and 0.0 < float(target) <= 1.0):
     raise ValueError(f"ManiDP's target kept rate must lie in (0, 1], got {target!r}")
   return float(target)
 
@@ -254,8 +263,7 @@ def thresholds(mean_saliency: Mapping[str, jax.Array], rate: float) -> dict[str,
   return out
 
 
-def accumulate(state: State, saliencies: Mapping[str, jax.Array],
-               weight: jax.Array | None = None) -> State:
+def accumulate(state: State, saliencies: Mapping[str, jax.Array], weight: jax.Array | None = None) -> State:
   """Adds a training batch's soft saliencies to the epoch sums (`weight`: 0 for padding)."""
   sums = {}
   for name, s in saliencies.items():
@@ -274,26 +282,24 @@ def refresh(state: State, epoch: int, epochs: int, target: float, *, every: int 
   if epoch >= 1 and epoch % every == 0 and float(state.count) > 0:
     mean = {k: v / state.count for k, v in state.sal_sum.items()}
     state = state._replace(thresholds=thresholds(mean, kept_rate(epoch, epochs, target)))
-  return state._replace(sal_sum={k: jnp.zeros_like(v) for k, v in state.sal_sum.items()},
-                        count=jnp.float32(0.0))
+  return state._replace(sal_sum={k: jnp.zeros_like(v) for k, v in state.sal_sum.items()}, count=jnp.float32(0.0))
 
 
 # -------------------------------------------------------------------- cost ----
+
 
 def gate_macs(layers: tuple[GateLayer, ...]) -> int:
   """MACs of the gates per sample: two dense layers each (pooling, bias not counted)."""
   return int(sum(l.c_in * l.hidden + l.hidden * l.size for l in layers))
 
 
-def per_sample_cost(graph: ChannelGraph, masks: Mapping[str, jax.Array], *,
-                    mode: str = "exact") -> jaxprune.Cost:
+def per_sample_cost(graph: ChannelGraph, masks: Mapping[str, jax.Array], *, mode: str = "exact") -> jaxprune.Cost:
   """`jaxprune.cost` of every sample's masks (a channel runs where its gate is > 0)."""
   hard = {k: (jnp.asarray(v) > 0).astype(jnp.float32) for k, v in masks.items()}
   return jax.vmap(lambda m: jaxprune.cost(graph, m, mode=mode))(hard)
 
 
-def paper_macs(graph: ChannelGraph, layers: tuple[GateLayer, ...],
-               masks: Mapping[str, jax.Array]) -> jax.Array:
+def paper_macs(graph: ChannelGraph, layers: tuple[GateLayer, ...], masks: Mapping[str, jax.Array]) -> jax.Array:
   """The official count (A10), per sample: a block's first conv reads its input dense
   and computes its open channels, the second reads those and computes its own open
   ones; stem, shortcut and classifier dense. The exact count is lower where a
@@ -304,9 +310,9 @@ def paper_macs(graph: ChannelGraph, layers: tuple[GateLayer, ...],
   for l in layers:
     n = (jnp.asarray(masks[l.name]) > 0).sum(-1)
     d = dense.per_layer[l.layer]["macs"]
-    if graph.group(l.name).kind == "channel":   # a block's first conv
+    if graph.group(l.name).kind == "channel":  # a block's first conv
       total = total + d * (n / l.size - 1.0)
-    else:                                       # its second: input and output gated
+    else:  # its second: input and output gated
       total = total + exact.per_layer[l.layer]["macs"] - d
   return total
 

@@ -51,6 +51,7 @@ Example:
   ...                      config=pagcp.Config(total=1.5))
   >>> small = jaxprune.slim(result.variables, graph, result.masks)
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,6 +97,7 @@ class Config(NamedTuple):
   official_quirks: reproduce the official handling of a unit where no ratio
     breaks the tolerance (see the module docstring).
   """
+
   delta0: float = 0.05
   total: float = 1.5
   ratios: tuple[float, ...] = RATIOS
@@ -113,11 +115,14 @@ class Config(NamedTuple):
 def check_config(config: Config) -> None:
   """Raises a ValueError that names a setting out of range."""
   if not (isinstance(config.delta0, numbers.Real) and 0.0 < config.delta0 <= 1.0):
-    raise ValueError(f"delta0 (δ0) must be in (0, 1], the first unit's tolerated relative loss "
-                     f"rise; got {config.delta0!r}")
+    raise ValueError(
+      f"delta0 (δ0) must be in (0, 1], the first unit's tolerated relative loss rise; got {config.delta0!r}"
+    )
   if not (isinstance(config.total, numbers.Real) and config.total > 1.0 + config.delta0):
-    raise ValueError(f"total (T) must exceed 1 + delta0 = {1 + config.delta0}: the first unit "
-                     f"alone may raise the loss by that factor; got {config.total!r}")
+    raise ValueError(
+      f"total (T) must exceed 1 + delta0 = {1 + config.delta0}: the first unit "
+      f"alone may raise the loss by that factor; got {config.total!r}"
+    )
   r = np.asarray(config.ratios, float)
   if r.ndim != 1 or r.size < 1 or not np.all((r > 0) & (r < 1)) or np.any(np.diff(r) <= 0):
     raise ValueError(f"ratios must increase strictly within (0, 1), got {config.ratios!r}")
@@ -131,8 +136,7 @@ def check_config(config: Config) -> None:
     if u not in jaxprune.UNITS:
       raise ValueError(f"unknown cost unit {u!r}; choose one of {jaxprune.UNITS}")
   if config.target is not None and not 0.0 < config.target <= 1.0:
-    raise ValueError(f"target must be None or a fraction in (0, 1] of the dense cost, got "
-                     f"{config.target!r}")
+    raise ValueError(f"target must be None or a fraction in (0, 1] of the dense cost, got {config.target!r}")
 
 
 # --------------------------------------------------------------------------- schedule
@@ -157,7 +161,7 @@ def tolerance_decay(delta0: float, num_units: int, total: float) -> float:
   powers = np.arange(num_units)
 
   def f(lam: float) -> float:
-    return float(np.sum(np.log1p(delta0 * lam ** powers)) - math.log(total))
+    return float(np.sum(np.log1p(delta0 * lam**powers)) - math.log(total))
 
   hi = 1.0
   while f(hi) < 0:
@@ -175,8 +179,9 @@ def _producer(graph: ChannelGraph, member) -> bool:
   return graph.is_param[i] and len(shape) >= 2 and member.axis == len(shape) - 1
 
 
-def _filter_scores(variables: Any, masks: Mapping[str, jax.Array], graph: ChannelGraph,
-                   norm: str) -> dict[str, jax.Array]:
+def _filter_scores(
+  variables: Any, masks: Mapping[str, jax.Array], graph: ChannelGraph, norm: str
+) -> dict[str, jax.Array]:
   leaves = jax.tree_util.tree_leaves(variables)
   keep = jax.tree_util.tree_leaves(jaxprune.expand(graph, masks))
   named = {n: (x, m) for n, x, m in zip(graph.leaf_names, leaves, keep)}
@@ -188,16 +193,15 @@ def _filter_scores(variables: Any, masks: Mapping[str, jax.Array], graph: Channe
     for mem in producers:
       x, m = named[mem.leaf]
       w = jnp.moveaxis(x * m, mem.axis, 0)[mem.index].reshape(mem.index.size, -1)
-      alive = jnp.maximum(jnp.moveaxis(m, mem.axis, 0)[mem.index].reshape(mem.index.size, -1)
-                          .sum(1), 1.0)
+      alive = jnp.maximum(jnp.moveaxis(m, mem.axis, 0)[mem.index].reshape(mem.index.size, -1).sum(1), 1.0)
       # Mean over the filter's live weights: the filter as the slimmed network has it.
       s = jnp.abs(w).sum(1) / alive if norm == "l1" else jnp.sqrt((w * w).sum(1) / alive)
       total = total + jax.ops.segment_sum(s, jnp.asarray(mem.position), g.size)
     if not producers:  # no kernel produces these channels: the core's criterion
       if fallback is None:
         weighted = jax.tree_util.tree_map(
-            lambda x, m: x * m if jnp.issubdtype(x.dtype, jnp.floating) else x, variables,
-            jaxprune.expand(graph, masks))
+          lambda x, m: x * m if jnp.issubdtype(x.dtype, jnp.floating) else x, variables, jaxprune.expand(graph, masks)
+        )
         fallback = getattr(jaxprune.criteria, norm)(weighted, graph)
       total = fallback[g.name]
     out[g.name] = total
@@ -209,8 +213,9 @@ def _jitted_scores(graph: ChannelGraph, norm: str):
   return jax.jit(lambda v, m: _filter_scores(v, m, graph, norm))
 
 
-def filter_scores(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] | None = None,
-                  *, norm: str = "l1", jit: bool = True) -> dict[str, jax.Array]:
+def filter_scores(
+  variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] | None = None, *, norm: str = "l1", jit: bool = True
+) -> dict[str, jax.Array]:
   """Per-filter norm of every group's channels in the network under `masks`.
 
   A channel's score is the mean |w| ("l1") or root mean square ("l2") of its
@@ -225,8 +230,7 @@ def filter_scores(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] 
   """
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-  masks = graph.ones() if masks is None else {k: jnp.asarray(v, jnp.float32)
-                                              for k, v in masks.items()}
+  masks = graph.ones() if masks is None else {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()}
   jaxprune.check_masks(graph, masks)
   if jit:
     return _jitted_scores(graph, norm)(variables, masks)
@@ -238,9 +242,10 @@ def filter_scores(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] 
 
 class Unit(NamedTuple):
   """A prunable unit: one channel group of the shared part of the network."""
+
   name: str
-  size: int             # live channels at the start of the round
-  contribution: float   # cost removed when `probe` of them alone are pruned
+  size: int  # live channels at the start of the round
+  contribution: float  # cost removed when `probe` of them alone are pruned
 
 
 def _np_masks(graph: ChannelGraph, masks: Mapping[str, Any] | None) -> Masks:
@@ -278,9 +283,15 @@ def _cost(graph: ChannelGraph, masks: Masks, unit: str, mode: str) -> float:
   return float(jaxprune.ratio(graph, masks, unit, mode=mode))
 
 
-def shared_units(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] | None = None, *,
-                 groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
-                 config: Config = Config()) -> tuple[Unit, ...]:
+def shared_units(
+  variables: Any,
+  graph: ChannelGraph,
+  masks: Mapping[str, Any] | None = None,
+  *,
+  groups: Sequence[str] | None = None,
+  prefix: str | None = "encoder.",
+  config: Config = Config(),
+) -> tuple[Unit, ...]:
   """The units of a round in trace order, with their FLOPs contribution.
 
   `groups` names them; by default every channel group whose name starts
@@ -299,14 +310,14 @@ def shared_units(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any] |
       raise ValueError(f"unknown groups {unknown}; the graph's groups are {names}")
     chosen = [n for n in names if n in set(groups)]
   else:
-    chosen = [g.name for g in graph.groups if g.kind == "channel"
-              and (prefix is None or g.name.startswith(prefix))]
+    chosen = [g.name for g in graph.groups if g.kind == "channel" and (prefix is None or g.name.startswith(prefix))]
   chosen = [n for n in chosen if m[n].sum() >= 2]
   if not chosen:
     raise ValueError(
-        f"no unit to prune: no group with >= 2 live channels among "
-        f"{list(groups) if groups is not None else f'names starting with {prefix!r}'}. "
-        f"Pass groups= (the graph's groups: {names}).")
+      f"no unit to prune: no group with >= 2 live channels among "
+      f"{list(groups) if groups is not None else f'names starting with {prefix!r}'}. "
+      f"Pass groups= (the graph's groups: {names})."
+    )
   scores = filter_scores(variables, graph, m, norm=config.criterion)
   base = _cost(graph, m, config.unit, config.mode)
   out = []
@@ -335,9 +346,10 @@ def check_target(graph: ChannelGraph, masks: Masks, units: Sequence[Unit], confi
   least = _cost(graph, floor, config.target_unit, config.mode)
   if config.target < least:
     raise ValueError(
-        f"target {config.target} of the dense {config.target_unit} cannot be met: keeping one "
-        f"channel in each of the {len(units)} units already costs {least:.4f}. Raise the "
-        "target or prune more groups (groups=).")
+      f"target {config.target} of the dense {config.target_unit} cannot be met: keeping one "
+      f"channel in each of the {len(units)} units already costs {least:.4f}. Raise the "
+      "target or prune more groups (groups=)."
+    )
 
 
 # --------------------------------------------------------------------------- greedy scan
@@ -355,6 +367,7 @@ class UnitScan(NamedTuple):
   loss_total: summed task losses at `ratio` (the top-k filter's loss rise is
     loss_total - base_total).
   """
+
   name: str
   size: int
   contribution: float
@@ -380,6 +393,7 @@ class State(NamedTuple):
   units: the units in scan order.
   scans: the units scanned so far.
   """
+
   masks: Masks
   base: np.ndarray
   base_total: float
@@ -393,9 +407,16 @@ class State(NamedTuple):
     return len(self.scans) == len(self.units)
 
 
-def init(variables: Any, graph: ChannelGraph, oracle: Oracle, masks: Mapping[str, Any] | None = None,
-         *, groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
-         config: Config = Config()) -> State:
+def init(
+  variables: Any,
+  graph: ChannelGraph,
+  oracle: Oracle,
+  masks: Mapping[str, Any] | None = None,
+  *,
+  groups: Sequence[str] | None = None,
+  prefix: str | None = "encoder.",
+  config: Config = Config(),
+) -> State:
   """Units in scan order, λ, and the base losses of the network under `masks`.
 
   Raises:
@@ -409,8 +430,10 @@ def init(variables: Any, graph: ChannelGraph, oracle: Oracle, masks: Mapping[str
   lam = tolerance_decay(config.delta0, len(units), config.total)
   base = oracle.evaluate(variables, m, units[0].name, m[units[0].name][None])[0]
   if not np.all(np.isfinite(base) & (base > 0)):
-    raise ValueError(f"base losses {dict(zip(oracle.tasks, base))} must be finite and > 0: PAGCP "
-                     "compares each task's loss with its base loss relatively")
+    raise ValueError(
+      f"base losses {dict(zip(oracle.tasks, base))} must be finite and > 0: PAGCP "
+      "compares each task's loss with its base loss relatively"
+    )
   return State(m, base, float(base.sum()), float(config.delta0), lam, scan_order(units, lam), ())
 
 
@@ -429,8 +452,7 @@ def first_break(losses: np.ndarray, base: np.ndarray, delta: float) -> tuple[int
   return i, int(np.argmax(rel[i]))
 
 
-def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
-           config: Config = Config()) -> State:
+def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle, config: Config = Config()) -> State:
   """Scans the next unit: evaluates its candidate ratios on the greedy network
   and prunes it at the last ratio before the tolerance breaks."""
   if state.done:
@@ -442,17 +464,17 @@ def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
   # Ratios that prune as many channels give the same network: evaluated once
   # (the official code re-evaluates them; the decisions are the same).
   distinct, row = np.unique(counts, return_inverse=True)
-  candidates = np.stack([remove_lowest(state.masks, unit.name, scores, c)[unit.name]
-                         for c in distinct])
+  candidates = np.stack([remove_lowest(state.masks, unit.name, scores, c)[unit.name] for c in distinct])
   if config.batched:
     losses = oracle.evaluate(variables, state.masks, unit.name, candidates)[row]
   else:
     losses = np.full((len(counts), len(oracle.tasks)), np.nan)
     for i, k in enumerate(row):
       same = np.nonzero(row[:i] == k)[0]
-      losses[i] = (losses[same[0]] if same.size else
-                   oracle.evaluate(variables, state.masks, unit.name, candidates[k:k + 1])[0])
-      if first_break(losses[i:i + 1], state.base, state.delta)[0] == 0:
+      losses[i] = (
+        losses[same[0]] if same.size else oracle.evaluate(variables, state.masks, unit.name, candidates[k : k + 1])[0]
+      )
+      if first_break(losses[i : i + 1], state.base, state.delta)[0] == 0:
         break
   fail, task = first_break(losses, state.base, state.delta)
   last = len(counts) - 1
@@ -470,19 +492,29 @@ def update(state: State, variables: Any, graph: ChannelGraph, oracle: Oracle,
     delta = delta * state.lam
   ratio = float(config.ratios[accepted]) if accepted >= 0 and counts[accepted] > 0 else 0.0
   scan = UnitScan(
-      unit.name, live, unit.contribution, counts, losses, state.base, state.base_total,
-      state.delta, fail, oracle.tasks[task] if fail >= 0 else None, ratio,
-      counts[accepted] if prune_greedy else 0,
-      float(losses[accepted].sum()) if ratio > 0 else state.base_total)
-  return state._replace(masks=masks, base=base, base_total=base_total, delta=delta,
-                        scans=state.scans + (scan,))
+    unit.name,
+    live,
+    unit.contribution,
+    counts,
+    losses,
+    state.base,
+    state.base_total,
+    state.delta,
+    fail,
+    oracle.tasks[task] if fail >= 0 else None,
+    ratio,
+    counts[accepted] if prune_greedy else 0,
+    float(losses[accepted].sum()) if ratio > 0 else state.base_total,
+  )
+  return state._replace(masks=masks, base=base, base_total=base_total, delta=delta, scans=state.scans + (scan,))
 
 
 # --------------------------------------------------------------------------- top-k, re-application
 
 
-def topk_ratios(state: State, variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
-                config: Config = Config()) -> dict[str, float]:
+def topk_ratios(
+  state: State, variables: Any, graph: ChannelGraph, masks: Mapping[str, Any], config: Config = Config()
+) -> dict[str, float]:
   """The official `get_ratio`: the int(L topk) pruned units with the smallest
   loss rise per cost removed keep their ratio, in scan order.
 
@@ -498,12 +530,13 @@ def topk_ratios(state: State, variables: Any, graph: ChannelGraph, masks: Mappin
     m = remove_lowest(m, s.name, scores, prune_count(s.ratio, int(m[s.name].sum())))
     removed = before - _cost(graph, m, config.unit, config.mode)
     value[s.name] = (s.loss_total - s.base_total) / (removed + 1e-20)
-  keep = set(sorted(value, key=value.__getitem__)[:int(len(state.units) * config.topk)])
+  keep = set(sorted(value, key=value.__getitem__)[: int(len(state.units) * config.topk)])
   return {s.name: s.ratio for s in pruned if s.name in keep}
 
 
-def apply_ratios(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
-                 ratios: Mapping[str, float], config: Config = Config()) -> tuple[Masks, bool]:
+def apply_ratios(
+  variables: Any, graph: ChannelGraph, masks: Mapping[str, Any], ratios: Mapping[str, float], config: Config = Config()
+) -> tuple[Masks, bool]:
   """Prunes each unit at its ratio, in order, scores recomputed on the current
   network; returns the masks and whether the cost target is met.
 
@@ -514,8 +547,7 @@ def apply_ratios(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
   m = _np_masks(graph, masks)
 
   def reached(mm: Masks) -> bool:
-    return (config.target is not None
-            and _cost(graph, mm, config.target_unit, config.mode) <= config.target * (1 + 1e-9))
+    return config.target is not None and _cost(graph, mm, config.target_unit, config.mode) <= config.target * (1 + 1e-9)
 
   if reached(m):
     return m, True
@@ -538,6 +570,7 @@ def apply_ratios(variables: Any, graph: ChannelGraph, masks: Mapping[str, Any],
 class Round(NamedTuple):
   """One round: the greedy scan, the ratios kept by the top-k filter, the masks
   after re-applying them, and the cost left (fraction of the dense `target_unit`)."""
+
   state: State
   ratios: dict[str, float]
   masks: Masks
@@ -548,6 +581,7 @@ class Result(NamedTuple):
   """masks: final hard masks on the traced graph (slim with them);
   variables: after the last finetune; reached: whether the target is met (None
   without a target)."""
+
   masks: Masks
   variables: Any
   rounds: tuple[Round, ...]
@@ -557,10 +591,17 @@ class Result(NamedTuple):
 Finetune = Callable[[Any, Masks, int], Any]
 
 
-def prune_round(variables: Any, graph: ChannelGraph, oracle: Oracle,
-                masks: Mapping[str, Any] | None = None, *, groups: Sequence[str] | None = None,
-                prefix: str | None = "encoder.", config: Config = Config(),
-                on_unit: Callable[[UnitScan], None] | None = None) -> tuple[Round, bool]:
+def prune_round(
+  variables: Any,
+  graph: ChannelGraph,
+  oracle: Oracle,
+  masks: Mapping[str, Any] | None = None,
+  *,
+  groups: Sequence[str] | None = None,
+  prefix: str | None = "encoder.",
+  config: Config = Config(),
+  on_unit: Callable[[UnitScan], None] | None = None,
+) -> tuple[Round, bool]:
   """Greedy scan of every unit, top-k filter, re-application (one round, no finetune)."""
   start = _np_masks(graph, masks)
   state = init(variables, graph, oracle, start, groups=groups, prefix=prefix, config=config)
@@ -573,10 +614,19 @@ def prune_round(variables: Any, graph: ChannelGraph, oracle: Oracle,
   return Round(state, ratios, out, _cost(graph, out, config.target_unit, config.mode)), reached
 
 
-def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 1,
-          finetune: Finetune | None = None, masks: Mapping[str, Any] | None = None,
-          groups: Sequence[str] | None = None, prefix: str | None = "encoder.",
-          config: Config = Config(), on_unit: Callable[[UnitScan], None] | None = None) -> Result:
+def prune(
+  variables: Any,
+  graph: ChannelGraph,
+  oracle: Oracle,
+  *,
+  rounds: int = 1,
+  finetune: Finetune | None = None,
+  masks: Mapping[str, Any] | None = None,
+  groups: Sequence[str] | None = None,
+  prefix: str | None = "encoder.",
+  config: Config = Config(),
+  on_unit: Callable[[UnitScan], None] | None = None,
+) -> Result:
   """Rounds of PAGCP, each followed by `finetune(variables, masks, round)`.
 
   `finetune` trains the network under the round's masks (e.g. through
@@ -597,8 +647,9 @@ def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 
   done: list[Round] = []
   reached = False
   for r in range(rounds):
-    result, reached = prune_round(variables, graph, oracle, current, groups=groups, prefix=prefix,
-                                  config=config, on_unit=on_unit)
+    result, reached = prune_round(
+      variables, graph, oracle, current, groups=groups, prefix=prefix, config=config, on_unit=on_unit
+    )
     done.append(result)
     stalled = all(np.array_equal(result.masks[k], current[k]) for k in current)
     current = result.masks
@@ -610,8 +661,29 @@ def prune(variables: Any, graph: ChannelGraph, oracle: Oracle, *, rounds: int = 
 
 
 __all__ = [
-    "Config", "Oracle", "RATIOS", "Result", "Round", "State", "Unit", "UnitScan", "apply_ratios",
-    "check_config", "check_target", "cross_entropy_losses", "filter_scores", "first_break", "init",
-    "make_oracle", "prune", "prune_count", "prune_round", "remove_lowest", "scan_order",
-    "shared_units", "tolerance_decay", "topk_ratios", "update",
+  "Config",
+  "Oracle",
+  "RATIOS",
+  "Result",
+  "Round",
+  "State",
+  "Unit",
+  "UnitScan",
+  "apply_ratios",
+  "check_config",
+  "check_target",
+  "cross_entropy_losses",
+  "filter_scores",
+  "first_break",
+  "init",
+  "make_oracle",
+  "prune",
+  "prune_count",
+  "prune_round",
+  "remove_lowest",
+  "scan_order",
+  "shared_units",
+  "tolerance_decay",
+  "topk_ratios",
+  "update",
 ]

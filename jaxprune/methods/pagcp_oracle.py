@@ -16,6 +16,7 @@ Example:
   ...     {"image": x_val, "label": y_val})
   >>> losses = oracle.evaluate(variables, masks, "encoder.stem.conv", candidates)  # [K, 2]
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,6 +43,7 @@ class Oracle(NamedTuple):
   `losses` is the pure function it jits,
   `losses(variables, masks, candidates, batches, weights, group=...)`.
   """
+
   tasks: tuple[str, ...]
   evaluate: Callable[[Any, Mapping[str, Any], str, Any], np.ndarray]
   losses: Callable
@@ -58,12 +60,15 @@ def cross_entropy_losses(tasks: Sequence[str], label_key: str = "label") -> dict
 
   >>> losses = cross_entropy_losses(("left", "right"))
   """
+
   def make(t: int, name: str) -> LossFn:
     def loss(outputs, batch):
       logp = jax.nn.log_softmax(outputs[name])
       label = batch[label_key][:, t]
       return -jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0]
+
     return loss
+
   return {name: make(t, name) for t, name in enumerate(tasks)}
 
 
@@ -75,8 +80,9 @@ def _batches(data: Any, batch_size: int) -> tuple[Any, jax.Array, int]:
   sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in paths}
   if len(set(sizes.values())) != 1 or None in sizes.values():
     raise ValueError(
-        "the validation data's arrays must share their first (sample) axis, one row per "
-        f"sample for every task; got leading sizes {sizes}")
+      "the validation data's arrays must share their first (sample) axis, one row per "
+      f"sample for every task; got leading sizes {sizes}"
+    )
   n = next(iter(sizes.values()))
   if n == 0:
     raise ValueError("the validation data has no samples")
@@ -94,9 +100,17 @@ def _batches(data: Any, batch_size: int) -> tuple[Any, jax.Array, int]:
   return jax.tree_util.tree_map(split, data), jnp.asarray(weights), b
 
 
-def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, LossFn], data: Any,
-                *, inputs: Callable[[Any], tuple] | None = None, batch_size: int = 16,
-                chunk: int | None = None, devices: Sequence[jax.Device] | None = None) -> Oracle:
+def make_oracle(
+  fn: Callable,
+  graph: ChannelGraph,
+  task_losses: Mapping[str, LossFn],
+  data: Any,
+  *,
+  inputs: Callable[[Any], tuple] | None = None,
+  batch_size: int = 16,
+  chunk: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> Oracle:
   """The batched per-task oracle of a network on a validation set.
 
   Args:
@@ -149,15 +163,15 @@ def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, Los
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = None
   if len(devices) > 1:
-    mesh = jax.make_mesh((len(devices),), ("candidates",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((len(devices),), ("candidates",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
   @functools.lru_cache(maxsize=None)
   def compiled(group: str):  # one program per unit: its prefix is shared differently
     run = functools.partial(losses, group=group)
     if mesh is not None:
-      run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), P("candidates"), P(), P()),
-                          out_specs=P("candidates"), check_vma=False)
+      run = jax.shard_map(
+        run, mesh=mesh, in_specs=(P(), P(), P("candidates"), P(), P()), out_specs=P("candidates"), check_vma=False
+      )
     return jax.jit(run)
 
   checked: list[bool] = []
@@ -168,23 +182,21 @@ def make_oracle(fn: Callable, graph: ChannelGraph, task_losses: Mapping[str, Los
     candidates = jnp.asarray(candidates, jnp.float32)
     size = graph.group(group).size
     if candidates.ndim != 2 or candidates.shape[1] != size or candidates.shape[0] < 1:
-      raise ValueError(f"candidates for group {group!r} must have shape [K >= 1, {size}], got "
-                       f"{candidates.shape}")
+      raise ValueError(f"candidates for group {group!r} must have shape [K >= 1, {size}], got {candidates.shape}")
     if not checked:
-      _check_task_shapes(fn, variables, tasks, loss_fns, inputs,
-                         jax.tree_util.tree_map(lambda x: x[0], batches), b)
+      _check_task_shapes(fn, variables, tasks, loss_fns, inputs, jax.tree_util.tree_map(lambda x: x[0], batches), b)
       checked.append(True)
     k = candidates.shape[0]
     step = k if chunk is None else min(chunk, k)
     step = -(-step // len(devices)) * len(devices)
     outs = []
     for start in range(0, k, step):
-      part = candidates[start:start + step]
+      part = candidates[start : start + step]
       short = step - part.shape[0]
       if short:  # one compiled shape for every chunk: repeat the last candidate
         part = jnp.concatenate([part, jnp.repeat(part[-1:], short, 0)])
       out = compiled(group)(variables, masks, part, batches, weights)
-      outs.append(np.asarray(out, np.float64)[:step - short])
+      outs.append(np.asarray(out, np.float64)[: step - short])
     return np.concatenate(outs)
 
   return Oracle(tasks, evaluate, losses, batches, weights)
@@ -196,6 +208,7 @@ def _check_task_shapes(fn, variables, tasks, loss_fns, inputs, batch, b: int) ->
     shape = jax.eval_shape(loss, outputs, batch).shape
     if shape != (b,):
       raise ValueError(
-          f"task {t!r}: its loss returns shape {shape} for a batch of {b} samples; a task loss "
-          "must return one loss per sample of the shared batch (does it read labels or "
-          "outputs with another number of rows?)")
+        f"task {t!r}: its loss returns shape {shape} for a batch of {b} samples; a task loss "
+        "must return one loss per sample of the shared batch (does it read labels or "
+        "outputs with another number of rows?)"
+      )

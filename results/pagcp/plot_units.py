@@ -1,6 +1,6 @@
 """Per-unit accepted ratios of a PAGCP run, coloured by each unit's most sensitive task.
 
-  python results/pagcp/plot_units.py RUN_DIR --out results/pagcp/units.png
+python results/pagcp/plot_units.py RUN_DIR --out results/pagcp/units.png
 """
 
 from __future__ import annotations
