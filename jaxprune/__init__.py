@@ -9,7 +9,8 @@ Example:
   >>> graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)))
   >>> scores = jaxprune.criteria.l1(variables, graph)
   >>> masks = jaxprune.select.global_topk(scores, graph, budget=0.5, unit="macs")
-  >>> jaxprune.cost(graph, masks).macs / jaxprune.cost(graph).macs   # ~0.5
+  >>> float(jaxprune.cost(graph, masks).macs / jaxprune.cost(graph).macs) <= 0.5
+  True
   >>> small_model = jaxprune.slim_module(model, graph, masks)       # a smaller nnx.Module
 
 The core (everything but `functional`, `module`, `slim_module` and

@@ -12,8 +12,7 @@ A cache folder the user set for JAX itself (``JAX_COMPILATION_CACHE_DIR`` or
 
 Example:
   >>> from jaxprune import compilation_cache
-  >>> compilation_cache.enable()          # idempotent; returns the folder or None
-  '/home/me/.cache/jaxprune/xla'
+  >>> folder = compilation_cache.enable()   # idempotent; the folder, or None when off
 """
 
 from __future__ import annotations

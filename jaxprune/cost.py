@@ -176,7 +176,8 @@ def cost(graph: ChannelGraph, masks: Masks | None = None, *, mode: str = "exact"
   Example:
     >>> c = jaxprune.cost(graph, graph.ones())
     >>> float(c.macs), float(c.params)
-    >>> jax.grad(lambda m: jaxprune.cost(graph, m).macs)(graph.ones())
+    (40551040.0, 269722.0)
+    >>> grads = jax.grad(lambda m: jaxprune.cost(graph, m).macs)(graph.ones())
   """
   if mode not in ("exact", "paper"):
     raise ValueError(f"mode must be 'exact' or 'paper', got {mode!r}")

@@ -94,7 +94,8 @@ def producers(fn: Callable, graph: ChannelGraph, variables: Any, *args: Any) -> 
   Groups no conv/dense produces (e.g. channels born in a zero padding) are left
   out; the result is in program order. Example:
     >>> prods = jaxprune.producers(fn, graph, variables, x[:1])
-    >>> prods["layer1.0.conv1"].c_in     # 16
+    >>> prods["layer1.0.conv1"].c_in
+    16
   """
   fl, leaf_vals, _, _, _ = analyze(fn, variables, args)
   toks = _tokens_of(graph, fl, leaf_vals)
@@ -136,8 +137,10 @@ def gated(
     ...   h = inp.x.mean(inp.producer.spatial_axes)
     ...   logits = h @ p["w"]
     ...   return (logits > 0).astype(jnp.float32), logits
+    >>> params = {"layer1.0.conv1": {"w": jnp.ones((16, 16))}}   # the gates' own parameters
     >>> out, aux = jaxprune.gated(fn, graph, gate, ["layer1.0.conv1"])(variables, params, x)
-    >>> aux.masks["layer1.0.conv1"].shape       # (batch, 16)
+    >>> aux.masks["layer1.0.conv1"].shape       # (batch, channels)
+    (8, 16)
   """
   names = [g.name for g in graph.groups]
   unknown = [n for n in groups if n not in names]

@@ -15,6 +15,7 @@ Example:
   >>> model.eval()
   >>> fn, variables = jaxprune.functional(model)           # fn(variables, x) == model(x)
   >>> graph = jaxprune.trace(fn, variables, x[:1])
+  >>> masks = jaxprune.select.global_topk(jaxprune.criteria.l1(variables, graph), graph, budget=0.5)
   >>> small = jaxprune.slim(variables, graph, masks)
   >>> small_model = jaxprune.module(model, small)          # a runnable, smaller nnx.Module
 """
@@ -71,7 +72,9 @@ def apply_fn(graphdef: nnx.GraphDef, *, train: bool = False, method: str = "__ca
   averages). `train=True`: `fn(v, *args) -> (output, new batch_stats)` with
   batch statistics, the way a train step needs it.
 
-  >>> eval_fn = apply_fn(graphdef); train_fn = apply_fn(graphdef, train=True)
+  >>> graphdef, variables = jaxprune.nnx_bridge.split(model)
+  >>> eval_fn = apply_fn(graphdef)
+  >>> train_fn = apply_fn(graphdef, train=True)
   """
 
   def fn(v, *args):
@@ -185,7 +188,8 @@ def slim_module(model: nnx.Module, graph, masks) -> nnx.Module:
 
   Example:
     >>> small_model = jaxprune.slim_module(model, graph, masks)
-    >>> small_model(x)    # == jaxprune.masked(fn, graph)(variables, masks, x)
+    >>> bool(jnp.allclose(small_model(x), jaxprune.masked(fn, graph)(variables, masks, x), atol=1e-5))
+    True
   """
   from jaxprune.slim import slim  # the core; no flax there
 

@@ -212,7 +212,8 @@ def trace(fn: Callable, variables: Any, *example_args: Any, branches: bool = Fal
   Example:
     >>> fn, variables = jaxprune.functional(model)
     >>> graph = jaxprune.trace(fn, variables, jnp.zeros((1, 32, 32, 3)), branches=True)
-    >>> [g.name for g in graph.groups if g.kind == "branch"][:2]  # ['conv1:branch', ...]
+    >>> [g.name for g in graph.groups if g.kind == "branch"][:2]
+    ['conv1:branch', 'layer1.0.conv2:branch']
   """
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   names = leaf_names(variables)

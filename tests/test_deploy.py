@@ -286,6 +286,15 @@ def test_loaded_equals_slimmed_model(exported, batch):
   assert net(np.asarray(x)).shape == (batch, 10)
 
 
+def test_load_takes_a_relative_path(exported, monkeypatch):
+  # orbax restores absolute paths only; a user types the folder as the CLI printed it
+  small_model, path, _ = exported
+  monkeypatch.chdir(os.path.dirname(path))
+  net = deploy.load(os.path.basename(path))
+  x = input_((2, 32, 32, 3), seed=0)
+  assert_close(net(x), small_model(x))
+
+
 def test_load_needs_no_model_code(exported):
   # A fresh interpreter loads and runs the artifact with jax and orbax alone.
   _, path, _ = exported

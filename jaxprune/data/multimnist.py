@@ -144,6 +144,7 @@ def loader(tasks: Sequence[str] = ("left", "right"), *, seed: int = 0, max_shift
 
   Example (a variant with another seed, through the same pipelines):
     >>> import dataclasses, jaxprune.data as jd
+    >>> from jaxprune.data import multimnist
     >>> jd.register(dataclasses.replace(jd.get_info("multimnist"), name="multimnist_s1"),
     ...             multimnist.loader(seed=1), "none")
   """

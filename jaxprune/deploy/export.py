@@ -13,9 +13,10 @@ A deploy directory holds
 `jaxprune.deploy.load` runs it without the model's code.
 
 Example:
-  >>> card = jaxprune.deploy.export_module(small_model, "out/resnet56_50",
-  ...     input_shape=(32, 32, 3), card={"model": "resnet56", "budget": 0.5},
-  ...     normalisation={"mean": CIFAR10_MEAN, "std": CIFAR10_STD})
+  >>> info = jaxprune.data.get_info("cifar10_subset")
+  >>> card = jaxprune.deploy.export_module(small_model, "out/resnet20_50",
+  ...     input_shape=(32, 32, 3), card={"model": "resnet20", "budget": 0.5},
+  ...     normalisation={"mean": info.mean, "std": info.std})
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def export(
 
   Example:
     >>> fn, variables = jaxprune.functional(small_model)
-    >>> jaxprune.deploy.export(fn, variables, "out/net", input_shape=(32, 32, 3))
+    >>> card = jaxprune.deploy.export(fn, variables, "out/net", input_shape=(32, 32, 3))
   """
   card = dict(card or {})
   clash = sorted(set(card) & set(RESERVED))
@@ -186,8 +187,8 @@ def export_module(model, directory: str, *, input_shape: Sequence[int], fold: bo
 
   Example:
     >>> small_model = jaxprune.slim_module(model, graph, masks)
-    >>> jaxprune.deploy.export_module(small_model, "out/net", input_shape=(32, 32, 3),
-    ...                               card={"model": "resnet56", "budget": 0.5})
+    >>> card = jaxprune.deploy.export_module(small_model, "out/net", input_shape=(32, 32, 3),
+    ...                                      card={"model": "resnet20", "budget": 0.5})
   """
   from flax import nnx
 

@@ -1,9 +1,15 @@
 """Load a deploy directory and run it: no model code, only jax (and orbax for the weights).
 
 Example:
-  >>> net = jaxprune.deploy.load("out/resnet56_50")
-  >>> net.card["model"], net.input_shape          # ('resnet56', (32, 32, 3))
-  >>> logits = net(net.preprocess(images_uint8))  # any batch size
+  >>> info = jaxprune.data.get_info("cifar10_subset")
+  >>> card = jaxprune.deploy.export_module(small_model, "out/resnet20_50", input_shape=(32, 32, 3),
+  ...     card={"model": "resnet20"}, normalisation={"mean": info.mean, "std": info.std})
+  >>> net = jaxprune.deploy.load("out/resnet20_50")   # no model code needed
+  >>> net.card["model"], net.input_shape
+  ('resnet20', (32, 32, 3))
+  >>> images_uint8 = np.zeros((2, 32, 32, 3), np.uint8)
+  >>> net(net.preprocess(images_uint8)).shape   # any batch size
+  (2, 10)
 """
 
 from __future__ import annotations
@@ -116,9 +122,12 @@ def load(directory: str, *, device: jax.Device | None = None) -> Deployed:
   calling-convention versions, platform, weights against the artifact).
 
   Example:
-    >>> net = jaxprune.deploy.load("out/resnet56_50")
-    >>> net(x).shape                               # (len(x), 10)
+    >>> card = jaxprune.deploy.export_module(small_model, "out/net", input_shape=(32, 32, 3))
+    >>> net = jaxprune.deploy.load("out/net")
+    >>> net(x).shape, net(x[:1]).shape
+    ((8, 10), (1, 10))
   """
+  directory = os.path.abspath(os.path.expanduser(directory))  # orbax restores absolute paths only
   card_path = os.path.join(directory, CARD_FILE)
   if not os.path.exists(card_path):
     raise FileNotFoundError(

@@ -85,7 +85,8 @@ def pad_channels(
 
   Example:
     >>> padded, masks_up = jaxprune.deploy.pad_channels(graph, masks, small, 8)
-    >>> fn(padded, x)     # == fn(small, x)
+    >>> bool(jnp.allclose(jaxprune.module(model, padded)(x), small_model(x), atol=1e-5))
+    True
   """
   masks_up = round_up_masks(graph, masks, multiple)
   kept = jax.tree_util.tree_leaves(jaxprune.expand(graph, masks))

@@ -55,7 +55,7 @@ Example:
   >>> zeta = chipnet.init(jax.random.key(0), graph)
   >>> hp = chipnet.hparams(step=0)                    # beta=1, gamma=2, s=10
   >>> zhat, z = chipnet.project(zeta, hp.beta, hp.gamma)
-  >>> logits = jaxprune.masked(fn, graph)(variables, z, images)
+  >>> logits = jaxprune.masked(fn, graph)(variables, graph.complete(z), images)   # streams: 1
   >>> loss, parts = chipnet.penalty(graph, zeta, hp, budget=0.5, unit="volume")
   >>> hard = chipnet.threshold(zeta, graph, budget=0.5, unit="volume")
   >>> small = jaxprune.slim(variables, graph, hard)
@@ -151,7 +151,8 @@ def unit_groups(graph: ChannelGraph, units: str | None = None) -> list[str]:
   (units="branch", the official units), every group on a channel graph
   ("stream"). By default the units follow the graph.
 
-  >>> unit_groups(graph)[:3]   # ['conv1:branch', 'layer1.0.conv1', 'layer1.0.conv2:branch'] (names)
+  >>> unit_groups(graph)[:3]
+  ['layer1.0.conv1', 'layer1.1.conv1', 'layer1.2.conv1']
   """
   units = ("branch" if graph.has_branches else "stream") if units is None else units
   if units not in UNITS:
@@ -168,7 +169,8 @@ def init(key: jax.Array, graph: ChannelGraph, high: float = ZETA_INIT_HIGH, grou
   """ζ ~ U(0, high) per channel, one vector per masked group (official init).
 
   >>> zeta = init(jax.random.key(0), graph)
-  >>> {k: v.shape for k, v in zeta.items()}
+  >>> zeta["layer1.0.conv1"].shape, len(zeta)
+  ((16,), 19)
   """
   groups = unit_groups(graph) if groups is None else groups
   keys = jax.random.split(key, max(len(groups), 1))
@@ -259,7 +261,7 @@ def paper_volume(graph: ChannelGraph, masks: Mapping[str, jax.Array]) -> jax.Arr
   """The official volume budget: sum over the masked groups of activation area x kept
   channels, over the same with every channel kept (linear in the masks).
 
-  >>> paper_volume(graph, {n: jnp.ones(graph.group(n).size) for n in unit_groups(graph)})
+  >>> float(paper_volume(graph, {n: jnp.ones(graph.group(n).size) for n in unit_groups(graph)}))
   1.0
   """
   a = areas(graph, tuple(masks))
@@ -315,6 +317,7 @@ def penalty(
   Returns `(w_b · (V − V*)² + w_c · crispness, {"budget_loss", "crispness",
   "soft_budget"})`. Jit-able; `hp` may be traced.
 
+  >>> zeta = init(jax.random.key(0), graph)
   >>> loss, parts = penalty(graph, zeta, hparams(0), budget=0.5, unit="volume")
   """
   v = soft_budget(graph, zeta, hp, unit, min_channels=min_channels, mode=mode)
@@ -402,6 +405,7 @@ def threshold(
   group's mean: ChipNet's masks are on one global scale already. Groups
   without scores (residual streams on branch units) are kept whole.
 
+  >>> zeta = init(jax.random.key(0), graph)
   >>> hard = threshold(zeta, graph, budget=0.25, unit="volume")
   >>> float(jaxprune.ratio(graph, hard, "volume")) <= 0.25
   True

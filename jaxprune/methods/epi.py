@@ -25,12 +25,12 @@ Example:
   >>> cfg = epi.Config(criterion="magnitude", prune_ratio=0.5, unit="macs")
   >>> tracker = epi.init([g.size for g in graph.groups], capacity=epochs + 1)
   >>> for epoch in range(epochs + 1):                           # record 0: at init
-  ...   if epoch: state = train_one_epoch(state)
-  ...   scores = epi.scores(cfg, spec, graph, variables(state))
+  ...   # epoch > 0: train one epoch here, then score the new variables
+  ...   scores = epi.scores(cfg, spec, graph, variables)
   ...   sub = epi.dominant(scores, graph, cfg)
   ...   tracker, fire = epi.update(tracker, sub.counts, sub.flat, cfg)
-  ...   if fire:
-  ...     state = epi.slim_state(state, graph, sub.masks)       # params, stats, momentum
+  ...   if fire:  # prune now: state = epi.slim_state(state, graph, sub.masks)
+  ...     break
 """
 
 from __future__ import annotations
@@ -309,7 +309,12 @@ def taylor_accumulate(
 
   Steps with a non-finite score are skipped, as HALP does. Jit-able.
 
-  >>> acc = epi.taylor_accumulate(acc, spec, state.params, grads["params"])
+  >>> spec = epi.channel_leaves(graph)
+  >>> acc = epi.taylor_init(spec)
+  >>> grads = jax.tree.map(jnp.ones_like, variables)   # the train step's gradients
+  >>> acc = epi.taylor_accumulate(acc, spec, variables["params"], grads["params"])
+  >>> int(acc.count)
+  1
   """
   c = taylor_step(spec, params, grads, square=square)
   ok = jnp.all(jnp.isfinite(c))
@@ -399,7 +404,10 @@ class Subnetwork(NamedTuple):
 def dominant(scores: Mapping[str, jax.Array], graph: ChannelGraph, config: Config) -> Subnetwork:
   """What the core's global selection keeps at ratio p now (host side, once per epoch).
 
-  >>> sub = epi.dominant(scores, graph, cfg); sub.counts   # int32[groups]
+  >>> cfg = epi.Config(prune_ratio=0.5)
+  >>> sub = epi.dominant(epi.scores(cfg, epi.channel_leaves(graph), graph, variables), graph, cfg)
+  >>> sub.counts.shape == (len(graph.groups),)   # kept channels per group
+  True
   """
   masks = select.global_topk(
     scores,
@@ -596,7 +604,13 @@ def last_masks(state: State, graph: ChannelGraph) -> dict[str, jax.Array]:
   epoch just ended), by group name.
 
   Example:
+    >>> cfg = epi.Config(prune_ratio=0.5)
+    >>> sub = epi.dominant(epi.scores(cfg, epi.channel_leaves(graph), graph, variables), graph, cfg)
+    >>> track = epi.init([g.size for g in graph.groups], capacity=2)
+    >>> track, fire = epi.update(track, sub.counts, sub.flat, cfg)
     >>> masks = epi.last_masks(track, graph)        # then jaxprune.slim(v, graph, masks)
+    >>> sorted(masks) == sorted(g.name for g in graph.groups)
+    True
   """
   if int(state.size) == 0:
     raise ValueError("the tracker has no record yet: call epi.update after an epoch first")
@@ -647,7 +661,10 @@ def calibrate_tau(
   the first plateau epoch at or after it: the midpoint of the interval of
   such taus, or its top when nothing fires earlier at any tau.
 
+  >>> curve = [0.2, 0.6, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.99]   # EPI at epochs 0..8
   >>> cal = epi.calibrate_tau(curve, [0, 2, 4, 8], [0.61, 0.66, 0.70, 0.70], tolerance=0.005)
+  >>> cal.target_epoch, cal.fire_epoch
+  (4, 5)
   """
   epi = np.asarray(epi, np.float64)
   acc = np.asarray(sweep_accuracy, np.float64)
@@ -694,7 +711,10 @@ def slim_opt_state(
   their values exactly. Other leaves (step counts, a TaylorState) are left
   alone. Host side, once per prune.
 
-  >>> opt_state = epi.slim_opt_state(state.opt_state, variables, graph, masks)
+  >>> opt_state = optax.sgd(0.1, momentum=0.9).init(variables["params"])
+  >>> small_opt_state = epi.slim_opt_state(opt_state, variables, graph, masks)
+  >>> jax.tree.map(jnp.shape, small_opt_state[0].trace) == jax.tree.map(jnp.shape, small["params"])
+  True
   """
   params = variables[collection]
   p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)

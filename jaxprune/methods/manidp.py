@@ -26,9 +26,10 @@ Example:
   >>> params = manidp.init_gates(0, layers)
   >>> state = manidp.init(layers)                                  # thresholds, sums
   >>> out, res = manidp.gated(fn, graph, layers)(variables, params, state.thresholds, x)
+  >>> w = jnp.ones(len(x))                  # per-sample weights: manidp.complexity_weights
   >>> loss = manidp.sparsity_loss(res.aux, w) + manidp.similarity_loss(res.observed, res.aux)
   >>> state = manidp.accumulate(state, res.aux)                    # every train step
-  >>> state = manidp.refresh(state, epoch, epochs, target=0.65)    # every epoch end
+  >>> state = manidp.refresh(state, 0, epochs, target=0.65)        # every epoch end
 """
 
 from __future__ import annotations
@@ -162,7 +163,11 @@ def gated(
   un-gated output (the similarity's features), `Gated.masks` the applied
   gates.
 
+  >>> layers = manidp.gate_layers(fn, graph, v, x[:1])
+  >>> params, state = manidp.init_gates(0, layers), manidp.init(layers)
   >>> out, res = jax.jit(manidp.gated(fn, graph, layers))(v, params, state.thresholds, x)
+  >>> out.shape
+  (8, 10)
   """
   if not layers:
     raise ValueError("no gate layers: call manidp.gate_layers first")

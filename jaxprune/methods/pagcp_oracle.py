@@ -14,7 +14,10 @@ Example:
   >>> oracle = pagcp_oracle.make_oracle(
   ...     fn, graph, pagcp_oracle.cross_entropy_losses(("left", "right")),
   ...     {"image": x_val, "label": y_val})
-  >>> losses = oracle.evaluate(variables, masks, "encoder.stem.conv", candidates)  # [K, 2]
+  >>> candidates = np.stack([masks["encoder.stem.conv"]] * 3)   # K = 3 masks of the unit
+  >>> candidates[1, :2] = candidates[2, :4] = 0
+  >>> oracle.evaluate(variables, masks, "encoder.stem.conv", candidates).shape   # [K, tasks]
+  (3, 2)
 """
 
 from __future__ import annotations
