@@ -113,9 +113,8 @@ def run(exp: Experiment, dense: Dense) -> Outcome:
   details.update(prune_epoch=done, pruned_by=crit, kept_per_group=pruning.kept_per_group(masks),
                  compute={**compute._asdict(), 'saving_vs_train_prune_finetune': compute.saving})  # fmt: skip
   speed = pruning.measure_speedup(dense.graphdef, dense.state, res.state, exp.info.image_shape)
-  details['speedup'] = speed
   pruning.save_final(exp.workdir, res.state, masks, graph, dense_graph=True)
-  return Outcome(accuracy=res.eval.get('accuracy'), cost=cost, details=details)
+  return Outcome(accuracy=res.eval.get('accuracy'), cost=cost, speedup=speed, details=details)
 
 
 def check(exp: Experiment) -> None:

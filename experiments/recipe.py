@@ -78,6 +78,7 @@ class Outcome(NamedTuple):
   accuracy: float | None = None
   cost: dict[str, float] | None = None
   dynamic: dict[str, Any] | None = None
+  speedup: dict[str, Any] | None = None  # a method that slims itself: `pruning.measure_speedup`
   source: dict[str, Any] | None = None  # where transferred masks came from
   details: dict[str, Any] = {}  # the method's own numbers: results.json "details"
 

@@ -91,7 +91,6 @@ COLUMNS: dict[str, Column] = {
     'details.compute.saving_vs_train_prune_finetune',
     lambda x: f'{x:.2f}x',
   ),
-  'pat_speedup': Column('measured speedup (batch 128)', 'details.speedup.speedup', lambda x: f'{x:.2f}x'),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')

@@ -137,6 +137,7 @@ def _final(dense: Dense, out: Outcome) -> dict[str, Any]:
     'dense_accuracy': dense.metrics.get('accuracy'),
     'dense': dense.cost,
     'pruned': dense.cost if out.cost is None else out.cost,
+    'speedup': out.speedup,
   }
 
 

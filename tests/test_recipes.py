@@ -73,6 +73,7 @@ def test_epi_prunes_when_it_fires_and_continues_the_schedule(tmp_path):
   steps = [rec['step'] for rec in T.read_jsonl(str(tmp_path / 'epi' / 'metrics.jsonl'))
            if rec.get('phase') == 'pruned' and rec.get('split') == 'test']  # fmt: skip
   assert steps == [3 * 4]  # one schedule: the pruned phase is its last epoch
+  assert r['speedup']['speedup'] > 0  # the slimmed network is timed like a static method's
 
 
 @pytest.mark.slow

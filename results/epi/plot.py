@@ -23,9 +23,9 @@ from jaxprune.methods import epi  # noqa: E402
 COLOURS = {'magnitude': 'tab:orange', 'taylor': 'tab:green'}
 
 
-def _sweep(runs: list[dict]) -> list[dict]:
-  """The oracle sweep: runs pruned at a set epoch with the magnitude sub-network."""
-  return [r for r in runs if r['method'] == 'epi' and r['details'].get('pruned_by') == 'magnitude']
+def _sweep(runs: list[dict], criterion: str = 'magnitude') -> list[dict]:
+  """EPI runs that pruned with `criterion`'s sub-network (magnitude: the oracle sweep)."""
+  return [r for r in runs if r['method'] == 'epi' and r['details'].get('pruned_by') == criterion]
 
 
 def picks(runs: list[dict], tolerance: float) -> dict:
@@ -82,8 +82,7 @@ def main(argv=None):
   for (seed, crit), row in sorted(found.items()):
     twin.plot(row['epochs'], row['epi'], c=COLOURS[crit], alpha=0.8 if seed == seeds[0] else 0.4,
               label=f'EPI curve, {crit} (seed {seed})')  # fmt: skip
-    hit = [r for r in runs if r['method'] == 'epi' and r['seed'] == seed and r['details'].get('pruned_by') == crit
-           and r['details'].get('prune_epoch') == row['paper_pick']]  # fmt: skip
+    hit = [r for r in _sweep(runs, crit) if r['seed'] == seed and r['details'].get('prune_epoch') == row['paper_pick']]
     if hit:  # the run EPI's trigger would have made: pruned at its pick with its criterion
       ax.plot([row['paper_pick']], [100 * hit[0]['test_accuracy']], '*', ms=14, c=COLOURS[crit],
               alpha=1 if seed == seeds[0] else 0.5, label=f'run at the EPI pick, {crit} (seed {seed})')  # fmt: skip
