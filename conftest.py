@@ -76,6 +76,5 @@ def _doctest_context(request):
     return
   ns = request.getfixturevalue('doctest_namespace')
   ns.update(_common())
-  multitask = request.node.name.startswith(('jaxprune.methods.pagcp', 'jaxprune.models.multitask'))
-  ns.update(_multitask() if multitask else _cifar())
+  ns.update(_multitask() if request.node.name.startswith('jaxprune.methods.pagcp') else _cifar())
   request.getfixturevalue('monkeypatch').chdir(request.getfixturevalue('tmp_path'))
