@@ -4,7 +4,9 @@
 decay on ζ, batch ``method.soft.batch_size``, per-step β/γ/s schedules. At each
 epoch end ζ is thresholded to the budget and the hard-pruned network evaluated on
 the selection split; the best is kept (``soft_prune/best.msgpack``, across a resume)
-and the pipeline slims and finetunes it. Mask transfer (``method.transfer_from=<a
+and the pipeline slims and finetunes it. ``method.select_bn_batches > 0`` re-estimates each
+candidate's BatchNorm statistics on that many training batches before it is evaluated
+(not in the official code). Mask transfer (``method.transfer_from=<a
 ChipNet run>``): its ``chipnet_masks.json`` slims a fresh network of this config,
 trained from scratch with ``config.train``, as the official code does.
 """
@@ -57,6 +59,7 @@ def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit
     batches = phases.eval_slice(config, 'train', int(m.select_size), seed=config.seed)
   evaluate = phases.make_eval_fn(config, hard_apply, mesh=exp.mesh, batches=batches)
   evaluate_soft = phases.make_eval_fn(config, soft_apply, mesh=exp.mesh, batches=batches)
+  bn_batches = phases.train_batches(config, int(m.select_bn_batches), seed=config.seed + 2)
   units = chipnet.unit_groups(graph)
   cost = jax.jit(lambda h: chipnet.budget_ratio(graph, {n: h[n] for n in units}, unit))
   log = T.MetricsWriter(os.path.join(d, 'selection.jsonl'))
@@ -65,7 +68,9 @@ def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit
     zeta = pruning.host_copy(state.extra['zeta'])
     hard = chipnet.threshold(zeta, graph, float(m.budget), unit, min_channels=int(m.min_channels))
     state = state._replace(extra={**state.extra, 'hard': hard})
-    acc = float('nan') if m.select_on == 'last' else evaluate(state)['accuracy']
+    # The candidate as selected and finetuned; soft pruning goes on from `state`.
+    cand = phases.recalibrate_bn(hard_apply, state, bn_batches) if bn_batches else state
+    acc = float('nan') if m.select_on == 'last' else evaluate(cand)['accuracy']
     best = phases.load_tree(os.path.join(d, 'best.msgpack'))
     better = best is None or m.select_on == 'last' or acc > float(best['accuracy'])
     # The soft network on the same split: a gap to the hard one means the masks are not crisp yet.
@@ -74,7 +79,7 @@ def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit
     rec = {'step': step, 'select_accuracy': acc, 'soft_accuracy': soft_acc, 'hard_ratio': float(cost(hard))}
     log.write({**rec, 'kept_channels': kept, 'best': better})
     if better:
-      best = {'step': step, 'accuracy': acc, 'hard': hard, 'zeta': zeta, 'variables': T.core_variables(state)}
+      best = {'step': step, 'accuracy': acc, 'hard': hard, 'zeta': zeta, 'variables': T.core_variables(cand)}
       phases.save_tree(os.path.join(d, 'best.msgpack'), pruning.host_copy(best))
     return state
 

@@ -153,10 +153,39 @@ def eval_slice(config: config_dict.ConfigDict, split: str, size: int | None = No
     return list(data_lib.eval_batches(data.name, split, batch_size=bs, data_dir=data.data_dir))
   else:
     x, y = data_lib.load_arrays(data.name, split, data_dir=data.data_dir)
-    idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:size])
+    pool = np.arange(len(y))
+    if split == 'train' and data.holdout:  # the records training sees, never the held-out ones
+      pool = np.setdiff1d(pool, data_lib.holdout_indices(len(y), int(data.holdout), int(data.holdout_seed)))
+    idx = np.sort(np.random.default_rng(seed).permutation(pool)[:size])
   info = data_lib.get_info(data.name)
   x, y = data_lib.normalize(x[idx], info.mean, info.std), np.asarray(y[idx], np.int32)
   return [{'image': x[i : i + bs], 'label': y[i : i + bs]} for i in range(0, len(idx), bs)]
+
+
+def train_batches(config: config_dict.ConfigDict, num: int, seed: int = 0) -> list:
+  """``num`` unaugmented batches of ``data.batch_size`` training images (holdout
+  excluded), drawn without replacement and cycled when the split is smaller."""
+  if num <= 0:
+    return []
+  bs = global_batch(config)
+  x = np.concatenate([b['image'] for b in eval_slice(config, 'train', num * bs, seed=seed)])
+  x = np.resize(x, (num * bs, *x.shape[1:]))
+  return [{'image': x[i * bs : (i + 1) * bs]} for i in range(num)]
+
+
+def recalibrate_bn(apply_fn: T.steps.ApplyFn, state: T.TrainState, batches: list, hparams: Any = None) -> T.TrainState:
+  """``state`` with its BatchNorm running statistics re-estimated by train-mode forwards
+  of ``apply_fn`` over ``batches`` (no gradient, weights untouched).
+
+  A hard-pruned network keeps the running statistics of the network it was cut from,
+  which no longer match its activations; its accuracy before any training then says
+  little about the mask (the "adaptive BN" of EagleEye, Li et al. 2020). With
+  running-average momentum m the old statistics keep a weight m ** len(batches).
+  """
+  fwd = jax.jit(lambda s, images: apply_fn(T.variables(s), images, train=True, hparams=hparams).batch_stats)
+  for batch in batches:
+    state = state._replace(batch_stats=fwd(state, batch['image']))
+  return state
 
 
 def evaluate(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState) -> dict[str, float]:

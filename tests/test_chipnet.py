@@ -276,6 +276,28 @@ def test_transfer_masks_to_mnist(quick_run, tmp_path):
   assert out["source"]["data"] == "cifar10_subset"
 
 
+def test_bn_recalibrated_selection_keeps_the_candidate_it_evaluated(quick_run, tmp_path, monkeypatch):
+  from experiments import chipnet as E
+  from experiments import phases
+  from experiments import train as train_lib
+
+  c = _config(budget=0.5, budget_type="flops", select_bn_batches=3, pretrained=quick_run[0])
+  c.method.soft.epochs, c.method.finetune.epochs = 1, 1
+  calls, recalibrate = [], phases.recalibrate_bn
+  monkeypatch.setattr(phases, "recalibrate_bn", lambda f, s, b: calls.append(len(b)) or recalibrate(f, s, b))
+  train_lib.train_and_evaluate(c, str(tmp_path))
+  assert calls == [3]  # one candidate (one epoch), three batches
+  best = phases.load_tree(os.path.join(tmp_path, "soft_prune", "best.msgpack"))
+  # The hard-masked network as stored, evaluated here through jaxprune.masked alone.
+  graphdef, state = T.create_train_state(phases.build_model(c), optax.identity(), 0)
+  graph = E.trace_state(graphdef, state, (32, 32, 3), branches=c.method.units == "branch")
+  fn = jaxprune.masked(jaxprune.nnx_bridge.apply_fn(graphdef), graph)
+  v, hard = best["variables"], {k: jnp.asarray(m) for k, m in best["hard"].items()}
+  batches = phases.eval_slice(c, "train", c.method.select_size, seed=c.seed)
+  correct = sum(int((np.argmax(fn(v, hard, b["image"]), -1) == b["label"]).sum()) for b in batches)
+  assert correct / c.method.select_size == pytest.approx(float(best["accuracy"]), abs=1e-6)
+
+
 def test_pipeline_rejects_bad_config_before_training(tmp_path):
   from experiments import train as E
 

@@ -13,6 +13,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from flax import nnx
@@ -511,3 +512,52 @@ def test_cli_prints_what_to_do_and_exits_1(tmp_path):
   assert p.returncode == 1
   assert p.stderr.strip().splitlines()[-1].startswith('WorkdirError: cannot write to the workdir')
   assert 'Traceback' not in p.stderr
+
+
+# ------------------------------------------------------------- data slices, BatchNorm
+
+
+def test_training_slices_leave_the_holdout_out():
+  c = load_config(R20)
+  c.data.holdout = 500
+  x, y = jaxprune.data.load_arrays(c.data.name, 'train')
+  info = jaxprune.data.get_info(c.data.name)
+  held = jaxprune.data.normalize(
+    x[jaxprune.data.holdout_indices(len(y), 500, int(c.data.holdout_seed))], info.mean, info.std
+  )
+  held = {np.asarray(im).tobytes() for im in held}
+  taken = np.concatenate([b['image'] for b in phases.eval_slice(c, 'train', len(y), seed=3)])
+  assert len(taken) == len(y) - 500  # every training record once, no held-out one
+  assert not held & {im.tobytes() for im in taken}
+  batches = phases.train_batches(c, 3, seed=3)
+  assert [b['image'].shape[0] for b in batches] == [c.data.batch_size] * 3
+  assert phases.train_batches(c, 0) == []
+
+
+class _ConvBN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.bn = jaxprune.models.layers.batch_norm(4, rngs=rngs)
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(self.bn(self.conv(x)).mean(axis=(1, 2)))
+
+
+def test_recalibrate_bn_moves_running_stats_to_the_batch_statistics():
+  graphdef, state = T.create_train_state(_ConvBN(nnx.Rngs(0)), optax.identity(), 0)
+  x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (8, 6, 6, 3)), jnp.float32)
+  p = state.params['conv']
+  # The conv output by hand (SAME padding, NHWC), its per-channel batch statistics.
+  h = jax.lax.conv_general_dilated(x, p['kernel'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  h = h + p['bias']
+  mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
+  old = state.batch_stats['bn']
+  one = phases.recalibrate_bn(T.nnx_apply(graphdef), state, [{'image': x}])
+  # torch-equivalent momentum: new = 0.9 old + 0.1 batch.
+  np.testing.assert_allclose(one.batch_stats['bn']['mean'], 0.9 * old['mean'] + 0.1 * mean, rtol=1e-5, atol=1e-5)
+  many = phases.recalibrate_bn(T.nnx_apply(graphdef), state, [{'image': x}] * 80)  # 0.9**80 = 2e-4 left
+  np.testing.assert_allclose(many.batch_stats['bn']['mean'], mean, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(many.batch_stats['bn']['var'], var, rtol=5e-3)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), many.params, state.params))
+  assert phases.recalibrate_bn(T.nnx_apply(graphdef), state, []) is state

@@ -66,6 +66,9 @@ def chipnet() -> config_dict.ConfigDict:
       # train (a fixed slice, no augmentation) | holdout (config.data.holdout) | test | last
       'select_on': 'train',
       'select_size': 1000,  # images of the train slice used for selection
+      # > 0: re-estimate each hard candidate's BatchNorm statistics on this many training
+      # batches (data.batch_size) before selecting; 0: the official code's selection
+      'select_bn_batches': 0,
       'finetune': {'epochs': 4, 'lr': 0.02, 'optimizer': 'sgd', 'weight_decay': 5e-4},
       'pretrained': config_dict.placeholder(str),
       # Workdir of a ChipNet run whose masks to apply to a fresh network of this
