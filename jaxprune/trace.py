@@ -11,6 +11,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from jaxprune.channel_flow import ALWAYS, NONE, ChannelFlow, Value
+from jaxprune.channel_rules import RULES
 from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr, Group, IndexLeaf, Member, Physical, Term
 
 COLLECTIONS = ("params", "batch_stats", "other")
@@ -67,7 +68,7 @@ def analyze(fn: Callable, variables, args: tuple):
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(variables, *args)
   leaves = jax.tree_util.tree_leaves(variables)
   arg_leaves = jax.tree_util.tree_leaves(args)
-  fl = ChannelFlow()
+  fl = ChannelFlow(RULES)
   arg_vals = []
   for a in arg_leaves:
     v = fl.fresh_value(np.shape(a), act=True)

@@ -17,7 +17,21 @@ from flax import nnx
 import jaxprune
 
 ROOT = pathlib.Path(jaxprune.__file__).parent
-CORE = ["channel_flow", "cost", "criteria", "gated", "graph", "interpret", "masked", "select", "slim", "trace"]
+CORE = [
+  "channel_flow",
+  "channel_producers",
+  "channel_rules",
+  "channel_shapes",
+  "cost",
+  "criteria",
+  "gated",
+  "graph",
+  "interpret",
+  "masked",
+  "select",
+  "slim",
+  "trace",
+]
 ALLOWED = {
   "jax",
   "numpy",
