@@ -17,6 +17,8 @@ configs. Finetune (finetuning.py): 20 epochs, SGD momentum 0.9, lr 0.05, weight 
   python -m experiments.main \
       --config experiments/configs/chipnet_official_cifar10_subset_resnet20.py:magnitude \
       --workdir runs/mag_v25 --config.method.budget=0.25 --config.method.pretrained=runs/dense_chip
+  # not official: re-estimate each hard candidate's BN statistics (30 batches) before selecting
+  ... --config.method.select_bn_batches=30
   # the dense network alone:
   python -m experiments.main \
       --config experiments/configs/chipnet_official_cifar10_subset_resnet20.py:dense --workdir runs/dense_chip
