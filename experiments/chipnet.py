@@ -60,6 +60,7 @@ def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit
   evaluate = phases.make_eval_fn(config, hard_apply, mesh=exp.mesh, batches=batches)
   evaluate_soft = phases.make_eval_fn(config, soft_apply, mesh=exp.mesh, batches=batches)
   bn_batches = phases.train_batches(config, int(m.select_bn_batches), seed=config.seed + 2)
+  recalibrate = phases.bn_recalibration(hard_apply)
   units = chipnet.unit_groups(graph)
   cost = jax.jit(lambda h: chipnet.budget_ratio(graph, {n: h[n] for n in units}, unit))
   log = T.MetricsWriter(os.path.join(d, 'selection.jsonl'))
@@ -69,7 +70,7 @@ def soft_prune(exp: Experiment, dense: Dense, graph: jaxprune.ChannelGraph, unit
     hard = chipnet.threshold(zeta, graph, float(m.budget), unit, min_channels=int(m.min_channels))
     state = state._replace(extra={**state.extra, 'hard': hard})
     # The candidate as selected and finetuned; soft pruning goes on from `state`.
-    cand = phases.recalibrate_bn(hard_apply, state, bn_batches) if bn_batches else state
+    cand = recalibrate(state, bn_batches)
     acc = float('nan') if m.select_on == 'last' else evaluate(cand)['accuracy']
     best = phases.load_tree(os.path.join(d, 'best.msgpack'))
     better = best is None or m.select_on == 'last' or acc > float(best['accuracy'])

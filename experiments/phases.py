@@ -173,9 +173,10 @@ def train_batches(config: config_dict.ConfigDict, num: int, seed: int = 0) -> li
   return [{'image': x[i * bs : (i + 1) * bs]} for i in range(num)]
 
 
-def recalibrate_bn(apply_fn: T.steps.ApplyFn, state: T.TrainState, batches: list, hparams: Any = None) -> T.TrainState:
-  """``state`` with its BatchNorm running statistics re-estimated by train-mode forwards
-  of ``apply_fn`` over ``batches`` (no gradient, weights untouched).
+def bn_recalibration(apply_fn: T.steps.ApplyFn, hparams: Any = None) -> Callable[[T.TrainState, list], T.TrainState]:
+  """``recalibrate(state, batches)``: ``state`` with its BatchNorm running statistics
+  re-estimated by train-mode forwards of ``apply_fn`` over ``batches`` (no gradient,
+  weights untouched). Compiled once, for every state and batch list of one shape.
 
   A hard-pruned network keeps the running statistics of the network it was cut from,
   which no longer match its activations; its accuracy before any training then says
@@ -183,9 +184,13 @@ def recalibrate_bn(apply_fn: T.steps.ApplyFn, state: T.TrainState, batches: list
   running-average momentum m the old statistics keep a weight m ** len(batches).
   """
   fwd = jax.jit(lambda s, images: apply_fn(T.variables(s), images, train=True, hparams=hparams).batch_stats)
-  for batch in batches:
-    state = state._replace(batch_stats=fwd(state, batch['image']))
-  return state
+
+  def recalibrate(state: T.TrainState, batches: list) -> T.TrainState:
+    for batch in batches:
+      state = state._replace(batch_stats=fwd(state, batch['image']))
+    return state
+
+  return recalibrate
 
 
 def evaluate(exp: Experiment, graphdef: nnx.GraphDef, state: T.TrainState) -> dict[str, float]:

@@ -283,8 +283,13 @@ def test_bn_recalibrated_selection_keeps_the_candidate_it_evaluated(quick_run, t
 
   c = _config(budget=0.5, budget_type="flops", select_bn_batches=3, pretrained=quick_run[0])
   c.method.soft.epochs, c.method.finetune.epochs = 1, 1
-  calls, recalibrate = [], phases.recalibrate_bn
-  monkeypatch.setattr(phases, "recalibrate_bn", lambda f, s, b: calls.append(len(b)) or recalibrate(f, s, b))
+  calls, make = [], phases.bn_recalibration
+
+  def counted(apply_fn):
+    recalibrate = make(apply_fn)
+    return lambda state, batches: calls.append(len(batches)) or recalibrate(state, batches)
+
+  monkeypatch.setattr(phases, "bn_recalibration", counted)
   train_lib.train_and_evaluate(c, str(tmp_path))
   assert calls == [3]  # one candidate (one epoch), three batches
   best = phases.load_tree(os.path.join(tmp_path, "soft_prune", "best.msgpack"))

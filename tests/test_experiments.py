@@ -544,7 +544,7 @@ class _ConvBN(nnx.Module):
     return self.fc(self.bn(self.conv(x)).mean(axis=(1, 2)))
 
 
-def test_recalibrate_bn_moves_running_stats_to_the_batch_statistics():
+def test_bn_recalibration_moves_running_stats_to_the_batch_statistics():
   graphdef, state = T.create_train_state(_ConvBN(nnx.Rngs(0)), optax.identity(), 0)
   x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (8, 6, 6, 3)), jnp.float32)
   p = state.params['conv']
@@ -553,11 +553,12 @@ def test_recalibrate_bn_moves_running_stats_to_the_batch_statistics():
   h = h + p['bias']
   mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
   old = state.batch_stats['bn']
-  one = phases.recalibrate_bn(T.nnx_apply(graphdef), state, [{'image': x}])
+  recalibrate = phases.bn_recalibration(T.nnx_apply(graphdef))
+  one = recalibrate(state, [{'image': x}])
   # torch-equivalent momentum: new = 0.9 old + 0.1 batch.
   np.testing.assert_allclose(one.batch_stats['bn']['mean'], 0.9 * old['mean'] + 0.1 * mean, rtol=1e-5, atol=1e-5)
-  many = phases.recalibrate_bn(T.nnx_apply(graphdef), state, [{'image': x}] * 80)  # 0.9**80 = 2e-4 left
+  many = recalibrate(state, [{'image': x}] * 80)  # 0.9**80 = 2e-4 left
   np.testing.assert_allclose(many.batch_stats['bn']['mean'], mean, rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(many.batch_stats['bn']['var'], var, rtol=5e-3)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), many.params, state.params))
-  assert phases.recalibrate_bn(T.nnx_apply(graphdef), state, []) is state
+  assert recalibrate(state, []) is state

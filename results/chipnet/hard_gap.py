@@ -56,8 +56,9 @@ def hard_gap(workdir: str) -> dict:
   out = {'run': os.path.basename(os.path.normpath(workdir)), 'step': step, 'gamma': float(hp.gamma), 'split': split}
   out['soft'] = phases.make_eval_fn(config, soft_apply, mesh=mesh, batches=batches)(state, hp)['accuracy']
   out['hard'] = hard_acc(state)['accuracy']
+  recalibrate = phases.bn_recalibration(hard_apply)
   for n in (10, 30):
-    recal = phases.recalibrate_bn(hard_apply, state, phases.train_batches(config, n, seed=2))
+    recal = recalibrate(state, phases.train_batches(config, n, seed=2))
     out[f'hard_bn{n}'] = hard_acc(recal)['accuracy']
   z = chipnet.project(zeta, hp.beta, hp.gamma)[1]
   units = {}
