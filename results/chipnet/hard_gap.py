@@ -16,7 +16,6 @@ import json
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -41,20 +40,20 @@ def hard_gap(workdir: str) -> dict:
   m, ckpts = config.method, os.path.join(workdir, 'soft_prune', 'checkpoints')
   step = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
   raw = _int_keys(ocp.PyTreeCheckpointer().restore(os.path.join(ckpts, str(step), 'state')))
+  exp = phases.experiment(config, workdir)
   graphdef, state = T.create_train_state(phases.build_model(config), optax.identity(), 0)
-  graph = pruning.trace_state(graphdef, state, (32, 32, 3), branches=m.units == 'branch')
+  graph = pruning.trace(exp, graphdef, state, branches=m.units == 'branch')
   soft_apply, hard_apply = recipe.make_apply_fns(graphdef, graph)
   zeta = {k: jnp.asarray(v) for k, v in raw['extra']['zeta'].items()}
   hp = chipnet.hparams(step, chipnet.Schedule(steps_per_epoch=float(m.schedule_steps_per_epoch)))
   hard = chipnet.threshold(zeta, graph, float(m.budget), chipnet.unit_of(m.budget_type), min_channels=m.min_channels)
   state = state._replace(params=raw['params'], batch_stats=raw['batch_stats'], other=raw['other'])
   state = state._replace(extra={'zeta': zeta, 'hard': hard})
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   split = 'holdout' if config.data.holdout else 'test'
   batches = phases.eval_slice(config, split)
-  hard_acc = phases.make_eval_fn(config, hard_apply, mesh=mesh, batches=batches)
+  hard_acc = phases.make_eval_fn(config, hard_apply, mesh=exp.mesh, batches=batches)
   out = {'run': os.path.basename(os.path.normpath(workdir)), 'step': step, 'gamma': float(hp.gamma), 'split': split}
-  out['soft'] = phases.make_eval_fn(config, soft_apply, mesh=mesh, batches=batches)(state, hp)['accuracy']
+  out['soft'] = phases.make_eval_fn(config, soft_apply, mesh=exp.mesh, batches=batches)(state, hp)['accuracy']
   out['hard'] = hard_acc(state)['accuracy']
   recalibrate = phases.bn_recalibration(hard_apply)
   for n in (10, 30):
