@@ -16,8 +16,10 @@ $RUN --config $C/dense_official_cifar10_subset_resnet20.py --workdir $DENSE --co
 if [ "$E" = 20 ]; then SCHED=(); FT=(); TAG=""; else
   SCHED=(--config.method.epochs=$E "--config.method.decay_epochs=(5,8)")
   FT=(--config.method.finetune.epochs=$E "--config.method.finetune.decay_epochs=(5,8)"); TAG="_e$E"; fi
-NAME=ftwt${MODE/decoupled/}${UNITS/branch/}; NAME=${NAME/ftwtjoint/ftwt_joint}; NAME=${NAME/ftwtstream/ftwt_stream}
-NAME=${NAME}_r${R}${TAG}
+NAME=ftwt
+if [ "$MODE" != decoupled ]; then NAME+=_$MODE; fi
+if [ "$UNITS" != branch ]; then NAME+=_$UNITS; fi
+NAME+=_r${R}${TAG}
 $RUN --config $C/ftwt_official_cifar10_subset_resnet20.py --workdir $OUT/${NAME}_s$SEED --config.seed=$SEED \
   --config.progress=False --config.method.pretrained=$DENSE --config.method.r=$R --config.method.mode=$MODE \
   --config.method.units=$UNITS "${SCHED[@]}"
