@@ -5,7 +5,9 @@
 A RUN_DIR is a run's workdir (its ``results.json``, see ``experiments.results``),
 a results.json file, or a folder of such run folders. Runs are grouped by
 ``--by`` (dotted keys of results.json, e.g. ``method,unit,budget`` or
-``method,config.method.mode,config.method.r``); each row shows how many runs
+``method,config.method.mode,config.method.r``, or ``run``: the run folder's name
+without its ``_s<seed>`` ending, which tells apart runs that differ only in how they
+were launched, e.g. the static baselines matched to two dynamic runs); each row shows how many runs
 (seeds) it holds and, per column, their mean ± standard deviation (population:
 for two seeds, half their difference). ``--columns`` picks columns of
 :data:`COLUMNS`; columns no run has are left out. Examples:
@@ -112,6 +114,24 @@ def find_runs(paths: Sequence[str]) -> list[str]:
   return found
 
 
+def run_name(path: str, seed: Any) -> str:
+  """The run folder's name without the ``_s<seed>`` that tells a run's seeds apart:
+  ``runs/ftwt_r0.9_s1/results.json`` -> ``ftwt_r0.9``."""
+  name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  suffix = f'_s{seed}'
+  return name[: -len(suffix)] if seed is not None and name.endswith(suffix) else name
+
+
+def load_runs(paths: Sequence[str]) -> list[dict]:
+  """The runs under ``paths`` (see :func:`find_runs`), each with the key ``run`` added
+  (:func:`run_name`) so that tables can group by it."""
+  out = []
+  for f in find_runs(paths):
+    r = results.load(f)
+    out.append({**r, 'run': run_name(f, r.get('seed'))})
+  return out
+
+
 def _value(r: dict, col: Column, key: str | None = None) -> float | None:
   v = results.get(r, key or col.key)
   if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -213,14 +233,18 @@ def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = (
 def main(argv: Sequence[str] | None = None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('runs', nargs='+', metavar='RUN_DIR')
-  p.add_argument('--by', default='method,unit,budget', help='comma-separated dotted keys that define a row')
+  p.add_argument(
+    '--by',
+    default='method,unit,budget',
+    help='comma-separated dotted keys that define a row (run: the folder name less _s<seed>)',
+  )
   p.add_argument('--columns', default=','.join(DEFAULT_COLUMNS), help=f'from: seeds, {", ".join(COLUMNS)}')
   p.add_argument('--plot', help='also write accuracy vs --x to this image')
   p.add_argument('--x', default='ratios.macs', help='the plot x axis (dotted keys; several: one panel each)')
   p.add_argument('--series', default='method', help='keys that tell the plot lines apart')
   p.add_argument('--out', help='also write the table to this file')
   a = p.parse_args(argv)
-  runs = [results.load(f) for f in find_runs(a.runs)]
+  runs = load_runs(a.runs)
   by, cols = a.by.split(','), a.columns.split(',')
   md = table(runs, by, cols)
   if a.out:

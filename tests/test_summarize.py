@@ -132,3 +132,22 @@ def test_committed_per_run_summaries_follow_the_schema():
 def test_group_keys_with_the_same_last_name_get_unique_headers(runs, tmp_path):
   md = summarize.main([str(tmp_path), '--by', 'config.method.budget,budget,method', '--columns', 'seeds'])
   assert md.splitlines()[0] == '| method.budget | budget | method | seeds |'
+
+
+def test_rows_by_run_name_pool_the_seeds_of_one_launch(tmp_path):
+  # Two launches of one method that differ only in their folder names (as the static
+  # baselines matched to two dynamic runs do): 'run' keeps them apart, the seeds pooled.
+  for seed in (0, 1):
+    fake_run(tmp_path, f'l1_at_a_s{seed}', method='magnitude', seed=seed, budget=0.6 + 0.01 * seed, acc=0.5 + 0.1 * seed,
+             dense_acc=0.6, macs_kept=0.6)  # fmt: skip
+    fake_run(tmp_path, f'l1_at_b_s{seed}', method='magnitude', seed=seed, budget=0.4, acc=0.3, dense_acc=0.6,
+             macs_kept=0.4)  # fmt: skip
+  fake_run(tmp_path, 'odd_name', method='magnitude', seed=3, budget=0.4, acc=0.2, dense_acc=0.6, macs_kept=0.4)
+  md = summarize.main([str(tmp_path), '--by', 'run', '--columns', 'seeds,acc'])
+  rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:] for line in md.splitlines()[2:]}
+  assert md.splitlines()[0] == '| run | seeds | test acc. (%) |'
+  assert rows['l1_at_a'] == ['2', '55.0 ± 5.0 |']  # by hand: mean of 50 and 60, half their gap
+  assert rows['l1_at_b'] == ['2', '30.0 ± 0.0 |']
+  assert rows['odd_name'] == ['1', '20.0 |']  # no _s<seed> ending: the name as it is
+  assert summarize.run_name('x/ftwt_r0.9_s12/results.json', 12) == 'ftwt_r0.9'
+  assert summarize.run_name('x/ftwt_s1x/results.json', 1) == 'ftwt_s1x'

@@ -17,7 +17,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import results, summarize  # noqa: E402
+from experiments import summarize  # noqa: E402
 from jaxprune.methods import epi  # noqa: E402
 
 COLOURS = {'magnitude': 'tab:orange', 'taylor': 'tab:green'}
@@ -61,7 +61,7 @@ def main(argv=None):
   p.add_argument('--out', required=True)
   p.add_argument('--tolerance', type=float, default=0.005, help='calibration: within this of the best (fraction)')
   a = p.parse_args(argv)
-  runs = [results.load(f) for f in summarize.find_runs(a.runs)]
+  runs = summarize.load_runs(a.runs)
   fig, ax = plt.subplots(figsize=(9, 6))
   seeds = sorted({r['seed'] for r in runs})
   for seed, (c, m) in zip(seeds, (('k', 'o'), ('dimgray', 's'), ('silver', '^'))):
