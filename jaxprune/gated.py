@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import interpret
+from jaxprune.channel_exprs import components, site_exprs
 from jaxprune.graph import FIRST, ChannelGraph, Masks
-from jaxprune.trace import analyze, components, site_exprs
+from jaxprune.trace import analyze
 
 
 class Producer(NamedTuple):

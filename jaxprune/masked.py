@@ -7,8 +7,9 @@ from typing import Callable
 import jax
 
 from jaxprune import interpret
+from jaxprune.channel_exprs import site_exprs
 from jaxprune.graph import ChannelGraph, Masks
-from jaxprune.trace import analyze, site_exprs
+from jaxprune.trace import analyze
 
 
 def masked(fn: Callable, graph: ChannelGraph) -> Callable:

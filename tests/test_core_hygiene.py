@@ -18,6 +18,7 @@ import jaxprune
 
 ROOT = pathlib.Path(jaxprune.__file__).parent
 CORE = [
+  "channel_exprs",
   "channel_flow",
   "channel_producers",
   "channel_rules",
