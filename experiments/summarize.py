@@ -78,6 +78,9 @@ COLUMNS: dict[str, Column] = {
     for t in ('left', 'right', 'sum')  # the MultiMNIST tasks
   },
   'patterns': Column('distinct gate patterns', 'dynamic.patterns', lambda x: f'{x:.0f}'),
+  'top_pattern': Column(
+    'images with the commonest pattern (%)', 'dynamic.top_pattern_share', _pct, scale=lambda v: 100 * v
+  ),
   'reduction_official': Column(
     "MAC reduction, official count (%)", 'dynamic.reduction_official', _pct, scale=lambda v: 100 * v
   ),

@@ -151,3 +151,11 @@ def test_rows_by_run_name_pool_the_seeds_of_one_launch(tmp_path):
   assert rows['odd_name'] == ['1', '20.0 |']  # no _s<seed> ending: the name as it is
   assert summarize.run_name('x/ftwt_r0.9_s12/results.json', 12) == 'ftwt_r0.9'
   assert summarize.run_name('x/ftwt_s1x/results.json', 1) == 'ftwt_s1x'
+
+
+def test_gate_pattern_columns(tmp_path):
+  dyn = {'macs_mean': 600.0, 'macs_std': 5.0, 'patterns': 17, 'top_pattern_share': 0.55}
+  fake_run(tmp_path, 'g_s0', method='ftwt', seed=0, budget=None, acc=0.5, dense_acc=0.6, macs_kept=0.6, dynamic=dyn)
+  md = summarize.main([str(tmp_path), '--by', 'run', '--columns', 'seeds,patterns,top_pattern'])
+  assert md.splitlines()[0] == '| run | seeds | distinct gate patterns | images with the commonest pattern (%) |'
+  assert md.splitlines()[2] == '| g | 1 | 17 | 55.0 |'
