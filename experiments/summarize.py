@@ -98,6 +98,11 @@ COLUMNS: dict[str, Column] = {
   ),
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
+AXIS_LABELS = {
+  'ratios.macs': 'MACs kept (fraction of dense, mean over images)',
+  'ratios.params': 'params kept (fraction of dense)',
+  'ratios.volume': 'volume kept (fraction of dense)',
+}
 DEFAULT_COLUMNS = ('seeds', 'acc', 'dense_acc', 'before_ft', 'achieved', 'macs_kept', 'params_kept', 'speedup')
 
 
@@ -224,8 +229,10 @@ def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = (
     dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
     if dense:
       ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense')
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel(xkey)
+    xs_all = [x for pts in lines.values() for x, _, _ in pts]
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4:  # budgets that halve: log axis
+      ax.set_xscale('log', base=2)
+    ax.set_xlabel(AXIS_LABELS.get(xkey, xkey))
     ax.legend(fontsize=8)
   axes[0][0].set_ylabel('test accuracy (%)')
   fig.tight_layout()
