@@ -99,7 +99,7 @@ COLUMNS: dict[str, Column] = {
   'wall': Column('wall time (min)', 'wall_time_s', lambda x: f'{x:.1f}', scale=lambda v: v / 60),
 }
 AXIS_LABELS = {
-  'ratios.macs': 'MACs kept (fraction of dense, mean over images)',
+  'ratios.macs': 'MACs kept (fraction of dense; dynamic: mean over images)',
   'ratios.params': 'params kept (fraction of dense)',
   'ratios.volume': 'volume kept (fraction of dense)',
 }
@@ -124,7 +124,9 @@ def find_runs(paths: Sequence[str]) -> list[str]:
 
 def run_name(path: str, seed: Any) -> str:
   """The run folder's name without the ``_s<seed>`` that tells a run's seeds apart:
-  ``runs/ftwt_r0.9_s1/results.json`` -> ``ftwt_r0.9``."""
+  ``runs/ftwt_r0.9_s1/results.json`` -> ``ftwt_r0.9``. A name whose seed is not at its
+  end (``flops_0.5_s0_chipnet``) stays as it is, one row per seed; a results.json
+  given directly is named by the folder that holds it."""
   name = os.path.basename(os.path.dirname(os.path.abspath(path)))
   suffix = f'_s{seed}'
   return name[: -len(suffix)] if seed is not None and name.endswith(suffix) else name
@@ -136,7 +138,7 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
   out = []
   for f in find_runs(paths):
     r = results.load(f)
-    out.append({**r, 'run': run_name(f, r.get('seed'))})
+    out.append({'run': run_name(f, r.get('seed')), **r})  # a stored 'run' key wins
   return out
 
 
@@ -229,7 +231,7 @@ def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = (
     dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
     if dense:
       ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense')
-    xs_all = [x for pts in lines.values() for x, _, _ in pts]
+    xs_all = [px for pts in lines.values() for px, _, _ in pts]
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4:  # budgets that halve: log axis
       ax.set_xscale('log', base=2)
     ax.set_xlabel(AXIS_LABELS.get(xkey, xkey))
