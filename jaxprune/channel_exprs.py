@@ -11,7 +11,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from jaxprune.channel_flow import ALWAYS, ChannelFlow
-from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr
+from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr, pad_expr
 
 
 def components(fl: ChannelFlow, chains: bool = False) -> np.ndarray:
@@ -93,19 +93,6 @@ class Resolver:
         union[:, where] = ZERO
         union[: ents.shape[0], where] = ents
     return Expr(np.stack(prod).astype(np.int32), union)
-
-
-def pad_expr(e: Expr, k: int, l: int) -> Expr:
-  """The same expr with k product rows and l union rows."""
-  p = np.full((k, e.size), ONE, np.int32)
-  p[: e.prod.shape[0]] = e.prod
-  u = np.full((l, e.size), ZERO, np.int32)
-  if l:
-    if e.union.shape[0]:
-      u[: e.union.shape[0]] = e.union
-    else:
-      u[0] = ONE
-  return Expr(p, u)
 
 
 def merge_exprs(exprs: list[Expr]) -> Expr:

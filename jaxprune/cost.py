@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.graph import FIRST, ONE, ZERO, ChannelGraph, Expr, Masks
+from jaxprune.graph import FIRST, ChannelGraph, Expr, Masks, pad_expr
 
 
 class Cost(NamedTuple):
@@ -95,15 +95,8 @@ def _plan(graph: ChannelGraph) -> _Plan:
   seg_of: dict[tuple[bytes, int], np.ndarray] = {}
 
   def place_columns(e: Expr) -> np.ndarray:
-    p = np.full((kmax, e.size), ONE, np.int32)
-    p[: e.prod.shape[0]] = e.prod
-    u = np.full((lmax, e.size), ZERO, np.int32)
-    if lmax:
-      if e.union.shape[0]:
-        u[: e.union.shape[0]] = e.union
-      else:
-        u[0] = ONE
-    both = np.ascontiguousarray(np.concatenate([p, u]).T)
+    padded = pad_expr(e, kmax, lmax)
+    both = np.ascontiguousarray(np.concatenate([padded.prod, padded.union]).T)
     out = np.empty(e.size, np.int64)
     for i, col in enumerate(both):
       key = col.tobytes()

@@ -280,3 +280,16 @@ def check_masks(graph: ChannelGraph, masks: Masks) -> None:
         f"mask for group {g.name!r} has leading shape {shape[:-1]} but others have "
         f"{batch}; per-sample masks must share one batch shape."
       )
+
+
+def pad_expr(e: Expr, k: int, l: int) -> Expr:
+  """The same expr with k product rows and l union rows."""
+  p = np.full((k, e.size), ONE, np.int32)
+  p[: e.prod.shape[0]] = e.prod
+  u = np.full((l, e.size), ZERO, np.int32)
+  if l:
+    if e.union.shape[0]:
+      u[: e.union.shape[0]] = e.union
+    else:
+      u[0] = ONE
+  return Expr(p, u)
