@@ -3,8 +3,8 @@
 # ManiDP on ResNet-20 / cifar10_subset at target kept rates 0.5 and 0.65, each beside
 # static global L1 on the same units at ManiDP's mean per-image MACs, finetuned as long;
 # ABLATIONS=1 adds, at rate 0.5, ManiDP without the similarity term and without the
-# complexity weighting. All from the dense network of the FTWT official runs
-# (results/ftwt/run_official.sh; DENSE overrides it). EPOCHS 10 is the shortened
+# complexity weighting; FTWT near ManiDP's MACs follows (run_ftwt.sh). All from the
+# dense network of the FTWT official runs (results/ftwt/run_official.sh; DENSE overrides it). EPOCHS 10 is the shortened
 # schedule of the FTWT e10 runs (L1 finetune: lr x0.1 at epochs 5 and 8); 20 the full one.
 # The gates start near 1 (method.gate_init_scale=0.1): with the official init the
 # pretrained network's logits blow up (docs/manidp.md). Finished runs are skipped.
@@ -38,4 +38,4 @@ if [ "$ABL" = 1 ]; then
   manidp nosim_r0.5 0.5 --config.method.lambda_sim=0
   manidp noweight_r0.5 0.5 --config.method.thre_cls=1e9  # w = 1 for every sample
 fi
-bash results/collect.sh "$OUT" results/manidp/runs
+bash results/manidp/run_ftwt.sh $SEED $E  # FTWT near the same MACs, then collects
