@@ -139,5 +139,6 @@ def main():
       f"slimmed / batched = {slim_total / batched_total:.2f}x"
     )
 
+
 if __name__ == "__main__":
   main()
