@@ -168,6 +168,21 @@ def _label(v: Any) -> str:
   return f'{v:g}' if isinstance(v, float) else str(v)
 
 
+def series_label(keys: Sequence[str], values: Sequence[Any]) -> str:
+  """A legend entry: the method as it is, other keys as ``name=value`` (the dotted key's
+  last part), keys a run does not have left out.
+
+  >>> series_label(('method', 'config.method.lambda_sim'), ('manidp', 0.0))
+  'manidp lambda_sim=0'
+  >>> series_label(('method', 'config.method.lambda_sim'), ('magnitude', None))
+  'magnitude'
+  """
+  parts = [
+    _label(v) if k == 'method' else f'{k.split(".")[-1]}={_label(v)}' for k, v in zip(keys, values) if v is not None
+  ]
+  return ' '.join(parts) or '–'
+
+
 def group(runs: list[dict], by: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
   """Runs grouped by the values of the ``by`` keys; rows ordered by those values, numbers
   from large to small (budgets: the least pruned first), then text."""
@@ -227,7 +242,7 @@ def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = (
         lines.setdefault(key, []).append((float(np.mean(xs)), float(np.mean(acc)), float(np.std(acc))))
     for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
       xs, ys, err = zip(*sorted(pts))
-      ax.errorbar(xs, ys, yerr=err, marker='o', capsize=3, label=' '.join(map(_label, key)))
+      ax.errorbar(xs, ys, yerr=err, marker='o', capsize=3, label=series_label(series, key))
     dense = [100 * r['dense_accuracy'] for r in runs if r.get('dense_accuracy') is not None]
     if dense:
       ax.axhline(float(np.mean(dense)), ls='--', c='gray', label='dense')
