@@ -123,7 +123,7 @@ def test_readme_tables_are_the_summarizer_output_of_the_committed_runs(command, 
 
 
 def test_committed_per_run_summaries_follow_the_schema():
-  for path in REPO.glob('results/*/*runs/*/results.json'):  # runs/, official_runs/, ...
+  for path in REPO.glob('results/*/*runs*/*/results.json'):  # runs/, official_runs/, runs_sum/, ...
     r = results.load(str(path))
     assert 0 <= r['test_accuracy'] <= 1, path
     assert np.isclose(r['macs'], r['pruned']['macs']), path
