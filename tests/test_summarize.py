@@ -159,3 +159,10 @@ def test_gate_pattern_columns(tmp_path):
   md = summarize.main([str(tmp_path), '--by', 'run', '--columns', 'seeds,patterns,top_pattern'])
   assert md.splitlines()[0] == '| run | seeds | distinct gate patterns | images with the commonest pattern (%) |'
   assert md.splitlines()[2] == '| g | 1 | 17 | 55.0 |'
+
+
+def test_series_label_names_keys_and_drops_missing_ones():
+  keys = ('method', 'config.method.lambda_sim', 'config.method.thre_cls')
+  assert summarize.series_label(keys, ('manidp', 0.0, 1e9)) == 'manidp lambda_sim=0 thre_cls=1e+09'
+  assert summarize.series_label(keys, ('ftwt', None, None)) == 'ftwt'
+  assert summarize.series_label(('config.method.r',), (None,)) == '–'
