@@ -250,10 +250,12 @@ def plot(runs: list[dict], by: Sequence[str], path: str, *, x: Sequence[str] = (
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4:  # budgets that halve: log axis
       ax.set_xscale('log', base=2)
     ax.set_xlabel(AXIS_LABELS.get(xkey, xkey))
-    ax.legend(fontsize=8)
   axes[0][0].set_ylabel('test accuracy (%)')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  # One legend, outside the last panel (after the layout, which would shrink the axes to
+  # fit it): with many series it would hide points inside; the saved figure grows instead.
+  axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
   plt.close(fig)
 
 
