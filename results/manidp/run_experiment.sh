@@ -4,19 +4,14 @@
 # static global L1 on the same units at ManiDP's mean per-image MACs, finetuned as long;
 # ABLATIONS=1 adds, at rate 0.5, ManiDP without the similarity term and without the
 # complexity weighting; FTWT near ManiDP's MACs follows (run_ftwt.sh). All from the
-# dense network of the FTWT official runs (results/ftwt/run_official.sh; DENSE overrides it). EPOCHS 10 is the shortened
-# schedule of the FTWT e10 runs (L1 finetune: lr x0.1 at epochs 5 and 8); 20 the full one.
+# dense network of the FTWT official runs (dense.sh; DENSE overrides it). EPOCHS 10 is the
+# shortened schedule of the FTWT e10 runs (L1 finetune: lr x0.1 at epochs 5 and 8); 20 the
+# full one.
 # The gates start near 1 (method.gate_init_scale=0.1): with the official init the
 # pretrained network's logits blow up (docs/manidp.md). Finished runs are skipped.
 set -euo pipefail
 SEED=${1:-0}; E=${2:-10}; ABL=${3:-1}
-RUN=${RUN:-python -m experiments.main}
-OUT=${OUT:-runs/manidp}
-DENSE=${DENSE:-runs/ftwt_official/dense_s$SEED}
-C=experiments/configs
-if [ ! -f "$DENSE/results.json" ]; then
-  $RUN --config $C/dense_official_cifar10_subset_resnet20.py --workdir $DENSE --config.seed=$SEED --config.progress=False
-fi
+source results/manidp/dense.sh
 if [ "$E" = 20 ]; then FT=(); else FT=(--config.method.finetune.epochs=$E "--config.method.finetune.decay_epochs=(5,8)"); fi
 manidp() {  # NAME RATE [overrides...]
   local wd=$OUT/$1_e${E}_s$SEED rate=$2; shift 2

@@ -9,13 +9,7 @@
 # Runs are named ftwt_r<r>_e<EPOCHS>_s<SEED>; finished runs are skipped.
 set -euo pipefail
 SEED=${1:-0}; E=${2:-10}
-RUN=${RUN:-python -m experiments.main}
-OUT=${OUT:-runs/manidp}
-DENSE=${DENSE:-runs/ftwt_official/dense_s$SEED}
-C=experiments/configs
-if [ ! -f "$DENSE/results.json" ]; then
-  $RUN --config $C/dense_official_cifar10_subset_resnet20.py --workdir $DENSE --config.seed=$SEED --config.progress=False
-fi
+source results/manidp/dense.sh
 if [ "$E" = 20 ]; then SCHED=(); else SCHED=(--config.method.epochs=$E "--config.method.decay_epochs=(5,8)"); fi
 for r in ${RS:-0.75 0.66}; do
   wd=$OUT/ftwt_r${r}_e${E}_s$SEED
