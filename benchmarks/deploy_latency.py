@@ -12,6 +12,13 @@ MACs by global L1 channel magnitude and time inference at batch 1 and 64:
              of R; R = jaxprune.deploy.round_to("cpu") unless --round_to)
   pad        (--pad) as fold, the slimmed network padded with zero channels to
              multiples of R (jaxprune.deploy.pad_channels: same outputs, more MACs)
+  floor      every group at R channels (or whole if narrower), folded and exported:
+             the narrowest rounded network, the backend's fixed cost
+  affine     not a network: the ratio a network with round's MACs would get if
+             its time were affine in MACs between floor and dense (see
+             affine_ratio); where it is under a goal, no choice of widths at
+             that MAC count reaches the goal on this backend unless the time
+             bends below that line
   torch      (with the [torch] extra) the same architecture in PyTorch, dense
   tp         Torch-Pruning (global L1 group magnitude, its own dependency graph)
              to the same MAC fraction (its own MAC count), same torch code
@@ -132,6 +139,24 @@ class JaxModel:
       small, path, input_shape=(self.hw, self.hw, 3), platforms=("cpu",), card={"model": self.name}, overwrite=True
     )
     return deploy.load(path)
+
+
+def affine_ratio(t_dense: float, t_floor: float, floor_frac: float, frac: float) -> float:
+  """Measured / MAC speedup of a network with `frac` of the dense MACs if time is
+  affine in MACs through the dense network (1, t_dense) and the floor network
+  (floor_frac, t_floor).
+
+  A backend whose time is proportional to MACs (t_floor = floor_frac * t_dense)
+  gives 1 at every frac; a fixed cost per layer (t_floor > floor_frac * t_dense)
+  caps what pruning can pay out.
+
+    >>> affine_ratio(10.0, 2.0, 0.2, 0.5)   # proportional: MACs paid in full
+    1.0
+    >>> round(affine_ratio(10.0, 4.0, 0.0, 0.5), 4)  # 4 of 10 ms fixed: 10 / 7 x at 2 x
+    0.7143
+  """
+  t = t_floor + (t_dense - t_floor) * (frac - floor_frac) / (1.0 - floor_frac)
+  return t_dense / t * frac
 
 
 def check_same(net: deploy.Deployed, fwd, variables, x, what: str) -> None:
@@ -266,6 +291,9 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
       net = jm.deployed(padded, f"pad{p}")
       check_same(net, jm.fwd, small, xs[batches[0]], f"{name} pad {p}%")
       cands[f"pad{p}"] = (jm.mac_speedup(mu), (lambda n: lambda b: lambda: n(xs[b]))(net))
+  floor = jaxprune.select.local(jm.scores, jm.graph, keep=1e-9, round_to=R)
+  net = jm.deployed(jaxprune.slim(jm.variables, jm.graph, floor), "floor")
+  cands["floor"] = (jm.mac_speedup(floor), (lambda n: lambda b: lambda: n(xs[b]))(net))
   tm = None
   if args.torch and torch_available():
     tm = TorchModel(name, args.threads, args.torch_layout)
@@ -296,15 +324,28 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
           "ratio": sp / mac,
         }
       )
+    add_affine(rows, name, b)
     print(table(rows, name, b), flush=True)
   return rows
+
+
+def add_affine(rows: list[dict], name: str, batch: int) -> None:
+  """Append the affine model's ratio at each rounded budget (see affine_ratio)."""
+  by = {r["candidate"]: r for r in rows if r["model"] == name and r["batch"] == batch}
+  dense, floor = by["dense"], by["floor"]
+  for k, r in list(by.items()):
+    if k.startswith("round"):
+      ratio = affine_ratio(dense["ms"], floor["ms"], 1 / floor["mac_speedup"], 1 / r["mac_speedup"])
+      rows.append(
+        dict(r, candidate="affine" + k[len("round") :], ms=float("nan"), ratio=ratio, speedup=ratio * r["mac_speedup"])
+      )
 
 
 def table(rows: list[dict], name: str, batch: int) -> str:
   """One markdown table per (model, batch): budgets as rows, candidates as columns."""
   rs = [r for r in rows if r["model"] == name and r["batch"] == batch]
   by = {r["candidate"]: r for r in rs}
-  kinds = [k for k in ("slim", "fold", "round", "pad", "tp") if any(c.startswith(k) for c in by)]
+  kinds = [k for k in ("slim", "fold", "round", "affine", "pad", "tp") if any(c.startswith(k) for c in by)]
   budgets = sorted({int(c[len(k) :]) for c in by for k in kinds if c.startswith(k) and c[len(k) :].isdigit()})
   head = f"| {name}, batch {batch} | " + " | ".join(f"{k}: MAC x / measured x (ratio)" for k in kinds) + " |"
   lines = [head, "|---" * (len(kinds) + 1) + "|"]
@@ -315,6 +356,9 @@ def table(rows: list[dict], name: str, batch: int) -> str:
       cells.append("–" if r is None else f"{r['mac_speedup']:.2f} / {r['speedup']:.2f} ({r['ratio']:.2f})")
     lines.append(f"| -{p}% MACs | " + " | ".join(cells) + " |")
   dense = f"dense {by['dense']['ms']:.1f} ms"
+  if "floor" in by:
+    f = by["floor"]
+    dense += f", floor {f['ms']:.1f} ms at {1 / f['mac_speedup']:.3f} of the MACs"
   if "torch" in by:
     dense += f", torch dense {by['torch']['ms']:.1f} ms"
   return "\n".join(lines) + f"\n\n({dense})\n"
