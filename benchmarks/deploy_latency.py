@@ -8,10 +8,12 @@ MACs by global L1 channel magnitude and time inference at batch 1 and 64:
   fold       slim, BatchNorms folded (jaxprune.deploy.fold_module), exported with
              jaxprune.deploy.export_module and run by jaxprune.deploy.load (no
              model code): what a user ships
-  round      as fold, selected with round_to=R (kept channels per group a multiple
-             of R; R = jaxprune.deploy.round_to("cpu") unless --round_to)
+  round      as fold, selected by jaxprune.deploy.select_rounded (kept channels per
+             group a multiple of the widest of deploy.select_multiples("cpu") =
+             (16, 8) that meets the budget; of --round_to R alone if given)
   pad        (--pad) as fold, the slimmed network padded with zero channels to
-             multiples of R (jaxprune.deploy.pad_channels: same outputs, more MACs)
+             multiples of R (jaxprune.deploy.pad_channels: same outputs, more MACs;
+             R = jaxprune.deploy.round_to("cpu") = 8 unless --round_to)
   floor      every group at R channels (or whole if narrower), folded and exported:
              the narrowest rounded network, the backend's fixed cost
   affine     not a network: the ratio a network with round's MACs would get if
@@ -32,6 +34,7 @@ in each round every candidate of a framework runs once in a shuffled order
   python -m benchmarks.deploy_latency                         # ~15 min on 2 loaded cores
   python -m benchmarks.deploy_latency --models resnet56 --batches 1,64 --reps 5
   python -m benchmarks.deploy_latency --sweep                 # round_to sweep (CPU default)
+  python -m benchmarks.deploy_latency --conv                  # one conv's speed by width
 
 ResNet-56 in PyTorch is the option-A (zero-padded shortcut) network of
 jaxprune.models: Torch-Pruning's dependency graph does not follow the channel
@@ -281,7 +284,11 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
     net = jm.deployed(small, f"fold{p}")
     check_same(net, jm.fwd, small, xs[batches[0]], f"{name} fold {p}%")
     cands[f"fold{p}"] = (mac, (lambda n: lambda b: lambda: n(xs[b]))(net))
-    mr = jm.masks(r, R)
+    try:
+      mr, mult = deploy.select_rounded(jm.scores, jm.graph, 1 - r, args.round_to or "cpu", unit="macs")
+      print(f"# {name} -{p}%: round selected with multiples of {mult}", flush=True)
+    except ValueError:
+      mr = None
     if mr is not None:
       sr = jaxprune.slim(jm.variables, jm.graph, mr)
       net = jm.deployed(sr, f"round{p}")
@@ -395,6 +402,34 @@ def sweep(args, workdir: str) -> None:
       print(f"\n(dense {1e3 * t['dense']:.1f} ms)", flush=True)
 
 
+def conv_widths(args) -> None:
+  """GMAC/s of one jitted 3x3 conv (+ bias, ReLU) by channel width (in = out) at
+  the benchmark models' first-stage sizes: how much a narrow layer costs per MAC."""
+  import jax.numpy as jnp
+
+  widths = [int(c) for c in args.conv_widths.split(",")]
+  for hw in sorted({shape_of(n)[0] for n in args.models.split(",")}):
+    for b in [int(b) for b in args.batches.split(",")]:
+      side = hw // 4 if hw == 224 else hw  # ResNet-50's first stage is 56x56
+      fns, macs = {}, {}
+      for c in widths:
+        rng = np.random.default_rng(c)
+        x = jnp.asarray(rng.normal(size=(b, side, side, c)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
+        f = jax.jit(
+          lambda x, w: jax.nn.relu(
+            jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + 1.0
+          )
+        )
+        fns[f"c={c}"] = (lambda f, x, w: lambda: f(x, w))(f, x, w)
+        macs[f"c={c}"] = b * side * side * 9 * c * c
+      t = time_groups({"jax": fns}, args.reps * (5 if b == 1 else 1))
+      print(f"\n| 3x3 conv, {side}x{side}, batch {b} | ms | GMAC/s |")
+      print("|---|---|---|")
+      for k in fns:
+        print(f"| {k} | {1e3 * t[k]:.3f} | {macs[k] / t[k] / 1e9:.1f} |")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="resnet56,resnet50")
@@ -402,7 +437,10 @@ def main(argv=None):
   p.add_argument("--batches", default="1,64")
   p.add_argument("--reps", type=int, default=3, help="timed rounds (x5 at batch 1)")
   p.add_argument(
-    "--round_to", type=int, default=0, help="channel multiple of 'round' and 'pad' (0: deploy.round_to('cpu'))"
+    "--round_to",
+    type=int,
+    default=0,
+    help="channel multiple of 'round', 'pad' and 'floor' (0: deploy.select_multiples / round_to('cpu'))",
   )
   p.add_argument("--pad", action="store_true", help="also time the zero-padded network")
   p.add_argument("--branches", action="store_true", help="prune residual-branch units (trace(..., branches=True))")
@@ -412,6 +450,8 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="round_to / pad sweep at one budget")
   p.add_argument("--sweep_multiples", default="1,2,4,8,16")
   p.add_argument("--sweep_removed", default="0.5")
+  p.add_argument("--conv", action="store_true", help="one 3x3 conv's GMAC/s by channel width")
+  p.add_argument("--conv_widths", default="8,16,24,32,48,64,128")
   p.add_argument("--json", default="", help="write the rows to this file")
   args = p.parse_args(argv)
   print("machine:", machine(), "| load average", " ".join(f"{l:.1f}" for l in os.getloadavg()))
@@ -427,6 +467,9 @@ def main(argv=None):
     )
   workdir = tempfile.mkdtemp(prefix="deploy_latency_")
   try:
+    if args.conv:
+      conv_widths(args)
+      return
     if args.sweep:
       sweep(args, workdir)
       return

@@ -143,9 +143,12 @@ def global_topk(
   if not fits(hi):
     floor = float(unit_cost(masks_after(hi))) / full
     raise ValueError(
-      f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {min_channels} channel(s) per "
-      f"group already costs {floor:.4f} of the dense network. Raise the budget or "
-      "lower min_channels."
+      f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {max(min_channels, round_to)} "
+      f"channel(s) per group (or the whole group if narrower) already costs {floor:.4f} of the dense network. "
+      "Raise the budget"
+      + (" or lower round_to" if round_to > 1 else "")
+      + (" or lower min_channels" if min_channels > 1 else "")
+      + "."
     )
   while hi - lo > 1:
     mid = (lo + hi) // 2

@@ -59,3 +59,12 @@ def test_tiny_run_builds_and_checks_every_candidate(tmp_path, capsys):
   assert math.isnan(by["affine50"]["ms"])
   printed = capsys.readouterr().out
   assert "| -50% MACs |" in printed and "floor" in printed
+
+
+def test_conv_widths_prints_one_row_per_width(capsys):
+  deploy_latency.main(["--conv", "--models", "resnet20", "--conv_widths", "4,8", "--batches", "1", "--reps", "1"])
+  printed = capsys.readouterr().out
+  assert "| 3x3 conv, 32x32, batch 1 | ms | GMAC/s |" in printed
+  rows = [line for line in printed.splitlines() if line.startswith("| c=")]
+  assert [r.split(" | ")[0] for r in rows] == ["| c=4", "| c=8"]
+  assert all(float(r.split(" | ")[2].rstrip(" |")) > 0 for r in rows)

@@ -235,6 +235,40 @@ def test_pad_channels_errors_and_round_to():
     deploy.round_to("abacus")
 
 
+def kept_counts(masks):
+  return {k: int(np.sum(np.asarray(m))) for k, m in masks.items()}
+
+
+def test_select_rounded_takes_the_widest_multiple_that_meets_the_budget():
+  model, fn, v, graph, _, x = slimmed("resnet20", 32, False)
+  scores = jaxprune.criteria.l1(v, graph)
+  dense = float(jaxprune.cost(graph).macs)
+  sizes = {g.name: g.size for g in graph.groups}
+  # 16 per group (whole where narrower) is the narrowest 16-rounded network: any
+  # budget above its cost is met with 16, any below falls back to 8
+  floor16 = {g.name: (np.arange(g.size) < min(16, g.size)).astype(np.float32) for g in graph.groups}
+  f16 = float(jaxprune.cost(graph, floor16).macs) / dense
+  for budget, want in [(min(1.0, f16 + 0.05), 16), (f16 - 0.05, 8)]:
+    masks, m = deploy.select_rounded(scores, graph, budget, "cpu")
+    assert m == want
+    assert float(jaxprune.cost(graph, masks).macs) <= budget * dense * (1 + 1e-6)
+    for k, n in kept_counts(masks).items():  # every group a multiple of m or whole
+      assert n % m == 0 or n == sizes[k], (k, n, m)
+    same = jaxprune.select.global_topk(scores, graph, budget, round_to=m)
+    assert kept_counts(same) == kept_counts(masks)
+  masks, m = deploy.select_rounded(scores, graph, 0.5, 4, unit="params")
+  assert m == 4 and float(jaxprune.cost(graph, masks).params) <= 0.5 * float(jaxprune.cost(graph).params) * (1 + 1e-6)
+  assert deploy.select_multiples("cpu") == (16, 8) and deploy.select_multiples("tpu") == (128,)
+  with pytest.raises(ValueError, match="any of the multiples"):
+    deploy.select_rounded(scores, graph, 0.01, (16, 8))
+  with pytest.raises(ValueError, match="positive integers"):
+    deploy.select_rounded(scores, graph, 0.5, (16, 0))
+  with pytest.raises(ValueError, match="no multiples known"):
+    deploy.select_rounded(scores, graph, 0.5, "abacus")
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):  # not a budget error in disguise: raised at once
+    deploy.select_rounded(scores, graph, 1.5, "cpu")
+
+
 # ------------------------------------------------------------- export / load --
 
 

@@ -18,7 +18,15 @@ import importlib
 from jaxprune.deploy.export import FORMAT, FORMAT_VERSION, export, export_module
 from jaxprune.deploy.fold import Fold, cast_floats, find_batchnorms, fold_batchnorm, leaf_paths
 from jaxprune.deploy.load import Deployed, IncompatibleArtifactError, check_card, load
-from jaxprune.deploy.rounding import ROUND_TO, pad_channels, round_to, round_up_masks
+from jaxprune.deploy.rounding import (
+  ROUND_TO,
+  SELECT_MULTIPLES,
+  pad_channels,
+  round_to,
+  round_up_masks,
+  select_multiples,
+  select_rounded,
+)
 
 _LAZY = {"BiasAdd": "jaxprune.deploy.modules", "fold_module": "jaxprune.deploy.modules"}
 
@@ -30,6 +38,7 @@ __all__ = [
   "Fold",
   "IncompatibleArtifactError",
   "ROUND_TO",
+  "SELECT_MULTIPLES",
   "cast_floats",
   "check_card",
   "export",
@@ -42,6 +51,8 @@ __all__ = [
   "pad_channels",
   "round_to",
   "round_up_masks",
+  "select_multiples",
+  "select_rounded",
 ]
 
 

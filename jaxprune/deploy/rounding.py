@@ -9,6 +9,9 @@ them out, both with the multiple `round_to(platform)` gives:
   zero channels to a slimmed network up to multiples of `m` (rounded up: the
   outputs stay the same, the MACs grow a little).
 
+At selection a wider multiple runs faster where the budget allows it
+(`select_multiples`, tried widest first by `select_rounded`).
+
 Example:
   >>> m = jaxprune.deploy.round_to("cpu")
   >>> padded, masks_up = jaxprune.deploy.pad_channels(graph, masks, small, m)
@@ -30,6 +33,11 @@ import jaxprune
 # NVIDIA tensor cores want channel counts divisible by 8 (fp16/bf16); a TPU's
 # XLA pads feature dimensions to multiples of 128.
 ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
+# At selection, widest first: the first that meets the budget wins. On XLA:CPU
+# multiples of 16 ran faster than 8 wherever a budget allowed them (one AVX-512
+# register holds 16 floats; benchmarks/deploy_latency.py, docs/deploy.md); 16
+# cannot always be met (a 16-channel group cannot shrink), so 8 is the fallback.
+SELECT_MULTIPLES = {"cpu": (16, 8), "gpu": (8,), "cuda": (8,), "rocm": (8,), "tpu": (128,)}
 
 
 def round_to(platform: str | None = None) -> int:
@@ -47,6 +55,54 @@ def round_to(platform: str | None = None) -> int:
       "Pass a multiple yourself (8 is a safe choice)."
     )
   return ROUND_TO[platform]
+
+
+def select_multiples(platform: str | None = None) -> tuple[int, ...]:
+  """The channel multiples `select_rounded` tries for `platform`, widest first.
+
+  Example:
+    >>> jaxprune.deploy.select_multiples("cpu")
+    (16, 8)
+  """
+  platform = (platform or jax.default_backend()).lower()
+  if platform not in SELECT_MULTIPLES:
+    raise ValueError(f"no multiples known for platform {platform!r}; known: {sorted(SELECT_MULTIPLES)}")
+  return SELECT_MULTIPLES[platform]
+
+
+def select_rounded(
+  scores: Mapping[str, Any],
+  graph: jaxprune.ChannelGraph,
+  budget: float,
+  multiples: int | str | tuple[int, ...] | None = None,
+  **kwargs: Any,
+) -> tuple[dict[str, jax.Array], int]:
+  """`jaxprune.select.global_topk` with the widest of `multiples` that meets `budget`.
+
+  `multiples`: a platform name or None (its `select_multiples`), one multiple,
+  or several, widest first. `kwargs` go to `global_topk` (unit, min_channels,
+  whole, ...). Returns the masks and the multiple they were rounded to.
+
+  Example:
+    >>> masks, m = jaxprune.deploy.select_rounded(scores, graph, 0.5, "cpu")
+    >>> m in (16, 8)
+    True
+  """
+  if multiples is None or isinstance(multiples, str):
+    multiples = select_multiples(multiples)
+  elif isinstance(multiples, int):
+    multiples = (multiples,)
+  if not multiples or any(not isinstance(m, int) or m < 1 for m in multiples):
+    raise ValueError(f"multiples must be positive integers, widest first, got {multiples!r}")
+  errors = []
+  for m in multiples:
+    try:
+      return jaxprune.select.global_topk(scores, graph, budget, round_to=m, **kwargs), m
+    except ValueError as e:  # this multiple cannot meet the budget: try the next
+      if "cannot be met" not in str(e):
+        raise
+      errors.append(f"{m}: {e}")
+  raise ValueError(f"budget {budget} cannot be met with any of the multiples {multiples}; " + " | ".join(errors))
 
 
 def round_up_masks(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], multiple: int) -> dict[str, jax.Array]:
