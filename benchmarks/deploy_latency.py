@@ -344,7 +344,7 @@ def add_affine(rows: list[dict], name: str, batch: int) -> None:
     if k.startswith("round"):
       ratio = affine_ratio(dense["ms"], floor["ms"], 1 / floor["mac_speedup"], 1 / r["mac_speedup"])
       rows.append(
-        dict(r, candidate="affine" + k[len("round") :], ms=float("nan"), ratio=ratio, speedup=ratio * r["mac_speedup"])
+        dict(r, candidate="affine" + k[len("round") :], ms=None, ratio=ratio, speedup=ratio * r["mac_speedup"])
       )
 
 
