@@ -34,9 +34,9 @@ import jaxprune
 # XLA pads feature dimensions to multiples of 128.
 ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
 # At selection, widest first: the first that meets the budget wins. On XLA:CPU
-# multiples of 16 ran faster than 8 wherever a budget allowed them (one AVX-512
-# register holds 16 floats; benchmarks/deploy_latency.py, docs/deploy.md); 16
-# cannot always be met (a 16-channel group cannot shrink), so 8 is the fallback.
+# multiples of 16 ran faster than 8 where the sweep could compare them (ResNet-56
+# at -30% MACs; one AVX-512 register holds 16 floats; docs/deploy.md); 16 cannot
+# always be met (a 16-channel group cannot shrink), so 8 is the fallback.
 SELECT_MULTIPLES = {"cpu": (16, 8), "gpu": (8,), "cuda": (8,), "rocm": (8,), "tpu": (128,)}
 
 
