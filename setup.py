@@ -30,6 +30,7 @@ setup(
   extras_require={
     "test": [
       "pytest>=9.2",
+      "pytest-xdist>=3.8",
       "hypothesis>=6.170",
       "nbclient>=0.11",
       "nbformat>=5.11",
