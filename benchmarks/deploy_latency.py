@@ -128,7 +128,7 @@ class JaxModel:
     """Global L1 masks to (1 - removed) of the MACs, or None if round_to cannot meet it."""
     try:
       return jaxprune.select.global_topk(self.scores, self.graph, 1 - removed, unit="macs", round_to=round_to)
-    except ValueError:
+    except jaxprune.select.BudgetUnmet:
       return None
 
   def mac_speedup(self, masks) -> float:
@@ -287,7 +287,7 @@ def run_model(name: str, args, workdir: str) -> list[dict]:
     try:
       mr, mult = deploy.select_rounded(jm.scores, jm.graph, 1 - r, args.round_to or "cpu", unit="macs")
       print(f"# {name} -{p}%: round selected with multiples of {mult}", flush=True)
-    except ValueError:
+    except jaxprune.select.BudgetUnmet:
       mr = None
     if mr is not None:
       sr = jaxprune.slim(jm.variables, jm.graph, mr)
@@ -408,6 +408,11 @@ def conv_widths(args) -> None:
   import jax.numpy as jnp
 
   widths = [int(c) for c in args.conv_widths.split(",")]
+  conv = jax.jit(  # one jit: it compiles once per shape
+    lambda x, w: jax.nn.relu(
+      jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + 1.0
+    )
+  )
   for hw in sorted({shape_of(n)[0] for n in args.models.split(",")}):
     for b in [int(b) for b in args.batches.split(",")]:
       side = hw // 4 if hw == 224 else hw  # ResNet-50's first stage is 56x56
@@ -416,12 +421,7 @@ def conv_widths(args) -> None:
         rng = np.random.default_rng(c)
         x = jnp.asarray(rng.normal(size=(b, side, side, c)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
-        f = jax.jit(
-          lambda x, w: jax.nn.relu(
-            jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + 1.0
-          )
-        )
-        fns[f"c={c}"] = (lambda f, x, w: lambda: f(x, w))(f, x, w)
+        fns[f"c={c}"] = (lambda x, w: lambda: conv(x, w))(x, w)
         macs[f"c={c}"] = b * side * side * 9 * c * c
       t = time_groups({"jax": fns}, args.reps * (5 if b == 1 else 1))
       print(f"\n| 3x3 conv, {side}x{side}, batch {b} | ms | GMAC/s |")

@@ -17,6 +17,11 @@ from jaxprune.graph import ChannelGraph
 Masks = dict[str, jax.Array]
 
 
+class BudgetUnmet(ValueError):
+  """A budget the selection's constraints (min_channels, round_to, whole groups)
+  cannot reach: a caller may relax them and try again (a ValueError, as before)."""
+
+
 def _check_budget(budget: float, what: str = "budget") -> None:
   # numbers.Real: numpy scalars too (np.float32 is no Python float)
   if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) and 0.0 < budget <= 1.0):
@@ -142,7 +147,7 @@ def global_topk(
     return masks_after(lo)
   if not fits(hi):
     floor = float(unit_cost(masks_after(hi))) / full
-    raise ValueError(
+    raise BudgetUnmet(
       f"budget {budget} in {getattr(unit, '__name__', unit)} cannot be met: keeping {max(min_channels, round_to)} "
       f"channel(s) per group (or the whole group if narrower) already costs {floor:.4f} of the dense network. "
       "Raise the budget"

@@ -259,7 +259,7 @@ def test_select_rounded_takes_the_widest_multiple_that_meets_the_budget():
   masks, m = deploy.select_rounded(scores, graph, 0.5, 4, unit="params")
   assert m == 4 and float(jaxprune.cost(graph, masks).params) <= 0.5 * float(jaxprune.cost(graph).params) * (1 + 1e-6)
   assert deploy.select_multiples("cpu") == (16, 8) and deploy.select_multiples("tpu") == (128,)
-  with pytest.raises(ValueError, match="any of the multiples"):
+  with pytest.raises(jaxprune.select.BudgetUnmet, match="any of the multiples"):
     deploy.select_rounded(scores, graph, 0.01, (16, 8))
   with pytest.raises(ValueError, match="positive integers"):
     deploy.select_rounded(scores, graph, 0.5, (16, 0))

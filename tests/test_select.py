@@ -162,8 +162,9 @@ def test_budget_outside_unit_interval(resnet20, bad):
 
 def test_unreachable_budget_and_bad_unit(resnet20):
   scores = random_scores(resnet20)
-  with pytest.raises(ValueError, match="cannot be met"):
+  with pytest.raises(select.BudgetUnmet, match="cannot be met"):  # a ValueError
     select.global_topk(scores, resnet20, 1e-4, unit="macs")
+  assert issubclass(select.BudgetUnmet, ValueError)
   with pytest.raises(ValueError, match="unit"):
     select.global_topk(scores, resnet20, 0.5, unit="watts")
   missing = dict(scores)

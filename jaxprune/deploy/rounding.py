@@ -48,13 +48,7 @@ def round_to(platform: str | None = None) -> int:
     >>> jaxprune.deploy.round_to("tpu")
     128
   """
-  platform = (platform or jax.default_backend()).lower()
-  if platform not in ROUND_TO:
-    raise ValueError(
-      f"no round_to known for platform {platform!r}; known: {sorted(ROUND_TO)}. "
-      "Pass a multiple yourself (8 is a safe choice)."
-    )
-  return ROUND_TO[platform]
+  return _for_platform(ROUND_TO, "round_to", platform)
 
 
 def select_multiples(platform: str | None = None) -> tuple[int, ...]:
@@ -64,10 +58,17 @@ def select_multiples(platform: str | None = None) -> tuple[int, ...]:
     >>> jaxprune.deploy.select_multiples("cpu")
     (16, 8)
   """
+  return _for_platform(SELECT_MULTIPLES, "multiples", platform)
+
+
+def _for_platform(table: Mapping[str, Any], what: str, platform: str | None) -> Any:
   platform = (platform or jax.default_backend()).lower()
-  if platform not in SELECT_MULTIPLES:
-    raise ValueError(f"no multiples known for platform {platform!r}; known: {sorted(SELECT_MULTIPLES)}")
-  return SELECT_MULTIPLES[platform]
+  if platform not in table:
+    raise ValueError(
+      f"no {what} known for platform {platform!r}; known: {sorted(table)}. "
+      "Pass a multiple yourself (8 is a safe choice)."
+    )
+  return table[platform]
 
 
 def select_rounded(
@@ -98,11 +99,11 @@ def select_rounded(
   for m in multiples:
     try:
       return jaxprune.select.global_topk(scores, graph, budget, round_to=m, **kwargs), m
-    except ValueError as e:  # this multiple cannot meet the budget: try the next
-      if "cannot be met" not in str(e):
-        raise
+    except jaxprune.select.BudgetUnmet as e:  # this multiple cannot meet the budget: try the next
       errors.append(f"{m}: {e}")
-  raise ValueError(f"budget {budget} cannot be met with any of the multiples {multiples}; " + " | ".join(errors))
+  raise jaxprune.select.BudgetUnmet(
+    f"budget {budget} cannot be met with any of the multiples {multiples}; " + " | ".join(errors)
+  )
 
 
 def round_up_masks(graph: jaxprune.ChannelGraph, masks: Mapping[str, Any], multiple: int) -> dict[str, jax.Array]:
